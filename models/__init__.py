@@ -1,0 +1,1 @@
+"""Model definitions written directly in MLX, one file per architecture."""
