@@ -1,0 +1,186 @@
+"""KV caches. Attention code sees one protocol: `update_and_fetch(k, v)`, `offset`, `trim(n)`, `state`,
+and `make_mask(n_queries, window)`, which builds the mask for the keys the next update will return.
+
+Keys and values are (batch, kv_heads, time, head_dim). A batch whose prompts differ in length is
+left-padded; `left_padding[b]` says how many leading positions of row b are padding and never attended.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import mlx.core as mx
+
+
+def _window_mask(q_pos: mx.array, k_pos: mx.array, window: Optional[int], left_padding: Optional[mx.array]):
+    """Boolean mask (B or 1, 1, L, T): causal, within `window` keys, and not on left padding."""
+    allowed = q_pos[:, None] >= k_pos[None, :]
+    if window is not None:
+        allowed = allowed & (q_pos[:, None] < k_pos[None, :] + window)
+    if left_padding is not None:
+        valid = k_pos[None, :] >= left_padding[:, None]  # (B, T)
+        return (allowed[None] & valid[:, None, :])[:, None]
+    return allowed[None, None]
+
+
+class KVCache:
+    """A cache that grows in steps of `step` tokens and keeps every position."""
+
+    step = 256
+
+    def __init__(self, left_padding: Optional[list[int]] = None):
+        self.keys: Optional[mx.array] = None
+        self.values: Optional[mx.array] = None
+        self.offset = 0
+        self.left_padding = mx.array(left_padding) if left_padding is not None else None
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        prev, n = self.offset, keys.shape[2]
+        if self.keys is None or prev + n > self.keys.shape[2]:
+            B, H, _, D = keys.shape
+            grow = (n + self.step - 1) // self.step * self.step
+            new_k = mx.zeros((B, H, grow, D), keys.dtype)
+            new_v = mx.zeros((B, H, grow, values.shape[3]), values.dtype)
+            if self.keys is not None:
+                new_k = mx.concatenate([self.keys[..., :prev, :], new_k], axis=2)
+                new_v = mx.concatenate([self.values[..., :prev, :], new_v], axis=2)
+            self.keys, self.values = new_k, new_v
+        self.keys[..., prev : prev + n, :] = keys
+        self.values[..., prev : prev + n, :] = values
+        self.offset += n
+        return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+
+    def make_mask(self, n_queries: int, window: Optional[int] = None):
+        """Mask for the next update of n_queries tokens: None, "causal", or a boolean array."""
+        end = self.offset + n_queries
+        if self.left_padding is None and (window is None or end <= window):
+            return "causal" if n_queries > 1 else None
+        q_pos = mx.arange(self.offset, end)
+        return _window_mask(q_pos, mx.arange(end), window, self.left_padding)
+
+    @property
+    def state(self) -> tuple[mx.array, mx.array]:
+        return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+
+    @state.setter
+    def state(self, kv: tuple[mx.array, mx.array]) -> None:
+        self.keys, self.values = kv
+        self.offset = self.keys.shape[2]
+
+    def is_trimmable(self) -> bool:
+        return True
+
+    def trim(self, n: int) -> int:
+        """Drop the last n positions (e.g. rejected draft tokens); returns how many were dropped."""
+        n = min(self.offset, n)
+        self.offset -= n
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+
+class RotatingKVCache:
+    """A cache holding at most `max_size` positions: a sliding window of the most recent tokens.
+
+    Single-token decode writes into a ring buffer once it is full; the order of keys does not matter to
+    attention then, since every kept key is in the window. A multi-token update restores time order first.
+    """
+
+    step = 256
+
+    def __init__(self, max_size: int):
+        if max_size < 1:
+            raise ValueError("max_size must be at least 1")
+        self.max_size = max_size
+        self.keys: Optional[mx.array] = None
+        self.values: Optional[mx.array] = None
+        self.offset = 0  # tokens seen so far
+        self._len = 0  # valid positions held (<= max_size)
+        self._write = 0  # next ring slot once full
+        self.left_padding = None
+
+    def _valid(self) -> tuple[mx.array, mx.array]:
+        """Held keys/values in time order."""
+        k, v = self.keys[..., : self._len, :], self.values[..., : self._len, :]
+        if self._len < self.max_size or self._write == 0:
+            return k, v
+        order = lambda a: mx.concatenate([a[..., self._write :, :], a[..., : self._write, :]], axis=2)
+        return order(k), order(v)
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        n = keys.shape[2]
+        self.offset += n
+        if n == 1 and self.keys is not None:
+            if self._len == self.max_size:
+                self.keys[..., self._write : self._write + 1, :] = keys
+                self.values[..., self._write : self._write + 1, :] = values
+                self._write = (self._write + 1) % self.max_size
+                return self.keys, self.values
+            if self._len == self.keys.shape[2]:  # grow in steps, never past max_size
+                grow = min(self.step, self.max_size - self._len)
+                pad = lambda a: mx.zeros((*a.shape[:2], grow, a.shape[3]), a.dtype)
+                self.keys = mx.concatenate([self.keys, pad(self.keys)], axis=2)
+                self.values = mx.concatenate([self.values, pad(self.values)], axis=2)
+            self.keys[..., self._len : self._len + 1, :] = keys
+            self.values[..., self._len : self._len + 1, :] = values
+            self._len += 1
+            return self.keys[..., : self._len, :], self.values[..., : self._len, :]
+        if self.keys is None:
+            all_k, all_v = keys, values
+        else:
+            old_k, old_v = self._valid()
+            # The first new query still needs the max_size - 1 keys before it.
+            keep = min(self._len, self.max_size - 1)
+            all_k = mx.concatenate([old_k[..., self._len - keep :, :], keys], axis=2)
+            all_v = mx.concatenate([old_v[..., self._len - keep :, :], values], axis=2)
+        self.keys, self.values = all_k[..., -self.max_size :, :], all_v[..., -self.max_size :, :]
+        self._len, self._write = self.keys.shape[2], 0
+        return all_k, all_v
+
+    def make_mask(self, n_queries: int, window: Optional[int] = None):
+        window = self.max_size if window is None else min(window, self.max_size)
+        if n_queries == 1:
+            return None  # every held key is within the window
+        keep = min(self._len, self.max_size - 1)
+        end = self.offset + n_queries
+        if keep == 0 and end <= window:
+            return "causal"
+        return _window_mask(mx.arange(self.offset, end), mx.arange(self.offset - keep, end), window, None)
+
+    @property
+    def state(self) -> tuple[mx.array, mx.array]:
+        return self._valid()
+
+    @state.setter
+    def state(self, kv: tuple[mx.array, mx.array]) -> None:
+        self.keys, self.values = kv
+        self._len = self.offset = self.keys.shape[2]
+        self._write = 0
+
+    def is_trimmable(self) -> bool:
+        return self.offset < self.max_size
+
+    def trim(self, n: int) -> int:
+        if not self.is_trimmable():
+            return 0
+        n = min(self.offset, n)
+        self.offset -= n
+        self._len -= n
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+
+def make_prompt_cache(model, max_kv_size: Optional[int] = None, left_padding: Optional[list[int]] = None):
+    """One cache per layer: the model's own layout if it has one (e.g. sliding-window layers), else KVCache."""
+    if hasattr(model, "make_cache"):
+        return model.make_cache(max_kv_size=max_kv_size, left_padding=left_padding)
+    if max_kv_size is not None:
+        if left_padding is not None:
+            raise ValueError("a bounded (rotating) cache cannot hold a left-padded batch")
+        return [RotatingKVCache(max_kv_size) for _ in model.layers]
+    return [KVCache(left_padding) for _ in model.layers]

@@ -1,0 +1,69 @@
+"""What every command-line entry point shares: one-line errors with exit status 2, and no tracebacks."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable
+
+from .errors import UserError
+
+EXIT_USAGE = 2
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line on stderr (not the usage block) and exit status 2."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def float_in(low: float, high: float, low_open: bool = False, high_open: bool = False):
+    """An argparse type for a float in [low, high] (ends optionally open)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text}") from None
+        if value != value or value < low or value > high or (low_open and value == low) or (high_open and value == high):
+            lo, hi = "(" if low_open else "[", ")" if high_open else "]"
+            raise argparse.ArgumentTypeError(f"must be in {lo}{low}, {high}{hi}, got {text}")
+        return value
+
+    return parse
+
+
+def run_main(prog: str, body: Callable[[], int]) -> int:
+    """Run a CLI body: user errors -> one line and exit 2; anything unexpected -> one line and exit 1."""
+    try:
+        return body()
+    except UserError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as e:  # a bug of ours: still one line, the traceback only on request
+        if os.environ.get("APPLELM_DEBUG"):
+            raise
+        print(f"{prog}: internal error: {type(e).__name__}: {e} (set APPLELM_DEBUG=1 for a traceback)",
+              file=sys.stderr)
+        return 1

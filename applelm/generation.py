@@ -1,0 +1,172 @@
+"""Stacked generators: `generate_step` (token ids) -> `stream_generate` (text + stats) -> `generate` (string)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Generator, Iterable, Optional, Sequence, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .cache import make_prompt_cache
+from .sample import LogitsProcessor, Sampler, greedy
+
+
+@dataclass
+class GenerationResponse:
+    """One step of `stream_generate`: the new text (may be empty) and running statistics."""
+
+    text: str
+    token: Optional[int]
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    peak_memory_gb: float
+    finish_reason: Optional[str] = None  # None while running, then "stop" or "length"
+
+
+def prefill(model: nn.Module, tokens: mx.array, cache: list, step: int = 512,
+            progress: Optional[Callable[[int, int], None]] = None) -> mx.array:
+    """Run all but the last `step`-sized chunk of a (B, L) prompt through the model, filling `cache`.
+    Returns the tokens still to process (at least one per row)."""
+    total = tokens.shape[1]
+    done = 0
+    while tokens.shape[1] > step:
+        model(tokens[:, :step], cache=cache)
+        mx.eval([c.state for c in cache])
+        tokens = tokens[:, step:]
+        done += step
+        if progress:
+            progress(done, total)
+    return tokens
+
+
+def generate_step(
+    prompt: mx.array,
+    model: nn.Module,
+    *,
+    max_tokens: int = 256,
+    sampler: Optional[Sampler] = None,
+    logits_processors: Optional[Sequence[LogitsProcessor]] = None,
+    prompt_cache: Optional[list] = None,
+    max_kv_size: Optional[int] = None,
+    prefill_step_size: int = 512,
+) -> Generator[tuple[int, mx.array], None, None]:
+    """Yield (token id, log-probabilities) for a 1-D prompt, one generated token at a time.
+
+    The next step is built and queued (mx.async_eval) before the current token is handed out, so graph
+    construction overlaps with computation.
+    """
+    if prompt.ndim != 1 or prompt.size == 0:
+        raise ValueError("prompt must be a non-empty 1-D array of token ids")
+    sampler = sampler or greedy
+    processors = list(logits_processors or [])
+    cache = prompt_cache if prompt_cache is not None else make_prompt_cache(model, max_kv_size)
+    history = prompt[None] if processors else None
+
+    def step(tokens: mx.array):
+        nonlocal history
+        logits = model(tokens, cache=cache)[:, -1, :]
+        if processors:
+            for process in processors:
+                logits = process(history, logits)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        token = sampler(logprobs)
+        if processors:
+            history = mx.concatenate([history, token[:, None].astype(history.dtype)], axis=1)
+        return token, logprobs[0]
+
+    rest = prefill(model, prompt[None], cache, prefill_step_size)
+    token, logprobs = step(rest)
+    mx.async_eval(token, logprobs)
+    n = 0
+    while n < max_tokens:
+        if n + 1 < max_tokens:
+            next_token, next_logprobs = step(token[:, None])
+            mx.async_eval(next_token, next_logprobs)
+        yield int(token.item()), logprobs
+        n += 1
+        if n < max_tokens:
+            token, logprobs = next_token, next_logprobs
+
+
+def _held_back(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest suffix of `text` that could still grow into a stop string."""
+    best = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), best, -1):
+            if text.endswith(stop[:k]):
+                best = k
+                break
+    return best
+
+
+def encode_prompt(tokenizer, prompt: Union[str, Sequence[int], mx.array]) -> mx.array:
+    """Token ids for a prompt; text that already starts with BOS (e.g. from a chat template) gets no second."""
+    if isinstance(prompt, str):
+        add_special = tokenizer.bos_token is None or not prompt.startswith(tokenizer.bos_token)
+        prompt = tokenizer.encode(prompt, add_special_tokens=add_special)
+    return prompt if isinstance(prompt, mx.array) else mx.array(list(prompt), dtype=mx.int32)
+
+
+def stream_generate(
+    model: nn.Module,
+    tokenizer,
+    prompt: Union[str, Sequence[int], mx.array],
+    *,
+    max_tokens: int = 256,
+    stop: Iterable[str] = (),
+    **kwargs,
+) -> Generator[GenerationResponse, None, None]:
+    """Yield text as it is produced, never splitting a UTF-8 character, with running statistics.
+
+    Stops at an end-of-sequence token, at any of the `stop` strings (not included in the text), or after
+    `max_tokens`. Extra keyword arguments go to `generate_step` (sampler, logits_processors, ...).
+    """
+    tokens = encode_prompt(tokenizer, prompt)
+    stops = [s for s in stop if s]
+    detok = tokenizer.detokenizer()
+    eos = tokenizer.eos_token_ids
+    mx.reset_peak_memory()
+    start = time.perf_counter()
+    prompt_tps = gen_start = 0.0
+    pending, finish, n, hit_stop = "", None, 0, False
+
+    def response(text: str, token: Optional[int], reason: Optional[str]) -> GenerationResponse:
+        elapsed = time.perf_counter() - gen_start
+        return GenerationResponse(text, token, tokens.size, prompt_tps, n,
+                                  n / elapsed if n and elapsed > 0 else 0.0, mx.get_peak_memory() / 1e9, reason)
+
+    for token, _ in generate_step(tokens, model, max_tokens=max_tokens, **kwargs):
+        if n == 0:
+            gen_start = time.perf_counter()
+            prompt_tps = tokens.size / (gen_start - start)
+        if token in eos:
+            finish = "stop"
+            break
+        n += 1
+        pending += detok.add_token(token)
+        hits = [i for i in (pending.find(s) for s in stops) if i >= 0]
+        if hits:
+            pending, finish, hit_stop = pending[: min(hits)], "stop", True
+            break
+        cut = len(pending) - _held_back(pending, stops)
+        out, pending = pending[:cut], pending[cut:]
+        yield response(out, token, None)
+    if not hit_stop:  # text after a stop string is dropped; otherwise flush held-back bytes
+        pending += detok.finalize()
+    yield response(pending, None, finish or "length")
+
+
+def generate(model: nn.Module, tokenizer, prompt, *, verbose: bool = False, **kwargs) -> str:
+    """The whole completion as one string (printing it as it streams when verbose)."""
+    pieces = []
+    for r in stream_generate(model, tokenizer, prompt, **kwargs):
+        pieces.append(r.text)
+        if verbose:
+            print(r.text, end="", flush=True)
+    if verbose:
+        print()
+    return "".join(pieces)

@@ -1,0 +1,167 @@
+"""applelm vs mlx-lm on the same weights, in the same run: load time, prompt tok/s, decode tok/s, peak memory.
+
+The weights are SmolLM2-135M-Instruct's Q4_1 GGUF (the embedded default model). Q4_1 blocks are exactly MLX
+affine 4-bit groups of 32, so mlx-lm gets the very same quantized tensors, written as an MLX folder:
+  - applelm      : the GGUF file itself (float32 compute on CPU)
+  - mlx-lm q4    : the same tensors with float16 scales, as an MLX checkpoint stores them (mlx-lm default)
+  - mlx-lm q4/f32: the same tensors with float32 scales (what applelm computes with on CPU)
+  - mlx-lm dense : the same weights dequantized to float32
+Every engine runs in its own fresh process (clean peak-memory figures), from the same prompt token ids,
+greedy; the report checks that all of them produce the same tokens.
+
+    python benchmarks/generate_bench.py [--prompt-tokens 104] [--gen-tokens 128] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+PROMPT_TEXT = (
+    "The history of astronomy spans thousands of years. Ancient observers tracked the motions of the Sun, the Moon "
+    "and the planets, built calendars from them, and tried to predict eclipses. Greek thinkers proposed that the "
+    "Earth was a sphere and estimated its size. Much later, Copernicus placed the Sun at the centre, Kepler found "
+    "that orbits are ellipses, and Galileo turned a telescope to the sky and saw the moons of Jupiter. Newton then "
+    "explained all of these motions with a single law of gravitation. Summarise this in two sentences."
+)
+
+
+def machine() -> dict:
+    import mlx.core as mx
+
+    cpu = platform.processor() or ""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "mlx": mx.__version__, "device": str(mx.default_device())}
+
+
+def export_folders(gguf_path: Path, out: Path) -> dict[str, Path]:
+    """Write the GGUF's tensors as MLX folders mlx-lm can load (q4 f16 scales, q4 f32 scales, dense f32)."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    from applelm.loader import load_model
+
+    folders = {}
+    for name, dtype in (("q4_f16", "float16"), ("q4_f32", "float32")):
+        model, config, _ = load_model(gguf_path, dtype=dtype)
+        qcfg = {"group_size": 32, "bits": 4, "model.embed_tokens": {"group_size": 32, "bits": 8}}
+        folder = out / name
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text(json.dumps({**config, "quantization": qcfg}))
+        mx.save_safetensors(str(folder / "model.safetensors"), dict(tree_flatten(model.parameters())))
+        folders[name] = folder
+    dense = {}
+    for path, m in model.named_modules():
+        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            dense[f"{path}.weight"] = mx.dequantize(m.weight, m.scales, m.biases, m.group_size, m.bits)
+        elif isinstance(m, (nn.Linear, nn.Embedding, nn.RMSNorm)):
+            dense[f"{path}.weight"] = m.weight
+    folder = out / "dense_f32"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    mx.save_safetensors(str(folder / "model.safetensors"), dense)
+    folders["dense_f32"] = folder
+    return folders
+
+
+def run_engine(engine: str, path: str, prompt_ids: list[int], gen_tokens: int) -> dict:
+    """Runs inside a fresh worker process."""
+    import mlx.core as mx
+
+    start = time.perf_counter()
+    if engine == "applelm":
+        from applelm.generation import generate_step
+        from applelm.loader import load_model
+
+        model, _, _ = load_model(Path(path))
+    else:
+        import importlib
+
+        from mlx_lm.utils import load_model as mlx_lm_load_model
+
+        generate_step = importlib.import_module("mlx_lm.generate").generate_step
+        model, _ = mlx_lm_load_model(Path(path))
+        mx.eval(model.parameters())
+    load_s = time.perf_counter() - start
+
+    def once(n_gen: int):
+        mx.reset_peak_memory()
+        prompt = mx.array(prompt_ids)
+        t0 = time.perf_counter()
+        tokens = []
+        for i, (tok, _) in enumerate(generate_step(prompt, model, max_tokens=n_gen)):
+            if i == 0:
+                t1 = time.perf_counter()
+            tokens.append(int(tok))
+        t2 = time.perf_counter()
+        return tokens, len(prompt_ids) / (t1 - t0), (len(tokens) - 1) / (t2 - t1)
+
+    once(4)  # warm-up: first-call allocations and kernel setup
+    tokens, prompt_tps, decode_tps = once(gen_tokens)
+    return {"engine": engine, "load_s": round(load_s, 3), "prompt_tps": round(prompt_tps, 2),
+            "decode_tps": round(decode_tps, 2), "peak_memory_gb": round(mx.get_peak_memory() / 1e9, 4),
+            "max_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 4), "tokens": tokens}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=None, help="GGUF file (default: embedded SmolLM2 Q4_1)")
+    ap.add_argument("--gen-tokens", type=int, default=128)
+    ap.add_argument("--out", default=str(HERE / "results" / "generate_cpu.json"))
+    ap.add_argument("--worker", nargs=2, metavar=("ENGINE", "PATH"), help=argparse.SUPPRESS)
+    ap.add_argument("--prompt-ids", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args.worker:
+        result = run_engine(args.worker[0], args.worker[1], json.loads(args.prompt_ids), args.gen_tokens)
+        print("RESULT " + json.dumps(result))
+        return
+
+    from applelm.loader import default_model_path, load
+
+    gguf = Path(args.model) if args.model else default_model_path()
+    _, tokenizer = load(gguf)
+    prompt_ids = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": PROMPT_TEXT}]),
+                                  add_special_tokens=False)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folders = export_folders(gguf, Path(tmp))
+        runs = [("applelm", "applelm", gguf), ("mlx-lm q4 (f16 scales)", "mlx-lm", folders["q4_f16"]),
+                ("mlx-lm q4 (f32 scales)", "mlx-lm", folders["q4_f32"]), ("mlx-lm dense f32", "mlx-lm", folders["dense_f32"])]
+        for label, engine, path in runs:
+            cmd = [sys.executable, __file__, "--worker", engine, str(path), "--prompt-ids", json.dumps(prompt_ids),
+                   "--gen-tokens", str(args.gen_tokens)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            result = json.loads(proc.stdout.split("RESULT ", 1)[1])
+            result["label"] = label
+            rows.append(result)
+            print(f"{label:24s} load {result['load_s']:6.2f} s  prompt {result['prompt_tps']:8.1f} tok/s  "
+                  f"decode {result['decode_tps']:6.1f} tok/s  peak {result['peak_memory_gb']:.3f} GB", flush=True)
+    same = all(r["tokens"] == rows[0]["tokens"] for r in rows)
+    report = {"benchmark": "generate_bench", "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(),
+              "model": str(gguf.name), "prompt_tokens": len(prompt_ids), "gen_tokens": args.gen_tokens,
+              "all_engines_same_tokens": same, "rows": rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=1))
+    print(f"same greedy tokens across engines: {same}; written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

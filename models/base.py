@@ -1,0 +1,109 @@
+"""Pieces every architecture shares: strict config reading, RoPE variants, masks and the attention call."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..errors import ModelFormatError, UnsupportedError
+
+
+@dataclass
+class BaseModelArgs:
+    """Hyper-parameters read from a Hugging Face style config.json (strictly: no silent defaults)."""
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any]):
+        config = dict(config)
+        rope_params = config.get("rope_parameters")
+        # transformers 5 moves rope_theta/rope_type into rope_parameters; read both spellings.
+        if isinstance(rope_params, dict) and "rope_theta" in rope_params:
+            config.setdefault("rope_theta", rope_params["rope_theta"])
+            if rope_params.get("rope_type", "default") != "default":
+                config.setdefault("rope_scaling", rope_params)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        missing = [
+            name for name, f in fields.items()
+            if name not in config
+            and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        ]
+        if missing:
+            raise ModelFormatError(f"config is missing required field(s): {', '.join(missing)}")
+        return cls(**{k: v for k, v in config.items() if k in fields})
+
+
+class RoPE(nn.Module):
+    """Rotary embedding over the first `dims` features, with optional per-frequency periods."""
+
+    def __init__(self, dims: int, base: float, scale: float = 1.0, freqs: Optional[mx.array] = None,
+                 traditional: bool = False):
+        super().__init__()
+        self.dims, self.scale, self.traditional = dims, scale, traditional
+        self.base = None if freqs is not None else base
+        self._freqs = freqs
+
+    def __call__(self, x: mx.array, offset: int = 0) -> mx.array:
+        return mx.fast.rope(x, self.dims, traditional=self.traditional, base=self.base, scale=self.scale,
+                            offset=offset, freqs=self._freqs)
+
+
+def _llama3_periods(dims: int, base: float, cfg: dict) -> mx.array:
+    """Llama 3.1 scaling: long wavelengths stretched by `factor`, short ones kept, smooth in between."""
+    factor = cfg["factor"]
+    low, high = cfg.get("low_freq_factor", 1.0), cfg.get("high_freq_factor", 4.0)
+    old_ctx = cfg.get("original_max_position_embeddings", 8192)
+    periods = base ** (mx.arange(0, dims, 2, dtype=mx.float32) / dims)
+    wavelens = 2 * math.pi * periods
+    low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+    smooth = (old_ctx / wavelens - low) / (high - low)
+    mid = periods / ((1 - smooth) / factor + smooth)
+    out = mx.where(wavelens > low_wavelen, periods * factor, periods)
+    is_mid = (wavelens <= low_wavelen) & (wavelens >= high_wavelen)
+    return mx.where(is_mid, mid, out)
+
+
+def make_rope(dims: int, base: float, scaling: Optional[dict] = None, traditional: bool = False) -> RoPE:
+    """Build RoPE from a config's rope_scaling / rope_parameters block (None means plain RoPE)."""
+    if not scaling:
+        return RoPE(dims, base, traditional=traditional)
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return RoPE(dims, base, traditional=traditional)
+    if kind == "linear":
+        return RoPE(dims, base, scale=1.0 / scaling["factor"], traditional=traditional)
+    if kind == "llama3":
+        return RoPE(dims, base, freqs=_llama3_periods(dims, base, scaling), traditional=traditional)
+    if kind == "gguf_freq_factors":
+        # llama.cpp's rope_freqs tensor divides each frequency; as periods that is a multiplication.
+        factors = mx.array(scaling["factors"], dtype=mx.float32)
+        periods = base ** (mx.arange(0, dims, 2, dtype=mx.float32) / dims) * factors
+        return RoPE(dims, base, freqs=periods, traditional=traditional)
+    raise UnsupportedError(f"RoPE scaling type '{kind}' is not supported (default, linear, llama3 are)")
+
+
+def attention_mask(cache, n_queries: int, window: Optional[int] = None):
+    """The mask one forward pass uses for all layers sharing `cache`'s layout (None when uncached)."""
+    if cache is None:
+        if n_queries == 1:
+            return None
+        if window is None or n_queries <= window:
+            return "causal"
+        pos = mx.arange(n_queries)
+        return ((pos[:, None] >= pos[None, :]) & (pos[:, None] < pos[None, :] + window))[None, None]
+    return cache.make_mask(n_queries, window)
+
+
+def scaled_dot_product_attention(q: mx.array, k: mx.array, v: mx.array, *, scale: float, mask) -> mx.array:
+    """The one attention call every model uses; q is (B, heads, L, D), k/v are (B, kv_heads, T, D)."""
+    return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+
+
+def check_config_value(name: str, value, allowed) -> None:
+    """Reject a config setting this runtime would otherwise silently ignore."""
+    if value not in allowed:
+        raise UnsupportedError(f"config {name}={value!r} is not supported (supported: {allowed})")
