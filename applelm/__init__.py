@@ -7,6 +7,10 @@
 
 __version__ = "0.1.0"
 
+from . import _blas
+
+_blas.preload()  # must run before mlx is first imported (Linux CPU only; see _blas.py)
+
 from .generation import GenerationResponse, generate, generate_step, stream_generate  # noqa: E402
 from .loader import load  # noqa: E402
 

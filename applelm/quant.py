@@ -64,3 +64,32 @@ def specs_from_mlx_config(qconfig: dict, weights: dict[str, mx.array]) -> dict[s
             continue
         specs[path] = {**default, **own} if isinstance(own, dict) else dict(default)
     return specs
+
+
+def _dense(module: nn.Module) -> nn.Module:
+    if isinstance(module, nn.QuantizedLinear):
+        w = mx.dequantize(module.weight, module.scales, module.get("biases"), module.group_size, module.bits,
+                          mode=module.mode)
+        dense = nn.Linear(w.shape[1], w.shape[0], bias="bias" in module)
+        dense.weight = w.astype(module.scales.dtype)
+        if "bias" in module:
+            dense.bias = module.bias
+        return dense
+    if isinstance(module, nn.QuantizedEmbedding):
+        w = mx.dequantize(module.weight, module.scales, module.get("biases"), module.group_size, module.bits,
+                          mode=module.mode)
+        dense = nn.Embedding(w.shape[0], w.shape[1])
+        dense.weight = w.astype(module.scales.dtype)
+        return dense
+    if hasattr(module, "to_dense"):  # the ops package's GGUF block layers
+        return module.to_dense()
+    return module
+
+
+def dequantize_model(model: nn.Module) -> nn.Module:
+    """Replace every quantized layer by a dense one holding the same values (trades memory for speed on
+    backends whose quantized kernels are slow, e.g. MLX's CPU backend)."""
+    leaves = tree_map_with_path(lambda _, m: _dense(m), model.leaf_modules(), is_leaf=nn.Module.is_module)
+    model.update_modules(leaves)
+    mx.eval(model.parameters())
+    return model

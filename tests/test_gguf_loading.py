@@ -77,3 +77,13 @@ def test_reader_matches_gguf_package(tmp_path):
         assert info.offset == t.data_offset and info.n_bytes == t.n_bytes
         assert info.shape == tuple(int(d) for d in reversed(t.shape))
         assert info.ggml_type.name == t.tensor_type.name
+
+
+def test_dequantize_option_gives_dense_layers_with_same_values(tmp_path):
+    path = tmp_path / "tiny.gguf"
+    ref = write_tiny_llama_gguf(path, seed=5)
+    model, _, _ = load_model(path, dequantize=True)
+    assert not any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules())
+    got = dequantized_params(model)
+    for name, expected in ref["weights"].items():
+        np.testing.assert_allclose(got[name], expected, rtol=1e-6, atol=1e-6, err_msg=name)
