@@ -7,6 +7,8 @@ Model code never sees any of this: it calls its layers, whatever they became.
 
 from __future__ import annotations
 
+from typing import Callable, Optional, Union
+
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map_with_path
@@ -93,3 +95,32 @@ def dequantize_model(model: nn.Module) -> nn.Module:
     model.update_modules(leaves)
     mx.eval(model.parameters())
     return model
+
+
+def quantize_model(model: nn.Module, bits: int, group_size: int, mode: str = "affine",
+                   predicate: Optional[Callable[[str, nn.Module], Union[bool, dict]]] = None,
+                   on_layer: Optional[Callable[[str], None]] = None) -> dict:
+    """Quantize a dense model's Linear/Embedding layers in place; returns config.json's `quantization` block
+    exactly as mlx-lm writes it: the global {group_size, bits, mode} plus an entry for each layer for which
+    `predicate(path, module)` returned a dict of its own settings (False keeps a layer dense). A layer whose
+    input width its group size does not divide stays dense, as in mlx-lm. `on_layer(path)` reports progress."""
+    block = {"group_size": group_size, "bits": bits, "mode": mode}
+    specs = {}
+    for path, module in model.named_modules():
+        if not hasattr(module, "to_quantized") or not hasattr(module, "weight"):
+            continue
+        choice = True if predicate is None else predicate(path, module)
+        spec = dict(choice) if isinstance(choice, dict) else dict(block)
+        if choice is False or module.weight.shape[-1] % spec["group_size"] != 0:
+            continue
+        if isinstance(choice, dict):
+            block[path] = spec
+        specs[path] = spec
+    swap_quantized(model, specs)
+    # Evaluate layer by layer: bounded peak memory, and progress that means something (quantizing is lazy).
+    for path, module in model.named_modules():
+        if path in specs:
+            mx.eval(module.parameters())
+            if on_layer:
+                on_layer(path)
+    return block
