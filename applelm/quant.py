@@ -68,20 +68,27 @@ def specs_from_mlx_config(qconfig: dict, weights: dict[str, mx.array]) -> dict[s
     return specs
 
 
+def _float_dtype(module: nn.Module) -> mx.Dtype:
+    """The dtype a dequantized layer keeps: its scales' for affine; float32 where scales are integer exponents
+    (mxfp4's uint8), which would otherwise make the dense weights uint8."""
+    scales = module.scales.dtype
+    return scales if mx.issubdtype(scales, mx.floating) else mx.float32
+
+
 def _dense(module: nn.Module) -> nn.Module:
     if isinstance(module, nn.QuantizedLinear):
         w = mx.dequantize(module.weight, module.scales, module.get("biases"), module.group_size, module.bits,
-                          mode=module.mode)
+                          mode=module.mode, dtype=_float_dtype(module))
         dense = nn.Linear(w.shape[1], w.shape[0], bias="bias" in module)
-        dense.weight = w.astype(module.scales.dtype)
+        dense.weight = w
         if "bias" in module:
             dense.bias = module.bias
         return dense
     if isinstance(module, nn.QuantizedEmbedding):
         w = mx.dequantize(module.weight, module.scales, module.get("biases"), module.group_size, module.bits,
-                          mode=module.mode)
+                          mode=module.mode, dtype=_float_dtype(module))
         dense = nn.Embedding(w.shape[0], w.shape[1])
-        dense.weight = w.astype(module.scales.dtype)
+        dense.weight = w
         return dense
     if hasattr(module, "to_dense"):  # the ops package's GGUF block layers
         return module.to_dense()

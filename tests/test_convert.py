@@ -1,0 +1,211 @@
+"""applelm.convert: tiny models of every architecture, from safetensors folders and GGUF, load back with applelm
+and with mlx-lm; mixed recipes' per-layer widths are honoured by both; bad arguments fail in one line."""
+
+from __future__ import annotations
+
+import json
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from applelm.convert import convert, main
+from applelm.generation import generate_step
+from applelm.loader import load_model
+from conftest import ARCHS, build_tiny
+from gguf_fixtures import write_tiny_llama_gguf
+from hf_fixtures import save_folder
+
+X = mx.array([[1, 5, 9, 33, 2, 70, 11, 12]])
+WORDS = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, 97)}}
+
+
+def write_word_tokenizer(folder):
+    """A 97-word tokenizer.json (+ config with a chat template) that `tokenizers` and transformers both read."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel(WORDS, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+        "unk_token": "<unk>", "chat_template": "{% for m in messages %}{{ m['content'] }} {% endfor %}"}))
+
+
+def source(tmp_path, arch, **overrides):
+    """A float32 tiny model saved as an HF folder with a tokenizer; returns (model, folder)."""
+    model, config = build_tiny(arch, max_position_embeddings=128, **overrides)  # mlx-lm's Qwen3 needs the field
+    folder = save_folder(model, config, tmp_path / f"src-{arch}")
+    write_word_tokenizer(folder)
+    return model, folder
+
+
+def max_err(model, ref_logits) -> float:
+    return float(mx.abs(model(X) - ref_logits).max())
+
+
+def mlx_lm_model(folder):
+    from mlx_lm.utils import load_model as mlx_lm_load_model
+
+    return mlx_lm_load_model(folder)[0]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_round_trip_each_architecture(tmp_path, arch):
+    model, src = source(tmp_path, arch)
+    ref = model(X)
+    scale = float(mx.abs(ref).max())
+    errs = {}
+    for bits in (8, 4):
+        out = tmp_path / f"q{bits}"
+        r = convert(src, out, bits=bits, group_size=32, progress=False)
+        cfg = json.loads((out / "config.json").read_text())
+        assert cfg["quantization"] == {"group_size": 32, "bits": bits, "mode": "affine"}
+        assert cfg["quantization_config"] == cfg["quantization"]
+        assert {"tokenizer.json", "tokenizer_config.json"} <= set(r.tokenizer_files)
+        ours, _, _ = load_model(out)
+        assert isinstance(ours.layers[0].mlp.down_proj, nn.QuantizedLinear)
+        errs[bits] = max_err(ours, ref)
+        # mlx-lm computes in the file's float16; ours too when asked: then the two agree closely.
+        half, _, _ = load_model(out, dtype="float16")
+        assert float(mx.abs(mlx_lm_model(out)(X) - half(X)).max()) < 0.02 * scale + 1e-3
+    assert errs[8] < errs[4] < 0.5 * scale, errs
+    assert errs[8] < 0.05 * scale, errs
+    tokens = [t for t, _ in generate_step(mx.array([1, 5, 9]), ours, max_tokens=5)]
+    assert len(tokens) == 5 and all(0 <= t < 97 for t in tokens)
+
+
+def test_mixed_recipe_per_layer_bits_honoured_by_both(tmp_path):
+    model, src = source(tmp_path, "llama", num_hidden_layers=8)
+    out = tmp_path / "mixed"
+    r = convert(src, out, recipe="mixed_3_6", group_size=32, progress=False)
+    q = json.loads((out / "config.json").read_text())["quantization"]
+    assert (q["bits"], q["group_size"], q["mode"]) == (3, 32, "affine")
+    # High width: embeddings, head, whole first/last block, v/down_proj of llama.cpp's sensitive layers (n=8:
+    # layers 0 and 7, then every third from 1: 3, 6).
+    assert q["model.embed_tokens"]["bits"] == q["lm_head"]["bits"] == 6
+    assert q["model.layers.0.self_attn.q_proj"]["bits"] == q["model.layers.7.mlp.up_proj"]["bits"] == 6
+    assert q["model.layers.3.self_attn.v_proj"]["bits"] == q["model.layers.6.mlp.down_proj"]["bits"] == 6
+    assert q["model.layers.2.self_attn.v_proj"]["bits"] == q["model.layers.3.self_attn.q_proj"]["bits"] == 3
+    assert 3 < r.bits_per_weight < 7
+    ours, _, _ = load_model(out)
+    theirs = mlx_lm_model(out)
+    for path, module in ours.named_modules():
+        if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            assert module.bits == q[path]["bits"], path
+            assert dict(theirs.named_modules())[path].bits == q[path]["bits"], path
+    low, _, _ = load_model(convert(src, tmp_path / "q3", bits=3, group_size=32, progress=False).out)
+    assert max_err(ours, model(X)) < max_err(low, model(X))
+
+
+def test_mxfp4_and_dequantize(tmp_path):
+    model, src = source(tmp_path, "qwen2")
+    convert(src, tmp_path / "fp4", mode="mxfp4", progress=False)
+    q = json.loads((tmp_path / "fp4" / "config.json").read_text())["quantization"]
+    assert q == {"group_size": 32, "bits": 4, "mode": "mxfp4"}
+    ours, _, _ = load_model(tmp_path / "fp4")
+    assert ours.layers[0].self_attn.q_proj.mode == "mxfp4"
+    np.testing.assert_allclose(np.array(mlx_lm_model(tmp_path / "fp4")(X)), np.array(ours(X)), atol=0.05)
+
+    r = convert(tmp_path / "fp4", tmp_path / "f16", dequantize=True, progress=False)
+    cfg = json.loads((tmp_path / "f16" / "config.json").read_text())
+    assert "quantization" not in cfg and cfg["torch_dtype"] == "float16" and r.bits_per_weight == 16
+    dense, _, _ = load_model(tmp_path / "f16")
+    assert isinstance(dense.layers[0].self_attn.q_proj, nn.Linear)
+    np.testing.assert_allclose(np.array(dense(X)), np.array(ours(X)), atol=0.02)
+
+
+def test_quantized_source_is_dequantized_first_and_shards(tmp_path):
+    model, src = source(tmp_path, "llama")
+    convert(src, tmp_path / "q8", bits=8, group_size=64, progress=False)
+    out = tmp_path / "q4"
+    convert(tmp_path / "q8", out, bits=4, group_size=32, max_shard_bytes=20_000, progress=False)
+    shards = sorted(p.name for p in out.glob("model-*.safetensors"))
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(shards) > 1 and set(index["weight_map"].values()) == set(shards)
+    ours, _, _ = load_model(out)
+    assert ours.layers[0].self_attn.q_proj.group_size == 32
+    assert max_err(ours, model(X)) < 0.5 * float(mx.abs(model(X)).max())
+    half, _, _ = load_model(out, dtype="float16")
+    np.testing.assert_allclose(np.array(mlx_lm_model(out)(X)), np.array(half(X)), atol=0.05)
+
+
+def test_gguf_source(tmp_path):
+    info = write_tiny_llama_gguf(tmp_path / "tiny.gguf", chat_template="{{ messages[0]['content'] }}")
+    src_model, _, _ = load_model(tmp_path / "tiny.gguf")
+    ids = mx.array([[3, 70, 100, 200, 5, 9]])
+    ref = src_model(ids)
+    out = tmp_path / "from-gguf"
+    r = convert(tmp_path / "tiny.gguf", out, bits=8, group_size=32, progress=False)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == "llama" and cfg["quantization"]["bits"] == 8
+    ours, _, _ = load_model(out)
+    assert float(mx.abs(ours(ids) - ref).max()) < 0.05 * float(mx.abs(ref).max())
+    half, _, _ = load_model(out, dtype="float16")
+    np.testing.assert_allclose(np.array(mlx_lm_model(out)(ids)), np.array(half(ids)), atol=0.05)
+    if r.tokenizer_files:  # written once the GGUF tokenizer is in this build
+        tok_cfg = json.loads((out / "tokenizer_config.json").read_text())
+        assert tok_cfg["chat_template"] == "{{ messages[0]['content'] }}"
+        assert info["config"]["vocab_size"] == cfg["vocab_size"]
+
+
+def test_load_and_generate_with_applelm_and_mlx_lm(tmp_path):
+    """The whole path a user takes: convert, then `applelm.load` and `mlx_lm.load` with the tokenizer."""
+    pytest.importorskip("applelm.tokenizer")
+    import mlx_lm
+
+    from applelm import generate, load
+
+    _, src = source(tmp_path, "qwen3")
+    out = tmp_path / "q4"
+    assert main([str(src), str(out), "--bits", "4", "--group-size", "32", "--quiet"]) == 0
+    model, tokenizer = load(out)
+    ours = generate(model, tokenizer, "w5 w6 w7", max_tokens=6)
+    m, t = mlx_lm.load(str(out))
+    theirs = mlx_lm.generate(m, t, "w5 w6 w7", max_tokens=6)
+    assert ours.split()[:3] == theirs.split()[:3] and len(ours.split()) >= 3
+
+
+def run_cli(argv) -> int:
+    """main()'s exit status, whether it returns it or argparse exits with it."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return e.code
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--bits", "7"], "invalid choice"),
+    (["--mode", "nf4"], "invalid choice"),
+    (["--recipe", "mixed_9_9"], "invalid choice"),
+    (["--group-size", "48"], "invalid choice"),
+    (["--recipe", "mixed_3_6", "--bits", "4"], "drop --bits"),
+    (["--mode", "mxfp4", "--bits", "8"], "mxfp4 is 4 bits"),
+    (["--dequantize", "--bits", "4"], "--dequantize"),
+    (["--max-shard-size", "lots"], "not a size"),
+])
+def test_bad_arguments_one_line_exit_2(tmp_path, capsys, flags, message):
+    _, src = source(tmp_path, "llama")
+    code = run_cli([str(src), str(tmp_path / "out"), *flags])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_source_and_non_empty_output(tmp_path, capsys):
+    assert main([str(tmp_path / "nope"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "does not exist" in err and len(err.splitlines()) == 1
+    _, src = source(tmp_path, "llama")
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main([str(src), str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "not empty" in err and "--force" in err and len(err.splitlines()) == 1
+    assert main([str(src), str(src), "--quiet", "--force"]) == 2  # never over the source itself
+    assert "source folder" in capsys.readouterr().err
+    assert main([str(src), str(out), "--quiet", "--force"]) == 0
+    assert (out / "notes.txt").exists() and (out / "model.safetensors").exists()
