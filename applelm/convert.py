@@ -73,18 +73,21 @@ def check_options(bits: Optional[int], group_size: Optional[int], mode: str, rec
     return bits or default_bits, group_size or default_group
 
 
-def _prepare_out(src: Path, out: Path, force: bool) -> None:
+def _check_out(src: Path, out: Path, force: bool) -> None:
+    """Refuse an output that is a file, the source itself, or non-empty without `force` (nothing is touched)."""
     if out.exists():
         if not out.is_dir():
             raise UserError(f"output '{out}' exists and is not a folder")
         if src.resolve() == out.resolve():
             raise UserError(f"output '{out}' is the source folder; choose another")
-        if any(out.iterdir()):
-            if not force:
-                raise UserError(f"output folder '{out}' exists and is not empty (--force to overwrite)")
-            # Stale shards from an earlier conversion would be loaded alongside the new ones.
-            for f in [*out.glob("model*.safetensors"), out / "model.safetensors.index.json"]:
-                f.unlink(missing_ok=True)
+        if any(out.iterdir()) and not force:
+            raise UserError(f"output folder '{out}' exists and is not empty (--force to overwrite)")
+
+
+def _prepare_out(out: Path) -> None:
+    # Stale shards from an earlier conversion would be loaded alongside the new ones.
+    for f in [*out.glob("model*.safetensors"), out / "model.safetensors.index.json"]:
+        f.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
 
 
@@ -126,7 +129,7 @@ def convert(src: Union[str, os.PathLike], out: Union[str, os.PathLike], *, bits:
     src, out = Path(src).expanduser(), Path(out).expanduser()
     if not src.exists():
         raise UserError(f"source '{src}' does not exist")
-    _prepare_out(src, out, force)
+    _check_out(src, out, force)
     say = (lambda msg: print(f"{PROG}: {msg}", file=sys.stderr)) if progress else (lambda msg: None)
 
     say(f"loading {src}")
@@ -137,6 +140,7 @@ def convert(src: Union[str, os.PathLike], out: Union[str, os.PathLike], *, bits:
                           model.parameters()))
     mx.eval(model.parameters())
     config = _output_config(config, gguf is not None, dtype)
+    _prepare_out(out)  # only now: a source that fails to load leaves no output folder behind
 
     if bits is not None:
         predicate = recipe_predicate(recipe, len(model.layers), group_size) if recipe else None

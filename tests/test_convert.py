@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from applelm.convert import convert, main
+from applelm.errors import UserError
 from applelm.generation import generate_step
 from applelm.loader import load_model
 from conftest import ARCHS, build_tiny
@@ -209,3 +210,48 @@ def test_missing_source_and_non_empty_output(tmp_path, capsys):
     assert "source folder" in capsys.readouterr().err
     assert main([str(src), str(out), "--quiet", "--force"]) == 0
     assert (out / "notes.txt").exists() and (out / "model.safetensors").exists()
+
+
+def _random_k_blocks(quantize):
+    """gguf's writer cannot quantize to K-quants: random blocks with small scales stand in (any bytes decode)."""
+    from gguf_fixtures import Q
+
+    layout = {Q.Q6_K: (210, [208]), Q.Q4_K: (144, [0, 2])}  # block bytes, offsets of its float16 scales
+
+    def fake(arr, qtype):
+        if qtype not in layout:
+            return quantize(arr, qtype)
+        size, scale_at = layout[qtype]
+        rows, n_blocks = arr.shape[0], arr.shape[1] // 256
+        raw = np.random.default_rng(1).integers(0, 256, (rows, n_blocks, size), dtype=np.uint8)
+        for at in scale_at:
+            raw[:, :, at:at + 2] = np.array([1e-4], dtype=np.float16).view(np.uint8)
+        return raw.reshape(rows, n_blocks * size)
+
+    return fake
+
+
+def test_gguf_k_quant_source(tmp_path, monkeypatch):
+    """K-quant blocks are dequantized through the ops package; a build without it says so in one line."""
+    import gguf_fixtures
+    from gguf_fixtures import Q
+
+    wide = dict(gguf_fixtures.tiny_llama_config(0), hidden_size=256, intermediate_size=256, head_dim=64)
+    # K-quant blocks hold 256 weights: rows must be at least that wide.
+    monkeypatch.setattr(gguf_fixtures, "tiny_llama_config", lambda vocab: dict(wide, vocab_size=vocab))
+    monkeypatch.setattr(gguf_fixtures.gguf.quants, "quantize", _random_k_blocks(gguf_fixtures.gguf.quants.quantize))
+    write_tiny_llama_gguf(tmp_path / "k.gguf", types={"ffn_down": Q.Q6_K, "ffn_gate": Q.Q4_K}, chat_template="x")
+    out = tmp_path / "out"
+    try:
+        src_model, _, _ = load_model(tmp_path / "k.gguf")
+    except UserError as e:
+        assert "Q6_K" in str(e) or "Q4_K" in str(e)
+        with pytest.raises(UserError, match="Q[46]_K"):
+            convert(tmp_path / "k.gguf", out, bits=8, group_size=32, progress=False)
+        assert not out.exists()  # a source that fails to load leaves nothing behind
+        return
+    convert(tmp_path / "k.gguf", out, bits=8, group_size=32, progress=False)
+    ids = mx.array([[3, 70, 100, 200, 5, 9]])
+    ours, _, _ = load_model(out)
+    ref = src_model(ids)
+    assert float(mx.abs(ours(ids) - ref).max()) < 0.05 * float(mx.abs(ref).max())
