@@ -79,7 +79,7 @@ def write_tokenizer(tokenizer, folder: Path, model_max_length: Optional[int] = N
         print(f"warning: {type(tokenizer).__name__} does not expose its tokenizers backend; "
               "no tokenizer files written", file=sys.stderr)
         return []
-    backend.save(str(folder / "tokenizer.json"))
+    _with_special_tokens_processor(tokenizer, backend).save(str(folder / "tokenizer.json"))
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",  # what transformers (and so mlx-lm) builds from tokenizer.json
         "bos_token": tokenizer.bos_token,
@@ -98,6 +98,26 @@ def write_tokenizer(tokenizer, folder: Path, model_max_length: Optional[int] = N
         generation["bos_token_id"] = tokenizer.bos_token_id
     (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     return ["tokenizer.json", "tokenizer_config.json", "generation_config.json"]
+
+
+def _with_special_tokens_processor(tokenizer, backend):
+    """applelm's Tokenizer adds BOS/EOS itself (from add_bos_token/add_eos_token); transformers, and so mlx-lm,
+    only through tokenizer.json's post-processor. Give a copy one when the backend has none."""
+    if backend.post_processor is not None or not (tokenizer.add_bos_token or tokenizer.add_eos_token):
+        return backend
+    from tokenizers import Tokenizer as BackendTokenizer, processors
+
+    bos = [tokenizer.bos_token] if tokenizer.add_bos_token else []
+    eos = [tokenizer.eos_token] if tokenizer.add_eos_token else []
+
+    def sequence(name: str, type_id: int) -> str:
+        return " ".join(f"{piece}:{type_id}" for piece in [*bos, f"${name}", *eos])
+
+    copy = BackendTokenizer.from_str(backend.to_str())
+    copy.post_processor = processors.TemplateProcessing(
+        single=sequence("A", 0), pair=f"{sequence('A', 0)} {sequence('B', 1)}",
+        special_tokens=[(t, tokenizer.token_to_id(t)) for t in dict.fromkeys(bos + eos)])
+    return copy
 
 
 def folder_size(folder: Path) -> int:

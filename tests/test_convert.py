@@ -3,6 +3,7 @@ and with mlx-lm; mixed recipes' per-layer widths are honoured by both; bad argum
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import mlx.core as mx
@@ -19,6 +20,7 @@ from gguf_fixtures import write_tiny_llama_gguf
 from hf_fixtures import save_folder
 
 X = mx.array([[1, 5, 9, 33, 2, 70, 11, 12]])
+HAVE_TOKENIZER = importlib.util.find_spec("applelm.tokenizer") is not None
 WORDS = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, 97)}}
 
 
@@ -76,6 +78,31 @@ def test_round_trip_each_architecture(tmp_path, arch):
     assert errs[8] < 0.05 * scale, errs
     tokens = [t for t, _ in generate_step(mx.array([1, 5, 9]), ours, max_tokens=5)]
     assert len(tokens) == 5 and all(0 <= t < 97 for t in tokens)
+    if HAVE_TOKENIZER:  # the user's path: applelm.load reads the copied tokenizer files too
+        from applelm import generate, load
+
+        model, tokenizer = load(out)
+        text = generate(model, tokenizer, "w5 w6 w7", max_tokens=5)
+        assert all(word in WORDS for word in text.split())
+
+
+def test_same_files_as_mlx_lm_convert(tmp_path):
+    """mlx-lm's own converter, same source and settings: the same quantization block and the same tensors."""
+    from mlx_lm.convert import convert as mlx_lm_convert
+
+    _, src = source(tmp_path, "qwen2")
+    mlx_lm_convert(str(src), mlx_path=str(tmp_path / "theirs"), quantize=True, q_bits=4, q_group_size=32,
+                   dtype="float16")
+    convert(src, tmp_path / "ours", bits=4, group_size=32, progress=False)
+    theirs_cfg = json.loads((tmp_path / "theirs" / "config.json").read_text())
+    ours_cfg = json.loads((tmp_path / "ours" / "config.json").read_text())
+    for key in ("quantization", "quantization_config"):
+        assert ours_cfg[key] == theirs_cfg[key]
+    theirs = mx.load(str(tmp_path / "theirs" / "model.safetensors"))
+    ours = mx.load(str(tmp_path / "ours" / "model.safetensors"))
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        assert ours[name].dtype == theirs[name].dtype and mx.array_equal(ours[name], theirs[name]), name
 
 
 def test_mixed_recipe_per_layer_bits_honoured_by_both(tmp_path):
@@ -139,17 +166,27 @@ def test_gguf_source(tmp_path):
     ids = mx.array([[3, 70, 100, 200, 5, 9]])
     ref = src_model(ids)
     out = tmp_path / "from-gguf"
-    r = convert(tmp_path / "tiny.gguf", out, bits=8, group_size=32, progress=False)
+    convert(tmp_path / "tiny.gguf", out, bits=8, group_size=32, progress=False)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["model_type"] == "llama" and cfg["quantization"]["bits"] == 8
     ours, _, _ = load_model(out)
     assert float(mx.abs(ours(ids) - ref).max()) < 0.05 * float(mx.abs(ref).max())
     half, _, _ = load_model(out, dtype="float16")
     np.testing.assert_allclose(np.array(mlx_lm_model(out)(ids)), np.array(half(ids)), atol=0.05)
-    if r.tokenizer_files:  # written once the GGUF tokenizer is in this build
+    assert info["config"]["vocab_size"] == cfg["vocab_size"]
+    if HAVE_TOKENIZER:  # the GGUF's tokenizer is saved as tokenizer.json + tokenizer_config.json
+        import mlx_lm
+
+        from applelm import load
+
         tok_cfg = json.loads((out / "tokenizer_config.json").read_text())
         assert tok_cfg["chat_template"] == "{{ messages[0]['content'] }}"
-        assert info["config"]["vocab_size"] == cfg["vocab_size"]
+        _, ours_tok = load(out)
+        _, gguf_tok = load(tmp_path / "tiny.gguf")
+        _, theirs_tok = mlx_lm.load(str(out))
+        text = "hello world, the world"
+        assert ours_tok.encode(text) == gguf_tok.encode(text) == theirs_tok.encode(text)
+        assert ours_tok.eos_token_ids == gguf_tok.eos_token_ids
 
 
 def test_load_and_generate_with_applelm_and_mlx_lm(tmp_path):
