@@ -64,8 +64,9 @@ def _q4_1(b, h):  # d:f16 m:f16 | qs[16]: value = d*q + m
 
 def _q5_high(qh: mx.array) -> mx.array:
     """4 bytes of a little-endian uint32 -> 32 bits, bit j for element j, shifted up to bit 4."""
-    bits = _bits(qh, list(range(8)), 1)  # (..., 8, 4): [bit, byte]
-    return mx.left_shift(mx.swapaxes(bits, -1, -2).reshape(*qh.shape[:-1], 32), 4)
+    # (..., 4, 8) = [byte, bit]: bit index byte*8 + bit, no transpose needed.
+    bits = mx.bitwise_and(mx.right_shift(qh[..., :, None], _u(list(range(8)))), 1)
+    return mx.left_shift(bits.reshape(*qh.shape[:-1], 32), 4)
 
 
 def _q5_0(b, h):  # d:f16 | qh:u32 | qs[16]: 4 low bits as Q4_0, bit 4 from qh bit j
@@ -170,7 +171,8 @@ def _dequantize_eager(packed: mx.array, ggml_type: str) -> mx.array:
 
 @lru_cache(maxsize=None)
 def _compiled(ggml_type: str):
-    # One fused kernel per format instead of ~15 separate elementwise passes over the chunk.
+    # Offered for measurement only: on MLX 0.32.4's CPU backend the fused kernel was 1.5-5x slower than
+    # the eager ops (strided slices become generic index loops), see benchmarks/qmatmul_bench.py.
     return mx.compile(lambda packed: _dequantize_eager(packed, ggml_type))
 
 
@@ -184,7 +186,7 @@ def _check(packed: mx.array, t: GGMLType, n_cols: int) -> None:
         )
 
 
-def dequantize(packed: mx.array, ggml_type: str, n_cols: int, compiled: bool = True) -> mx.array:
+def dequantize(packed: mx.array, ggml_type: str, n_cols: int, compiled: bool = False) -> mx.array:
     """Packed GGUF rows (rows, row_bytes) uint8 -> float32 (rows, n_cols), using only MLX array ops."""
     t = ggml_type_info(ggml_type)
     _check(packed, t, n_cols)
