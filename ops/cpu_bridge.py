@@ -13,7 +13,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from .ggml_types import GGML_TYPES_BY_NAME
-from .reference import _k4_scales, _nibbles, _q5_high
+from .reference import _k4_scales, _nibbles, _q5_high, chain_chunks
 
 # Bytes of transient codes per chunk (16 MiB): bounded however large the matrix is.
 CHUNK_CODES = 1 << 24
@@ -103,6 +103,5 @@ def bridge_matmul(x: mx.array, packed: mx.array, ggml_type: str, n_cols: int,
         mm = _mm8
     rows = packed.shape[0]
     step = max(1, chunk_codes // n_cols)
-    outs = [mm(xf, packed[r : r + step], ggml_type, n_cols) for r in range(0, rows, step)]
-    out = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=-1)
+    out = mx.concatenate(chain_chunks(lambda p: mm(xf, p, ggml_type, n_cols), packed, step), axis=-1)
     return out.reshape(*lead, rows).astype(x.dtype)

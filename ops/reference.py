@@ -200,6 +200,19 @@ def chunk_rows(n_cols: int, chunk_elements: int = CHUNK_ELEMENTS) -> int:
     return max(1, chunk_elements // max(1, n_cols))
 
 
+def chain_chunks(fn, packed: mx.array, step: int) -> list[mx.array]:
+    """fn applied to successive row chunks of `packed`, each chunk ordered after the previous result.
+
+    Without the mx.depends chain MLX may schedule every chunk's dequantization before the matmuls, and the
+    transient floats grow with the matrix (measured: 87 MB for a 65536x640 Q8_0 head vs 26 MB chained).
+    """
+    outs: list[mx.array] = []
+    for r in range(0, packed.shape[0], step):
+        chunk = packed[r : r + step]
+        outs.append(fn(mx.depends(chunk, outs[-1]) if outs else chunk))
+    return outs
+
+
 def gguf_matmul(x: mx.array, packed: mx.array, ggml_type: str, n_cols: int,
                 chunk_elements: int = CHUNK_ELEMENTS) -> mx.array:
     """x (..., n_cols) @ dequantize(packed).T -> (..., rows), in float32, a bounded chunk of rows at a time.
@@ -212,8 +225,7 @@ def gguf_matmul(x: mx.array, packed: mx.array, ggml_type: str, n_cols: int,
     xf = x.reshape(-1, n_cols).astype(mx.float32)
     step = chunk_rows(n_cols, chunk_elements)
     rows = packed.shape[0]
-    outs = [xf @ dequantize(packed[r : r + step], ggml_type, n_cols).T for r in range(0, rows, step)]
-    out = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=-1)
+    out = mx.concatenate(chain_chunks(lambda p: xf @ dequantize(p, ggml_type, n_cols).T, packed, step), axis=-1)
     return out.reshape(*lead, rows).astype(x.dtype)
 
 
