@@ -23,8 +23,9 @@ AFFINE_TABLE: dict[tuple[int, int, str, str], str] = {}
 GGUF_GPU_TABLE: dict[tuple[str, str, str], str] = {}
 
 # GGUF on CPU, measured on the 2-core x86-64 dev machine (MLX 0.32.4, benchmarks/results/
-# qmatmul_bench_cpu-small_*.json): the bridge beats dequantize-then-matmul by 1.2-1.5x at 1-4 rows and
-# ties at 16; past that the float path's single BLAS call wins. Largest row count that takes the bridge:
+# qmatmul_bench_cpu-small_linux-x86_64-2core.json, noisy +-30%): the bridge beats dequantize-then-matmul
+# by 1.3-3x at 1 row (262144x640 Q8_0 head: 262 vs 386 ms), is about even at 4-16 rows, and at 64 rows all
+# paths are bound by MLX's CPU GEMM. Largest activation row count that takes the bridge:
 CPU_BRIDGE_MAX_ROWS = 16
 
 DECODE_MAX_ROWS = backends.MAX_DECODE_ROWS
