@@ -25,10 +25,15 @@ from .errors import ModelFormatError, UnsupportedError, UserError
 
 __all__ = ["Tokenizer", "StreamingDetokenizer", "load_tokenizer", "tokenizer_from_gguf"]
 
-# Tokens that end a turn in common chat formats; llama.cpp stops generation on the same names.
+# Tokens that end generation, by name: llama.cpp's end-of-generation list (llama-vocab.cpp), including its
+# fill-in-the-middle pad / repo / file-separator tokens, so GGUF models stop exactly where llama.cpp stops.
 END_OF_TURN_TOKENS = (
-    "<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|endoftext|>", "<|end|>", "<|eom_id|>", "<|end_of_text|>",
-    "<|return|>", "<|call|>", "<EOT>", "<｜end▁of▁sentence｜>", "<end_of_utterance>",
+    "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<|flush|>", "<|calls|>", "<end_of_turn>",
+    "<|endoftext|>", "</s>", "<|eom_id|>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]", "<|end_of_text|>",
+    "<end_of_utterance>", "<eos>", "<turn|>", "<|tool_response>", "<｜end▁of▁sentence｜>", "[e~[",
+    # FIM pad, repo and file-separator tokens
+    "<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]",
+    "<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>", "<|file_sep|>",
 )
 
 
@@ -37,9 +42,12 @@ def end_of_turn_ids(lookup: Callable[[str], int | None] | dict[str, int]) -> set
     get = lookup.get if isinstance(lookup, dict) else lookup
     found = {name: get(name) for name in END_OF_TURN_TOKENS}
     found = {name: tid for name, tid in found.items() if tid is not None}
-    # gpt-oss ends a message, not the turn, with <|end|>; llama.cpp drops it from the stop set the same way.
-    if "<|return|>" in found and "<|call|>" in found:
+    # Two llama.cpp exceptions: gpt-oss / solar-open end a message, not the turn, with <|end|>; Gemma 4
+    # uses </s> inside tool responses.
+    if ("<|return|>" in found and "<|call|>" in found) or ("<|calls|>" in found and "<|flush|>" in found):
         found.pop("<|end|>", None)
+    if "<|tool_response>" in found:
+        found.pop("</s>", None)
     return set(found.values())
 
 
@@ -173,7 +181,7 @@ def _detokenizer_factory(tok: Tokenizer) -> Callable[[bool], StreamingDetokenize
         _, replacement, drop_first = kind
         return lambda skip: MetaspaceDetokenizer(pieces, replacement, drop_first, skip_set(skip))
     _, replaces, byte_fallback, strip_char, strip_n = kind
-    sp_table = [_sentencepiece_piece(p, replaces, byte_fallback) for p in pieces]
+    sp_table = _sentencepiece_table(pieces, replaces, byte_fallback)
     return lambda skip: SentencePieceDetokenizer(sp_table, strip_char, strip_n, skip_set(skip))
 
 
@@ -209,14 +217,9 @@ def _decoder_kind(spec: dict | None) -> tuple | None:
 
 
 def _id_to_token_table(backend: BackendTokenizer) -> list[str]:
-    vocab = backend.get_vocab(with_added_tokens=True)
-    table = [""] * (max(vocab.values(), default=-1) + 1)
-    for token, tid in vocab.items():
-        table[tid] = token
-    for tid, added in backend.get_added_tokens_decoder().items():
-        if tid < len(table):
-            table[tid] = added.content
-    return table
+    # Per-id lookups beat get_vocab() here: no dict of the whole vocabulary to build and invert.
+    id_to_token = backend.id_to_token
+    return [id_to_token(i) or "" for i in range(backend.get_vocab_size(with_added_tokens=True))]
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -242,15 +245,20 @@ def _byte_level_bytes(piece: str) -> bytes:
         return b"".join(bytes([_UNICODE_TO_BYTE[c]]) if c in _UNICODE_TO_BYTE else c.encode("utf-8") for c in piece)
 
 
-def _sentencepiece_piece(piece: str, replaces: tuple, byte_fallback: bool) -> str | int:
+def _sentencepiece_table(pieces: list[str], replaces: tuple, byte_fallback: bool) -> list[str | int]:
+    """Each token as the Replace steps leave it, or its byte value where ByteFallback reads "<0xNN>"."""
+    table: list[str | int] = pieces
     for pattern, content in replaces:
-        piece = piece.replace(pattern, content)
-    if byte_fallback and len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
-        try:
-            return int(piece[3:5], 16)
-        except ValueError:
-            pass
-    return piece
+        table = [p.replace(pattern, content) for p in table]
+    if byte_fallback:
+        table = list(table)
+        for i, p in enumerate(table):
+            if len(p) == 6 and p.startswith("<0x") and p.endswith(">"):
+                try:
+                    table[i] = int(p[3:5], 16)
+                except ValueError:
+                    pass
+    return table
 
 
 def tokenizer_from_gguf(metadata: dict[str, Any]) -> Tokenizer:
