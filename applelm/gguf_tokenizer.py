@@ -61,21 +61,27 @@ def tokenizer_from_gguf(metadata: dict[str, Any]) -> Tokenizer:
             raise ModelFormatError(
                 f"GGUF tokenizer.ggml.add_{key}_token is true but tokenizer.ggml.{key}_token_id is not set"
             )
+    # Generation stops on EOS, on the file's end-of-turn / end-of-message ids, and on known end tokens.
     eos_ids = end_of_turn_ids(backend.token_to_id)
-    for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"):
-        tid = _token_id(metadata, key, len(tokens), eos_id if key.endswith("eos_token_id") else None)
+    for key in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"):
+        tid = _token_id(metadata, key, len(tokens), None)
         if tid is not None:
             eos_ids.add(tid)
 
+    # llama.cpp's convention: tokenizer.chat_template, plus named ones as tokenizer.chat_template.<name>.
+    templates = {key[len("tokenizer.chat_template."):]: value for key, value in metadata.items()
+                 if key.startswith("tokenizer.chat_template.")}
     template = metadata.get("tokenizer.chat_template")
-    if template is not None and not isinstance(template, str):
-        raise ModelFormatError("GGUF tokenizer.chat_template is not a string")
+    for name, value in [("", template), *templates.items()]:
+        if value is not None and not isinstance(value, str):
+            raise ModelFormatError(f"GGUF tokenizer.chat_template{'.' + name if name else ''} is not a string")
     return Tokenizer(
         backend,
         bos_token_id=bos_id,
         eos_token_id=eos_id,
         eos_token_ids=eos_ids,
         chat_template=template,
+        named_chat_templates=templates,
         add_bos_token=add_bos,
         add_eos_token=add_eos,
     )

@@ -113,8 +113,8 @@ class Tokenizer:
         id_list = [int(i) for i in ids]
         try:
             return self.backend.decode(id_list, skip_special_tokens=skip_special_tokens)
-        except OverflowError:
-            bad = next(i for i in id_list if not 0 <= i < 2**32)
+        except OverflowError:  # tokenizers takes u32 ids; a negative or huge one cannot be converted
+            bad = next((i for i in id_list if not 0 <= i < 2**32), None)
             raise UserError(f"token id {bad} is not a valid token id") from None
 
     def token_to_id(self, token: str) -> int | None:

@@ -386,6 +386,7 @@ def test_gemma_with_space_prefix_matches_llama_cpp(gemma_md):
         if text and not any(c in text for c in "<\n\t") and "  " not in text:
             assert tok.decode(ids) == text
         check_stream(tok, ids)
+        check_stream(tok, [tok.bos_token_id, *ids], skip_special_tokens=True)  # strip waits past skipped BOS
     assert tok.decode(tok.encode(" hi", add_special_tokens=False)) == " hi"
     assert "".join(stream(tok, tok.encode("Hello there", add_special_tokens=False))) == "Hello there"
 
@@ -456,6 +457,15 @@ def test_tiny_bpe_and_pre_tokenizer_fallback():
     with pytest.warns(UserWarning, match="no tokenizer.ggml.pre"):
         tokenizer_from_gguf(md)  # llama.cpp's "default" rule
     assert tok.decode(tok.encode("hello world")) == "hello world"
+
+
+def test_gguf_named_chat_templates_and_end_of_turn_key():
+    md = tiny_bpe_metadata(**{"tokenizer.chat_template": "plain {{ eos_token }}",
+                              "tokenizer.chat_template.tool_use": "with tools", "tokenizer.ggml.eot_token_id": 5})
+    tok = tokenizer_from_gguf(md)
+    assert tok.apply_chat_template([]) == "plain <|endoftext|>"
+    assert tok.apply_chat_template([], tools=[{"type": "function"}]) == "with tools"
+    assert tok.eos_token_ids == {0, 5}
 
 
 def test_every_pre_tokenizer_rule_compiles_and_splits():
