@@ -224,7 +224,7 @@ def _id_to_token_table(backend: BackendTokenizer) -> list[str]:
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable character map used by byte-level BPE vocabularies."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    keep = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]  # printable bytes map to themselves
     mapping, extra = {}, 0
     for b in range(256):
         if b in keep:

