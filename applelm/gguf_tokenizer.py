@@ -190,7 +190,8 @@ def _spm_merges(tokens: list[str], scores: np.ndarray, types: np.ndarray) -> lis
     """
     mergeable_mask = (types == NORMAL) | (types == UNUSED)
     mergeable = {tokens[i] for i in np.flatnonzero(mergeable_mask).tolist()}
-    # Highest score first; ties by id, like llama.cpp's leftmost-first only matters for equal scores.
+    # Best score first, ties by id. llama.cpp breaks score ties by position instead, which only differs for
+    # two different pieces of equal score competing for one character; BPE-trained vocabs have unique scores.
     order = np.lexsort((np.arange(len(tokens)), -scores.astype(np.float64)))
     merges: list[tuple[str, str]] = []
     append = merges.append
