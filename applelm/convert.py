@@ -31,6 +31,7 @@ from .recipes import RECIPES, recipe_predicate
 PROG = "applelm.convert"
 BITS = (2, 3, 4, 5, 6, 8)
 GROUP_SIZES = (32, 64, 128)
+FITS = ("mse", "mlx")
 MODES = {"affine": (4, 64), "mxfp4": (4, 32)}  # mode -> (default bits, default group size); mxfp4 allows no other
 
 
@@ -47,7 +48,7 @@ class ConvertResult:
 
 
 def check_options(bits: Optional[int], group_size: Optional[int], mode: str, recipe: Optional[str], dtype: str,
-                  dequantize: bool) -> tuple[Optional[int], Optional[int]]:
+                  dequantize: bool, fit: str = "mse") -> tuple[Optional[int], Optional[int]]:
     """Validate the quantization options; returns the (bits, group_size) to use (None, None for float)."""
     if dtype not in DTYPES:
         raise UserError(f"dtype '{dtype}' is not one of {', '.join(DTYPES)}")
@@ -57,6 +58,8 @@ def check_options(bits: Optional[int], group_size: Optional[int], mode: str, rec
         raise UserError(f"bits must be one of {', '.join(map(str, BITS))}, got {bits}")
     if group_size is not None and group_size not in GROUP_SIZES:
         raise UserError(f"group size must be one of {', '.join(map(str, GROUP_SIZES))}, got {group_size}")
+    if fit not in FITS:
+        raise UserError(f"fit '{fit}' is not one of {', '.join(FITS)}")
     if recipe is not None and recipe not in RECIPES:
         raise UserError(f"recipe '{recipe}' is not one of {', '.join(RECIPES)}")
     if dequantize:
@@ -115,17 +118,19 @@ def bits_per_weight(model: nn.Module) -> float:
 
 def convert(src: Union[str, os.PathLike], out: Union[str, os.PathLike], *, bits: Optional[int] = None,
             group_size: Optional[int] = None, mode: str = "affine", recipe: Optional[str] = None,
-            dtype: str = "float16", dequantize: bool = False, force: bool = False,
+            dtype: str = "float16", dequantize: bool = False, fit: str = "mse", force: bool = False,
             max_shard_bytes: int = MAX_SHARD_BYTES, progress: bool = True) -> ConvertResult:
     """Convert `src` (safetensors folder or GGUF file) into an MLX folder `out`.
 
     bits/group_size/mode: the quantization (default affine 4-bit, groups of 64; mxfp4 is 4-bit groups of 32).
     recipe: a mixed-bit recipe from applelm.recipes.RECIPES instead of one width for all layers.
     dtype: the float parts (norms, unquantized layers, scales). dequantize: write float weights only.
+    fit: "mse" (default) chooses each affine group's scale/bias for the least squared error; "mlx" rounds as
+    mx.quantize does, giving byte-identical files to mlx-lm's converter.
     force: write into a non-empty `out`. Raises UserError for bad options or sources.
     """
     start = time.perf_counter()
-    bits, group_size = check_options(bits, group_size, mode, recipe, dtype, dequantize)
+    bits, group_size = check_options(bits, group_size, mode, recipe, dtype, dequantize, fit)
     src, out = Path(src).expanduser(), Path(out).expanduser()
     if not src.exists():
         raise UserError(f"source '{src}' does not exist")
@@ -148,7 +153,7 @@ def convert(src: Union[str, os.PathLike], out: Union[str, os.PathLike], *, bits:
         label = recipe or f"{mode} {bits}-bit g{group_size}"
         with Progress(f"quantize {label}", n_layers, enabled=progress) as bar:
             config["quantization"] = quantize_model(model, bits, group_size, mode, predicate,
-                                                    on_layer=lambda _: bar.update())
+                                                    on_layer=lambda _: bar.update(), fit=fit)
             bar.finish()  # layers the group size does not divide stay dense: the bar may not be full yet
 
     weights = dict(tree_flatten(model.parameters()))
@@ -210,6 +215,9 @@ def build_parser() -> ArgumentParser:
                    help="mixed bits: sensitive layers (embeddings, head, first/last block, some v/down_proj) "
                         "at the high width")
     p.add_argument("--dtype", choices=list(DTYPES), default="float16", help="dtype of the float parts")
+    p.add_argument("--fit", choices=FITS, default="mse",
+                   help="affine scales: mse = least squared error per group (default); mlx = as mx.quantize "
+                        "rounds (byte-identical to mlx-lm's converter, faster)")
     p.add_argument("--dequantize", "-d", action="store_true", help="write float weights, no quantization")
     p.add_argument("--force", action="store_true", help="write into a non-empty output folder")
     p.add_argument("--max-shard-size", type=_size_arg, default=MAX_SHARD_BYTES,
@@ -230,7 +238,8 @@ def _size_arg(text: str) -> int:
 def _main(argv: Optional[list[str]]) -> int:
     a = build_parser().parse_args(argv)
     convert(a.src, a.out, bits=a.bits, group_size=a.group_size, mode=a.mode, recipe=a.recipe, dtype=a.dtype,
-            dequantize=a.dequantize, force=a.force, max_shard_bytes=a.max_shard_size, progress=not a.quiet)
+            dequantize=a.dequantize, fit=a.fit, force=a.force, max_shard_bytes=a.max_shard_size,
+            progress=not a.quiet)
     return 0
 
 

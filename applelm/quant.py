@@ -13,6 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map_with_path
 
+from .affine_fit import fit_affine
 from .errors import UnsupportedError
 
 
@@ -92,7 +93,23 @@ def _dense(module: nn.Module) -> nn.Module:
         return dense
     if hasattr(module, "to_dense"):  # the ops package's GGUF block layers
         return module.to_dense()
+    if hasattr(module, "ggml_type"):  # ops' GGUFLinear / GGUFEmbedding, until they grow to_dense()
+        return _gguf_dense(module)
     return module
+
+
+def _gguf_dense(module: nn.Module) -> nn.Module:
+    from .ops.reference import dequantize
+
+    if hasattr(module, "in_features"):  # GGUFLinear
+        dense = nn.Linear(module.in_features, module.out_features, bias="bias" in module)
+        dense.weight = dequantize(module["weight"], module.ggml_type, module.in_features)
+        if "bias" in module:
+            dense.bias = module.bias
+        return dense
+    dense = nn.Embedding(module.num_embeddings, module.dims)  # GGUFEmbedding
+    dense.weight = dequantize(module["weight"], module.ggml_type, module.dims).astype(module.dtype)
+    return dense
 
 
 def dequantize_model(model: nn.Module) -> nn.Module:
@@ -106,11 +123,16 @@ def dequantize_model(model: nn.Module) -> nn.Module:
 
 def quantize_model(model: nn.Module, bits: int, group_size: int, mode: str = "affine",
                    predicate: Optional[Callable[[str, nn.Module], Union[bool, dict]]] = None,
-                   on_layer: Optional[Callable[[str], None]] = None) -> dict:
+                   on_layer: Optional[Callable[[str], None]] = None, fit: str = "mlx") -> dict:
     """Quantize a dense model's Linear/Embedding layers in place; returns config.json's `quantization` block
     exactly as mlx-lm writes it: the global {group_size, bits, mode} plus an entry for each layer for which
     `predicate(path, module)` returned a dict of its own settings (False keeps a layer dense). A layer whose
-    input width its group size does not divide stays dense, as in mlx-lm. `on_layer(path)` reports progress."""
+    input width its group size does not divide stays dense, as in mlx-lm. `on_layer(path)` reports progress.
+
+    fit: "mlx" rounds as mx.quantize (and so mlx-lm) does; "mse" picks each affine group's scale and bias to
+    minimise the squared error (applelm.affine_fit: same format, lower error, slower)."""
+    if fit not in ("mlx", "mse"):
+        raise ValueError(f"fit must be 'mlx' or 'mse', got {fit!r}")
     block = {"group_size": group_size, "bits": bits, "mode": mode}
     specs = {}
     for path, module in model.named_modules():
@@ -123,10 +145,15 @@ def quantize_model(model: nn.Module, bits: int, group_size: int, mode: str = "af
         if isinstance(choice, dict):
             block[path] = spec
         specs[path] = spec
+    dense = {path: module.weight for path, module in model.named_modules() if path in specs}
     swap_quantized(model, specs)
     # Evaluate layer by layer: bounded peak memory, and progress that means something (quantizing is lazy).
     for path, module in model.named_modules():
         if path in specs:
+            spec = specs[path]
+            if fit == "mse" and spec.get("mode", "affine") == "affine":  # replaces mx.quantize's (never computed)
+                w = dense[path]
+                module.weight, module.scales, module.biases = fit_affine(w, spec["bits"], spec["group_size"], w.dtype)
             mx.eval(module.parameters())
             if on_layer:
                 on_layer(path)

@@ -93,7 +93,7 @@ def test_same_files_as_mlx_lm_convert(tmp_path):
     _, src = source(tmp_path, "qwen2")
     mlx_lm_convert(str(src), mlx_path=str(tmp_path / "theirs"), quantize=True, q_bits=4, q_group_size=32,
                    dtype="float16")
-    convert(src, tmp_path / "ours", bits=4, group_size=32, progress=False)
+    convert(src, tmp_path / "ours", bits=4, group_size=32, fit="mlx", progress=False)
     theirs_cfg = json.loads((tmp_path / "theirs" / "config.json").read_text())
     ours_cfg = json.loads((tmp_path / "ours" / "config.json").read_text())
     for key in ("quantization", "quantization_config"):
