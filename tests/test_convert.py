@@ -17,26 +17,10 @@ from applelm.generation import generate_step
 from applelm.loader import load_model
 from conftest import ARCHS, build_tiny
 from gguf_fixtures import write_tiny_llama_gguf
-from hf_fixtures import save_folder
+from hf_fixtures import WORDS, save_folder, write_word_tokenizer
 
 X = mx.array([[1, 5, 9, 33, 2, 70, 11, 12]])
 HAVE_TOKENIZER = importlib.util.find_spec("applelm.tokenizer") is not None
-WORDS = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, 97)}}
-
-
-def write_word_tokenizer(folder):
-    """A 97-word tokenizer.json (+ config with a chat template) that `tokenizers` and transformers both read."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    tok = Tokenizer(models.WordLevel(WORDS, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
-        "unk_token": "<unk>", "chat_template": "{% for m in messages %}{{ m['content'] }} {% endfor %}"}))
-
-
 def source(tmp_path, arch, **overrides):
     """A float32 tiny model saved as an HF folder with a tokenizer; returns (model, folder)."""
     model, config = build_tiny(arch, max_position_embeddings=128, **overrides)  # mlx-lm's Qwen3 needs the field

@@ -109,3 +109,26 @@ def test_cli_bad_window(capsys, tmp_path, flags, message):
     text.write_text("hello world")
     code, err = _cli(capsys, "--text", str(text), *flags)
     assert code == 2 and message in err and len(err.splitlines()) == 1
+
+
+def test_cli_on_a_model_folder(capsys, tmp_path):
+    """End to end: a tiny model folder with a tokenizer; the CLI's JSON equals the function's numbers."""
+    import json
+
+    from applelm import load
+    from applelm.perplexity import text_tokens
+    from hf_fixtures import save_folder, write_word_tokenizer
+
+    model, config = build_tiny("qwen2")
+    folder = save_folder(model, config, tmp_path / "m")
+    write_word_tokenizer(folder)
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(f"w{3 + (i * 7) % 90}" for i in range(60)))
+    code = main(["--model", str(folder), "--text", str(text), "--context", "16", "--stride", "5", "--json", "-q"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0 and out["tokens"] == 59 and (out["context"], out["stride"]) == (16, 5)
+    m, tok = load(folder)
+    ref = perplexity(m, text_tokens(tok, text.read_text()), 16, 5)
+    assert out["nll"] == pytest.approx(ref.nll, rel=1e-6) and out["perplexity"] == pytest.approx(ref.perplexity)
+    assert main(["--model", str(folder), "--text", str(text), "--max-tokens", "20", "-q"]) == 0
+    assert "tokens scored: 19" in capsys.readouterr().out
