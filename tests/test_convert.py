@@ -276,3 +276,17 @@ def test_gguf_k_quant_source(tmp_path, monkeypatch):
     ours, _, _ = load_model(out)
     ref = src_model(ids)
     assert float(mx.abs(ours(ids) - ref).max()) < 0.05 * float(mx.abs(ref).max())
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_float_dtype_of_the_output(tmp_path, dtype):
+    model, src = source(tmp_path, "llama")
+    out = tmp_path / dtype
+    convert(src, out, bits=4, group_size=64, dtype=dtype, progress=False)
+    stored = mx.load(str(out / "model.safetensors"))
+    assert stored["model.layers.0.self_attn.q_proj.scales"].dtype == getattr(mx, dtype)
+    assert stored["model.norm.weight"].dtype == getattr(mx, dtype)
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == dtype
+    theirs = mlx_lm_model(out)
+    ours, _, _ = load_model(out, dtype=dtype)
+    assert float(mx.abs(theirs(X) - ours(X)).max()) < 0.05 * float(mx.abs(model(X)).max())
