@@ -83,23 +83,7 @@ def _dense(module: nn.Module) -> nn.Module:
         return dense
     if hasattr(module, "to_dense"):  # the ops package's GGUF block layers
         return module.to_dense()
-    if hasattr(module, "ggml_type"):  # ops' GGUFLinear / GGUFEmbedding, until they grow to_dense()
-        return _gguf_dense(module)
     return module
-
-
-def _gguf_dense(module: nn.Module) -> nn.Module:
-    from .ops.reference import dequantize
-
-    if hasattr(module, "in_features"):  # GGUFLinear
-        dense = nn.Linear(module.in_features, module.out_features, bias="bias" in module)
-        dense.weight = dequantize(module["weight"], module.ggml_type, module.in_features)
-        if "bias" in module:
-            dense.bias = module.bias
-        return dense
-    dense = nn.Embedding(module.num_embeddings, module.dims)  # GGUFEmbedding
-    dense.weight = dequantize(module["weight"], module.ggml_type, module.dims).astype(module.dtype)
-    return dense
 
 
 def dequantize_model(model: nn.Module) -> nn.Module:
