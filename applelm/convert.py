@@ -170,19 +170,23 @@ def convert(src: Union[str, os.PathLike], out: Union[str, os.PathLike], *, bits:
 
 
 def _write_tokenizer(src: Path, out: Path, gguf, config: dict) -> list[str]:
+    """Copy a folder's tokenizer files, or write the GGUF's tokenizer; a missing tokenizer is only a warning
+    (the weights are still useful), but applelm.load and mlx_lm.load need one."""
     if gguf is None:
-        return copy_tokenizer_files(src if src.is_dir() else src.parent, out)
-    try:
+        written = copy_tokenizer_files(src if src.is_dir() else src.parent, out)
+        reason = "the source folder has no tokenizer files"
+    else:
         from .tokenizer import tokenizer_from_gguf
-    except ImportError:
-        print(f"{PROG}: warning: this build has no GGUF tokenizer; no tokenizer files written", file=sys.stderr)
-        return []
-    try:
-        tokenizer = tokenizer_from_gguf(gguf.metadata)
-    except UserError as e:
-        print(f"{PROG}: warning: no tokenizer written: {e}", file=sys.stderr)
-        return []
-    return write_tokenizer(tokenizer, out, config.get("max_position_embeddings"))
+
+        try:
+            written = write_tokenizer(tokenizer_from_gguf(gguf.metadata), out, config.get("max_position_embeddings"))
+            reason = "the tokenizer does not expose its tokenizers backend"
+        except UserError as e:
+            written, reason = [], str(e)
+    if "tokenizer.json" not in written:
+        print(f"{PROG}: warning: no tokenizer.json written ({reason}); add one before loading the folder",
+              file=sys.stderr)
+    return written
 
 
 def parse_size(text: str) -> int:

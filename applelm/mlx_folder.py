@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -73,11 +72,9 @@ def copy_tokenizer_files(src: Path, folder: Path) -> list[str]:
 def write_tokenizer(tokenizer, folder: Path, model_max_length: Optional[int] = None) -> list[str]:
     """tokenizer.json, tokenizer_config.json (with the chat template) and generation_config.json (every id
     that ends generation) from an applelm Tokenizer, e.g. one built from GGUF metadata. Needs the Tokenizer to
-    expose its `tokenizers.Tokenizer` as `.backend`; without it nothing is written and a note goes to stderr."""
+    expose its `tokenizers.Tokenizer` as `.backend`; without it nothing is written. Returns the files written."""
     backend = getattr(tokenizer, "backend", None)
     if backend is None or not hasattr(backend, "save"):
-        print(f"warning: {type(tokenizer).__name__} does not expose its tokenizers backend; "
-              "no tokenizer files written", file=sys.stderr)
         return []
     _with_special_tokens_processor(tokenizer, backend).save(str(folder / "tokenizer.json"))
     config = {
