@@ -35,6 +35,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--ignore-chat-template", action="store_true", help="use the prompt as raw text")
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="compute dtype (default: float32 on CPU)")
+    p.add_argument("--dequantize", action="store_true",
+                   help="hold quantized layers as dense weights: more memory, faster on CPU")
     p.add_argument("--prefill-step-size", type=positive_int, default=512)
     p.add_argument("--verbose", "-v", action="store_true", help="print the formatted prompt and more detail")
     return p
@@ -63,7 +65,7 @@ def _main(argv: Optional[list[str]]) -> int:
     if args.seed is not None:
         mx.random.seed(args.seed)
     start = time.perf_counter()
-    model, tokenizer = load(args.model, dtype=args.dtype)
+    model, tokenizer = load(args.model, dtype=args.dtype, dequantize=args.dequantize)
     load_s = time.perf_counter() - start
     text = format_prompt(tokenizer, prompt, args.system_prompt, args.ignore_chat_template)
     if args.verbose:
