@@ -32,7 +32,7 @@ CPU_BRIDGE_MAX_ROWS = 16
 # once and calling the (preloaded, fast) BLAS GEMM costs a fixed dequantization plus a cheap product.
 # Smallest row count from which the latter wins, per shape class, measured on the 2-core x86-64 dev machine
 # with MKL preloaded (benchmarks/results/cpu_affine_crossover.json):
-CPU_AFFINE_DEQUANT_MIN_ROWS = {"small": 4, "large": 16}
+CPU_AFFINE_DEQUANT_MIN_ROWS = {"small": 4, "large": 64}
 
 DECODE_MAX_ROWS = backends.MAX_DECODE_ROWS
 # Prefill scratch chunk on GPU: fp16 elements dequantized at once (128 Mi = 256 MiB).
