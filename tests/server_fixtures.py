@@ -1,0 +1,92 @@
+"""Shared pieces of the server tests: a tiny character tokenizer, a tiny model, and a live server.
+
+The fake tokenizer has the API of `applelm.tokenizer.Tokenizer` that the server uses, over the tiny
+models' 97-token vocabulary: id 1 is BOS, id 2 is EOS, ids 3..96 are the characters ' '..'}'.
+"""
+
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+
+from applelm.batch_engine import BatchEngine
+from conftest import build_tiny
+
+BOS, EOS, FIRST = 1, 2, 3
+
+
+class CharDetokenizer:
+    def __init__(self, tok):
+        self.tok = tok
+
+    def add_token(self, token_id: int) -> str:
+        return self.tok.decode([token_id])
+
+    def finalize(self) -> str:
+        return ""
+
+
+class FakeTokenizer:
+    """Characters ' '..'}' are ids 3..96; other characters become '?'."""
+
+    vocab_size = 97
+    bos_token = "<s>"
+    eos_token_ids = {EOS}
+
+    def __init__(self, chat_template: str | None = "simple"):
+        self.chat_template = chat_template
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = [BOS] if add_special_tokens else []
+        if text.startswith(self.bos_token):
+            text = text[len(self.bos_token):]
+            ids = [BOS]
+        for ch in text:
+            code = ord(ch)
+            ids.append(code - 32 + FIRST if 32 <= code < 32 + 94 else ord("?") - 32 + FIRST)
+        return ids
+
+    def decode(self, ids) -> str:
+        return "".join(chr(i - FIRST + 32) for i in ids if i >= FIRST)
+
+    def detokenizer(self):
+        return CharDetokenizer(self)
+
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> str:
+        if self.chat_template is None:
+            raise ValueError("no chat template")
+        text = "<s>" + "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+        return text + ("assistant:" if add_generation_prompt else "")
+
+
+def tiny_engine(arch: str = "llama", chat_template: str | None = "simple", **kwargs) -> BatchEngine:
+    """A started engine over a tiny random model of `arch` with the fake tokenizer."""
+    kwargs.setdefault("context_length", 256)
+    # Built in the worker thread, as the server's loader does: MLX streams are per thread, and a lazy
+    # array made on another thread (e.g. RoPE frequencies) could not be evaluated there.
+    return BatchEngine(lambda: (build_tiny(arch)[0], FakeTokenizer(chat_template)), **kwargs).start()
+
+
+@contextmanager
+def running(engine: BatchEngine):
+    try:
+        assert engine.loaded.wait(30)
+        yield engine
+    finally:
+        engine.stop()
+
+
+class GatedModel:
+    """Wraps a model so each forward pass waits for `gate` (tests hold the worker busy with it)."""
+
+    def __init__(self, model):
+        self.model = model
+        self.layers = model.layers
+        self.args = getattr(model, "args", None)
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+
+    def __call__(self, *args, **kwargs):
+        self.entered.set()
+        self.gate.wait(30)
+        return self.model(*args, **kwargs)
