@@ -133,11 +133,16 @@ class TextStream:
         return out
 
 
+def prompt_token_ids(tokenizer, text: str) -> list[int]:
+    """Token ids for prompt text; text that already starts with BOS (e.g. from a chat template) gets no second."""
+    add_special = tokenizer.bos_token is None or not text.startswith(tokenizer.bos_token)
+    return tokenizer.encode(text, add_special_tokens=add_special)
+
+
 def encode_prompt(tokenizer, prompt: Union[str, Sequence[int], mx.array]) -> mx.array:
-    """Token ids for a prompt; text that already starts with BOS (e.g. from a chat template) gets no second."""
+    """Token ids for a prompt (see `prompt_token_ids`), as an array."""
     if isinstance(prompt, str):
-        add_special = tokenizer.bos_token is None or not prompt.startswith(tokenizer.bos_token)
-        prompt = tokenizer.encode(prompt, add_special_tokens=add_special)
+        prompt = prompt_token_ids(tokenizer, prompt)
     return prompt if isinstance(prompt, mx.array) else mx.array(list(prompt), dtype=mx.int32)
 
 

@@ -90,3 +90,37 @@ class GatedModel:
         self.entered.set()
         self.gate.wait(30)
         return self.model(*args, **kwargs)
+
+
+@contextmanager
+def live_server(engine: BatchEngine, wait: bool = True, **app_kwargs):
+    """Serve `engine` over HTTP on a free loopback port in this process; yields (base url, app)."""
+    from applelm.server import App, make_server, server_url
+
+    if wait:
+        assert engine.loaded.wait(30)
+    app_kwargs.setdefault("max_tokens_limit", 256)
+    app = App(engine, app_kwargs.pop("model_id", "tiny"), **app_kwargs)
+    server = make_server(app, "127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server_url(server), app
+    finally:
+        server.shutdown()
+        server.server_close()
+        engine.stop()
+
+
+class SlowModel:
+    """Wraps a model so every forward pass takes at least `delay` seconds (long-running generations)."""
+
+    def __init__(self, model, delay: float = 0.005):
+        self.model, self.delay = model, delay
+        self.layers = model.layers
+        self.args = getattr(model, "args", None)
+
+    def __call__(self, *args, **kwargs):
+        import time
+        time.sleep(self.delay)
+        return self.model(*args, **kwargs)
