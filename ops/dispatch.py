@@ -1,0 +1,111 @@
+"""One entry point per op that picks the implementation for the current device and problem shape.
+
+Metal GPU -> the Metal form of our kernels, CUDA GPU -> the CUDA form, CPU -> the plain-MLX reference
+path (or the CPU bridge to mx.quantized_matmul where it was measured faster). Model code never sees
+this choice: it calls GGUFLinear / GGUFEmbedding / AffineQuantizedLinear, which call these.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from . import backends, cpu_bridge, reference
+
+# --- tables: every entry comes from a benchmark run, never a guess ----------------------------------
+# Affine decode: {(bits, group_size, shape class, rows class): "ours" | "mlx"}. No GPU figure exists yet
+# (this code was written without a GPU; see benchmarks/qmatmul_bench.py), so the table is empty and every
+# case uses mx.quantized_matmul. Fill it from the bench's "dispatch_suggestions" output on the GPU.
+AFFINE_TABLE: dict[tuple[int, int, str, str], str] = {}
+
+# GGUF on GPU: {(ggml_type, shape class, rows class): "matvec" | "dequant" | "tiled"}. Empty for the same
+# reason. Without an entry, decode (<= 16 rows) uses our matvec (the alternative re-materializes the whole
+# weight in fp16 every token) and prefill dequantizes into an fp16 scratch and calls mx.matmul.
+GGUF_GPU_TABLE: dict[tuple[str, str, str], str] = {}
+
+# GGUF on CPU, measured on the 2-core x86-64 dev machine (MLX 0.32.4, benchmarks/results/
+# qmatmul_bench_cpu-small_linux-x86_64-2core.json, noisy +-30%): the bridge beats dequantize-then-matmul
+# by 1.3-3x at 1 row (262144x640 Q8_0 head: 262 vs 386 ms), is about even at 4-16 rows, and at 64 rows all
+# paths are bound by MLX's CPU GEMM. Largest activation row count that takes the bridge:
+CPU_BRIDGE_MAX_ROWS = 16
+
+DECODE_MAX_ROWS = backends.MAX_DECODE_ROWS
+# Prefill scratch chunk on GPU: fp16 elements dequantized at once (128 Mi = 256 MiB).
+GPU_SCRATCH_ELEMENTS = 1 << 27
+
+
+def backend() -> str:
+    """'metal', 'cuda' or 'cpu' for the default device."""
+    if mx.default_device().type == mx.DeviceType.gpu:
+        if mx.metal.is_available():
+            return "metal"
+        if mx.cuda.is_available():
+            return "cuda"
+    return "cpu"
+
+
+def shape_class(n: int, k: int) -> str:
+    """'small' (< 16 Mi weights: per-launch overhead dominates) or 'large'."""
+    return "small" if n * k < (1 << 24) else "large"
+
+
+def rows_class(m: int) -> str:
+    return "1" if m == 1 else "2-4" if m <= 4 else "5-16" if m <= 16 else "17+"
+
+
+def _kernel_ok(x2: mx.array, *arrays: mx.array) -> bool:
+    # Metal binds inputs under 8 elements in `constant` space, which our helpers don't take; tiny
+    # matrices are not worth a custom launch anyway.
+    return all(a.size >= 8 for a in (x2, *arrays)) and x2.dtype in (mx.float32, mx.float16, mx.bfloat16)
+
+
+def gguf_matmul(x: mx.array, packed: mx.array, ggml_type: str, n_cols: int) -> mx.array:
+    """x (..., n_cols) @ W.T for packed GGUF rows W (N, row_bytes) -> (..., N), in x's dtype."""
+    reference.ggml_type_info(ggml_type)
+    lead, n = x.shape[:-1], packed.shape[0]
+    x2 = x.reshape(-1, n_cols)
+    m = x2.shape[0]
+    be = backend()
+    if be == "cpu" or not _kernel_ok(x2, packed):
+        if m <= CPU_BRIDGE_MAX_ROWS and ggml_type in cpu_bridge.BRIDGEABLE:
+            return cpu_bridge.bridge_matmul(x, packed, ggml_type, n_cols)
+        return reference.gguf_matmul(x, packed, ggml_type, n_cols)
+    default = "matvec" if m <= DECODE_MAX_ROWS else "dequant"
+    how = GGUF_GPU_TABLE.get((ggml_type, shape_class(n, n_cols), rows_class(m)), default)
+    if how == "matvec" and m <= DECODE_MAX_ROWS:
+        out = backends.gguf_matvec(be, x2, packed, ggml_type, n_cols)
+    elif how == "tiled":
+        out = backends.gguf_tiled(be, x2, packed, ggml_type, n_cols)
+    else:
+        step = max(1, GPU_SCRATCH_ELEMENTS // n_cols)
+        dt = x2.dtype if x2.dtype != mx.float32 else mx.float16
+        outs = [x2 @ backends.gguf_dequant(be, packed[r : r + step], ggml_type, n_cols, dt).T.astype(x2.dtype)
+                for r in range(0, n, step)]
+        out = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=-1)
+    return out.reshape(*lead, n)
+
+
+def gguf_embedding(ids: mx.array, packed: mx.array, ggml_type: str, n_cols: int,
+                   dtype: mx.Dtype = mx.float32) -> mx.array:
+    """Rows `ids` of a packed table, dequantized to `dtype`; only the gathered rows are decoded."""
+    reference.ggml_type_info(ggml_type)
+    be = backend()
+    rows = mx.take(packed, ids.reshape(-1), axis=0)
+    if be == "cpu" or rows.size < 8 or dtype not in (mx.float32, mx.float16, mx.bfloat16):
+        return reference.gguf_embedding(ids, packed, ggml_type, n_cols, dtype)
+    out = backends.gguf_dequant(be, rows, ggml_type, n_cols, dtype)
+    return out.reshape(*ids.shape, n_cols)
+
+
+def affine_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, bits: int,
+                  group_size: int) -> mx.array:
+    """x @ W.T for MLX affine-quantized W; our decode kernel where the table says so, else MLX's."""
+    lead, n = x.shape[:-1], w.shape[0]
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    be = backend()
+    key = (bits, group_size, shape_class(n, k), rows_class(m))
+    if (be != "cpu" and m <= DECODE_MAX_ROWS and bits in (4, 8) and group_size in (32, 64, 128)
+            and AFFINE_TABLE.get(key) == "ours" and _kernel_ok(x2, w, scales, biases)):
+        return backends.affine_matvec(be, x2, w, scales, biases, bits, group_size).reshape(*lead, n)
+    return mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size, bits=bits)
