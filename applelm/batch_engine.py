@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import queue
 import secrets
 import threading
@@ -28,6 +29,21 @@ from .sample import greedy, make_sampler
 log = logging.getLogger("applelm.server")
 
 DEFAULT_CONTEXT = 4096  # for models whose config does not say
+
+
+def _wait_native_exit(thread: threading.Thread, timeout: float = 2.0) -> None:
+    """Wait until the OS thread behind a joined thread is gone. MLX keeps a thread-local compile cache
+    whose destructor (run after Python's join returns) takes the GIL; if the interpreter is finalizing
+    by then, the process aborts ("terminate called without an active exception")."""
+    if thread.is_alive() or thread.native_id is None:
+        return
+    task = f"/proc/self/task/{thread.native_id}"
+    if not os.path.isdir("/proc/self/task"):
+        time.sleep(0.05)  # no /proc (macOS): a short grace period
+        return
+    deadline = time.monotonic() + timeout
+    while os.path.exists(task) and time.monotonic() < deadline:
+        time.sleep(0.001)
 
 
 class QueueFull(Exception):
@@ -190,6 +206,7 @@ class BatchEngine:
             self._cond.notify()
         if self._thread is not None:
             self._thread.join(timeout)
+            _wait_native_exit(self._thread)
 
     # ---- worker thread ----
     def _run(self) -> None:

@@ -295,13 +295,18 @@ class Handler(BaseHTTPRequestHandler):
 
     def _events(self, req: Request):
         """The request's events as they come, in batches; raises ClientGone if the client hangs up."""
+        checked = time.monotonic()
         while True:
             try:
                 first = req.events.get(timeout=POLL_S)
             except queue.Empty:
+                first = None
+            if first is None or time.monotonic() - checked >= POLL_S:  # also while tokens keep coming
+                checked = time.monotonic()
                 if self._client_gone():
-                    raise ClientGone() from None
-                continue
+                    raise ClientGone()
+                if first is None:
+                    continue
             batch = [first]
             while batch[-1].finish_reason is None:
                 try:
@@ -381,16 +386,23 @@ def _reject_constant(name: str):
 
 # ---- servers ----
 
-class TCPServer(ThreadingHTTPServer):
+class _Quiet:
+    """A client that vanishes between requests is normal; anything else is logged, not printed."""
+
     daemon_threads = True
     request_queue_size = 128  # many clients may connect at once
 
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            log.exception("error on a connection")
 
-class UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+
+class TCPServer(_Quiet, ThreadingHTTPServer):
+    pass
+
+
+class UnixServer(_Quiet, socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     """HTTP over a Unix domain socket, readable and writable by this user only."""
-
-    daemon_threads = True
-    request_queue_size = 128
 
     def server_bind(self) -> None:
         path = self.server_address
