@@ -404,6 +404,8 @@ class TCPServer(_Quiet, ThreadingHTTPServer):
 class UnixServer(_Quiet, socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     """HTTP over a Unix domain socket, readable and writable by this user only."""
 
+    _bound = False  # only a socket file this server made is removed on close
+
     def server_bind(self) -> None:
         path = self.server_address
         _clear_stale_socket(path)
@@ -412,14 +414,17 @@ class UnixServer(_Quiet, socketserver.ThreadingMixIn, socketserver.UnixStreamSer
             super().server_bind()
         finally:
             os.umask(old)
+        self._bound = True
         os.chmod(path, 0o600)
 
     def server_close(self) -> None:
         super().server_close()
-        try:
-            os.unlink(self.server_address)
-        except OSError:
-            pass
+        if self._bound:
+            self._bound = False
+            try:
+                os.unlink(self.server_address)
+            except OSError:
+                pass
 
 
 def _clear_stale_socket(path: str) -> None:

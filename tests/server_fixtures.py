@@ -124,3 +124,64 @@ class SlowModel:
         import time
         time.sleep(self.delay)
         return self.model(*args, **kwargs)
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def write_tiny_gguf(path) -> "Path":
+    """A 2-layer random Llama GGUF with a byte-level BPE vocab and a ChatML template (loads in ~1 s)."""
+    from pathlib import Path
+
+    from gguf_fixtures import write_tiny_llama_gguf
+
+    path = Path(path)
+    write_tiny_llama_gguf(path, chat_template=CHATML)
+    return path
+
+
+class ServerProcess:
+    """`python -m applelm.server ARGS` in a subprocess, waited on until it says it is ready."""
+
+    def __init__(self, args: list[str], timeout: float = 120, env: dict | None = None):
+        import os
+        import subprocess
+        import sys
+
+        self.proc = subprocess.Popen([sys.executable, "-m", "applelm.server", *args], stderr=subprocess.PIPE,
+                                     stdout=subprocess.DEVNULL, text=True, env={**os.environ, **(env or {})})
+        self.lines: list[str] = []
+        self.url = None
+        import time
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = self.proc.stderr.readline()
+            if not line:
+                break
+            self.lines.append(line.rstrip("\n"))
+            if ": ready: serving " in line:
+                self.url = line.rsplit(" on ", 1)[1].strip()
+                break
+        if self.url is None:
+            self.stop()
+            raise AssertionError("server did not start:\n" + "\n".join(self.lines))
+        # keep draining stderr so the server never blocks on a full pipe
+        threading.Thread(target=lambda: [self.lines.append(x.rstrip("\n")) for x in self.proc.stderr],
+                         daemon=True).start()
+
+    def stop(self, sig=None) -> int:
+        import signal
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig or signal.SIGTERM)
+        try:
+            return self.proc.wait(30)
+        except Exception:
+            self.proc.kill()
+            return self.proc.wait(10)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
