@@ -86,14 +86,14 @@ def _integer(body: dict, name: str, lo: int, hi: int) -> Optional[int]:
     return v
 
 
-def _number(body: dict, name: str, lo: float, hi: float, default: float) -> float:
+def _number(body: dict, name: str, lo: float, hi: float, default: float, hi_open: bool = False) -> float:
     v = body.get(name)
     if v is None:
         return default
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise invalid(f"'{name}' must be a number, not {_type_name(v)}", name, "invalid_type")
-    if not (math.isfinite(v) and lo <= v <= hi):
-        raise invalid(f"'{name}' must be between {lo} and {hi}, got {v}", name)
+    if not (math.isfinite(v) and lo <= v and (v < hi if hi_open else v <= hi)):
+        raise invalid(f"'{name}' must be in [{lo}, {hi}{')' if hi_open else ']'}, got {v}", name)
     return float(v)
 
 
@@ -145,12 +145,12 @@ def _common(body: dict, model_ids: Sequence[str], max_tokens_field: str) -> dict
     model = _model(body, model_ids)
     temperature = _number(body, "temperature", 0.0, 2.0, 1.0)
     top_p = _number(body, "top_p", 0.0, 1.0, 1.0)
-    min_p = _number(body, "min_p", 0.0, 0.999999, 0.0)
+    min_p = _number(body, "min_p", 0.0, 1.0, 0.0, hi_open=True)
     top_k = _integer(body, "top_k", 0, 1 << 31) or 0
     seed = _integer(body, "seed", -INT64, 2**64 - 1)
-    max_tokens = _integer(body, max_tokens_field, 1, 1 << 31)
-    if max_tokens is None:
-        max_tokens = _integer(body, "max_tokens", 1, 1 << 31)
+    # chat's max_completion_tokens wins over its deprecated max_tokens; both must be valid
+    budgets = {name: _integer(body, name, 1, 1 << 31) for name in dict.fromkeys([max_tokens_field, "max_tokens"])}
+    budgets = {name: v for name, v in budgets.items() if v is not None}
     stream = _boolean(body, "stream")
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
@@ -167,7 +167,7 @@ def _common(body: dict, model_ids: Sequence[str], max_tokens_field: str) -> dict
     _unsupported(body, "functions", lambda v: v == [])
     _unsupported(body, "response_format", lambda v: isinstance(v, dict) and v.get("type") == "text")
     _unsupported(body, "user", lambda v: isinstance(v, str))
-    return dict(model=model, max_tokens=max_tokens, stop=_stop(body), stream=stream, include_usage=include_usage,
+    return dict(model=model, max_tokens=budgets, stop=_stop(body), stream=stream, include_usage=include_usage,
                 ignore_eos=_boolean(body, "ignore_eos"),
                 sampling=SamplingParams(temperature, top_p, top_k, min_p, seed))
 
@@ -180,14 +180,16 @@ def _finish(prompt: list[int], settings: dict, limits: Limits) -> GenerationPara
     if room < 1:
         raise invalid(f"this model's maximum context length is {limits.context_length} tokens, and the prompt "
                       f"holds {n}", None, "context_length_exceeded")
-    asked = settings.pop("max_tokens")
+    budgets: dict = settings.pop("max_tokens")
+    for name, v in budgets.items():
+        if v > limits.max_tokens:
+            raise invalid(f"'{name}' may be at most {limits.max_tokens} on this server, got {v}", name)
+    name, asked = next(iter(budgets.items()), ("max_tokens", None))
     if asked is None:
         asked = min(limits.max_tokens, room)
-    elif asked > limits.max_tokens:
-        raise invalid(f"'max_tokens' may be at most {limits.max_tokens} on this server, got {asked}", "max_tokens")
     elif asked > room:
         raise invalid(f"this model's maximum context length is {limits.context_length} tokens; the prompt holds "
-                      f"{n} and {asked} more were requested", "max_tokens", "context_length_exceeded")
+                      f"{n} and {asked} more were requested", name, "context_length_exceeded")
     return GenerationParams(prompt=prompt, max_tokens=asked, **settings)
 
 
@@ -195,9 +197,7 @@ def _message_text(message: dict, i: int) -> str:
     content = message.get("content")
     if isinstance(content, str):
         return content
-    if content is None:
-        if message["role"] == "assistant":
-            return ""
+    if content is None:  # OpenAI allows it only beside tool_calls, which this server does not take
         raise invalid(f"messages[{i}].content is required", f"messages[{i}].content")
     if isinstance(content, list):
         parts = []
@@ -227,6 +227,8 @@ def chat_messages(body: dict) -> list[dict]:
         if role not in ROLES:
             raise invalid(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {role!r}",
                           f"messages[{i}].role")
+        if m.get("name") is not None and not isinstance(m["name"], str):
+            raise invalid(f"messages[{i}].name must be a string", f"messages[{i}].name", "invalid_type")
         if m.get("tool_calls"):
             raise invalid("tool calls are not supported by this server", f"messages[{i}].tool_calls",
                           "unsupported_parameter")

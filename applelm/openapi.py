@@ -25,7 +25,7 @@ def build_openapi(model_ids: list[str], max_tokens: int, vocab_size: Optional[in
     """The document for a server serving `model_ids` (the first is the served id)."""
     int_max = 2**31
     sampling = {
-        "model": {"type": "string", "enum": list(model_ids),
+        "model": {"type": "string", "enum": [*model_ids, None], "nullable": True,
                   "description": "The served model id (or \"default\"); defaults to the served model."},
         "max_tokens": _nullable({"type": "integer", "minimum": 1, "maximum": max_tokens}),
         "temperature": _nullable({"type": "number", "minimum": 0, "maximum": 2, "default": 1}),
@@ -52,7 +52,7 @@ def build_openapi(model_ids: list[str], max_tokens: int, vocab_size: Optional[in
     message = {"type": "object", "required": ["role", "content"], "properties": {
         "role": {"type": "string", "enum": list(ROLES)},
         "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": text_part}]},
-        "name": {"type": "string"}}}
+        "name": _nullable({"type": "string"})}}
     token_ids = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0,
                                                            **({"maximum": vocab_size - 1} if vocab_size else {})}}
     chat_request = {"type": "object", "required": ["messages"], "properties": {
@@ -60,7 +60,10 @@ def build_openapi(model_ids: list[str], max_tokens: int, vocab_size: Optional[in
         "max_completion_tokens": _nullable({"type": "integer", "minimum": 1, "maximum": max_tokens}),
         **sampling}}
     completion_request = {"type": "object", "required": ["prompt"], "properties": {
-        "prompt": {"oneOf": [{"type": "string", "minLength": 1}, token_ids]}, **sampling}}
+        "prompt": {"oneOf": [  # one prompt: text or token ids, either also wrapped in a 1-item array
+            {"type": "string", "minLength": 1}, token_ids,
+            {"type": "array", "minItems": 1, "maxItems": 1, "items": {"type": "string", "minLength": 1}},
+            {"type": "array", "minItems": 1, "maxItems": 1, "items": token_ids}]}, **sampling}}
     usage = {"type": "object", "required": ["prompt_tokens", "completion_tokens", "total_tokens"], "properties": {
         k: {"type": "integer", "minimum": 0} for k in ("prompt_tokens", "completion_tokens", "total_tokens")}}
     finish = {"type": "string", "enum": ["stop", "length"]}
@@ -87,8 +90,20 @@ def build_openapi(model_ids: list[str], max_tokens: int, vocab_size: Optional[in
         "type": "object", "required": ["message", "type"], "properties": {
             "message": {"type": "string"}, "type": {"type": "string"},
             "param": _nullable({"type": "string"}), "code": _nullable({"type": "string"})}}}}
-    sse = {"text/event-stream": {"schema": {"type": "string", "description":
-           "Server-sent events: `data: <chunk JSON>` lines, then `data: [DONE]`."}}}
+    chunk = {"type": "object", "required": ["id", "object", "created", "model", "choices"], "properties": {
+        "id": {"type": "string"}, "object": {"type": "string", "enum": ["chat.completion.chunk", "text_completion"]},
+        "created": {"type": "integer"}, "model": {"type": "string"}, "choices": {"type": "array", "maxItems": 1},
+        "usage": {"$ref": "#/components/schemas/Usage"}}}
+    # One server-sent event (OpenAPI 3.0 reads an event-stream schema per event): a chunk, an error, or
+    # the closing "[DONE]".
+    sse = {"text/event-stream": {"schema": {
+        "type": "object", "required": ["data"],
+        "description": "Server-sent events: `data: <chunk JSON>` lines, then `data: [DONE]`.",
+        "properties": {"data": {"anyOf": [
+            {"type": "string", "enum": ["[DONE]"]},
+            {"type": "string", "contentMediaType": "application/json",
+             "contentSchema": {"anyOf": [{"$ref": "#/components/schemas/StreamChunk"},
+                                         {"$ref": "#/components/schemas/Error"}]}}]}}}}}
 
     def generation(summary: str, request: str, response: str, errors: tuple) -> dict:
         return {"post": {
@@ -130,7 +145,8 @@ def build_openapi(model_ids: list[str], max_tokens: int, vocab_size: Optional[in
         },
         "components": {"schemas": {
             "ChatCompletionRequest": chat_request, "CompletionRequest": completion_request,
-            "ChatCompletion": chat_completion, "TextCompletion": text_completion, "Usage": usage,
+            "ChatCompletion": chat_completion, "TextCompletion": text_completion, "StreamChunk": chunk,
+            "Usage": usage,
             "Model": model, "ModelList": {"type": "object", "required": ["object", "data"], "properties": {
                 "object": {"type": "string", "enum": ["list"]}, "data": {"type": "array", "items": model}}},
             "Health": {"type": "object", "required": ["status"], "properties": {

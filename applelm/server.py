@@ -94,13 +94,9 @@ class Handler(BaseHTTPRequestHandler):
 
     def send_error(self, code, message=None, explain=None):
         """The base class's own errors (bad request line, unknown method, ...) as JSON too."""
-        if code == 501 and getattr(self, "path", None):  # a method no route has
+        if code == 501 and getattr(self, "path", None):  # a method no do_* exists for: 405 or 404
             self.close_connection = True
-            try:
-                self._route_or_raise()
-                code, message = 405, f"method {self.command} is not allowed here"
-            except ApiError as e:
-                code, message = e.status, e.message
+            return self._dispatch()
         self.close_connection = True
         self._send_json(code, ApiError(code, message or self.responses.get(code, ("error",))[0]).body())
 

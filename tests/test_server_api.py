@@ -127,4 +127,4 @@ def test_health_and_openapi(server):
     assert health["status"] == "ok" and health["model"] == "tiny"
     doc = json.load(urllib.request.urlopen(url + "/openapi.json"))
     assert doc["openapi"].startswith("3.") and "/v1/chat/completions" in doc["paths"]
-    assert doc["components"]["schemas"]["CompletionRequest"]["properties"]["model"]["enum"] == ["tiny", "default"]
+    assert doc["components"]["schemas"]["CompletionRequest"]["properties"]["model"]["enum"] == ["tiny", "default", None]
