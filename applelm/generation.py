@@ -29,18 +29,19 @@ class GenerationResponse:
 
 def prefill(model: nn.Module, tokens: mx.array, cache: list, step: int = 512,
             progress: Optional[Callable[[int, int], None]] = None) -> mx.array:
-    """Run all but the last `step`-sized chunk of a (B, L) prompt through the model, filling `cache`.
-    Returns the tokens still to process (at least one per row)."""
-    total = tokens.shape[1]
+    """Run all but the last token of a (B, L) prompt through the model in chunks of `step`, filling
+    `cache`; returns the last token (B, 1), whose logits start generation. Only the cache is evaluated, so
+    no output-head work is spent on prompt positions."""
+    total = tokens.shape[1] - 1
     done = 0
-    while tokens.shape[1] > step:
-        model(tokens[:, :step], cache=cache)
+    while done < total:
+        n = min(step, total - done)
+        model(tokens[:, done : done + n], cache=cache)
         mx.eval([c.state for c in cache])
-        tokens = tokens[:, step:]
-        done += step
+        done += n
         if progress:
             progress(done, total)
-    return tokens
+    return tokens[:, total:]
 
 
 def generate_step(

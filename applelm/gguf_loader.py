@@ -170,5 +170,5 @@ def load_gguf(gguf: GGUFFile, config: dict[str, Any]) -> tuple[dict[str, mx.arra
             specs[path] = {"mode": "affine", "bits": 8 if type_name == "Q8_0" else 4, "group_size": 32}
         else:
             weights[hf] = mx.array(np.ascontiguousarray(raw))
-            specs[path] = {"mode": "gguf", "ggml_type": type_name, "tensor": name}
+            specs[path] = {"mode": "gguf", "ggml_type": type_name, "name": name}
     return weights, specs

@@ -20,6 +20,7 @@ from .gguf_file import GGUFFile
 from .gguf_loader import gguf_config, load_gguf
 from .hub import looks_like_repo_id, resolve_repo
 from .models import get_architecture
+from .ops import GGUFEmbedding
 from .quant import dequantize_model, specs_from_mlx_config, swap_quantized
 from .safetensors_io import load_safetensors
 
@@ -112,6 +113,9 @@ def load_model(path: Path, dtype: Optional[str] = None, lazy: bool = False,
     swap_quantized(model, {p: s for p, s in specs.items() if f"{p}.weight" in weights})
     dtype_ = _compute_dtype(dtype, weights)
     weights = {k: v.astype(dtype_) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
+    for _, module in model.named_modules():
+        if isinstance(module, GGUFEmbedding):  # packed tables have no float parameter to carry the dtype
+            module.dtype = dtype_
     try:
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as e:

@@ -15,20 +15,10 @@ from .errors import UnsupportedError
 
 
 def make_quantized_module(module: nn.Module, spec: dict) -> nn.Module:
-    """The quantized replacement for one Linear or Embedding."""
-    mode = spec.get("mode", "affine")
-    if mode == "gguf":
-        try:
-            from .ops import make_quantized_module as make_gguf  # the ops package owns GGUF block formats
-        except ImportError:
-            raise UnsupportedError(
-                f"GGUF tensor {spec.get('tensor', '?')} has type {spec['ggml_type']}, which this build cannot "
-                "hold (supported: F32, F16, BF16, Q4_0, Q4_1, Q8_0)"
-            ) from None
-        return make_gguf(module, spec)
-    if not hasattr(module, "to_quantized"):
-        raise UnsupportedError(f"{type(module).__name__} cannot be quantized")
-    return module.to_quantized(group_size=spec.get("group_size"), bits=spec.get("bits"), mode=mode)
+    """The quantized replacement for one Linear or Embedding (the ops package owns every format)."""
+    from .ops import make_quantized_module as make
+
+    return make(module, spec)
 
 
 def swap_quantized(model: nn.Module, specs: dict[str, dict]) -> None:

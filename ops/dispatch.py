@@ -28,6 +28,12 @@ GGUF_GPU_TABLE: dict[tuple[str, str, str], str] = {}
 # paths are bound by MLX's CPU GEMM. Largest activation row count that takes the bridge:
 CPU_BRIDGE_MAX_ROWS = 16
 
+# Affine on CPU: MLX's quantized matmul costs time in proportion to the activation rows, while dequantizing
+# once and calling the (preloaded, fast) BLAS GEMM costs a fixed dequantization plus a cheap product.
+# Smallest row count from which the latter wins, per shape class, measured on the 2-core x86-64 dev machine
+# with MKL preloaded (benchmarks/results/cpu_affine_crossover.json):
+CPU_AFFINE_DEQUANT_MIN_ROWS = {"small": 4, "large": 16}
+
 DECODE_MAX_ROWS = backends.MAX_DECODE_ROWS
 # Prefill scratch chunk on GPU: fp16 elements dequantized at once (128 Mi = 256 MiB).
 GPU_SCRATCH_ELEMENTS = 1 << 27
@@ -104,6 +110,8 @@ def affine_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, 
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
     be = backend()
+    if be == "cpu" and m >= CPU_AFFINE_DEQUANT_MIN_ROWS[shape_class(n, k)]:
+        return x @ mx.dequantize(w, scales, biases, group_size, bits).T.astype(x.dtype)
     key = (bits, group_size, shape_class(n, k), rows_class(m))
     if (be != "cpu" and m <= DECODE_MAX_ROWS and bits in (4, 8) and group_size in (32, 64, 128)
             and AFFINE_TABLE.get(key) == "ours" and _kernel_ok(x2, w, scales, biases)):

@@ -11,7 +11,7 @@ import mlx.nn as nn
 
 from ..errors import UnsupportedError
 from . import dispatch
-from .reference import ggml_type_info
+from .reference import dequantize, ggml_type_info
 
 
 def _row_bytes(ggml_type: str, n_cols: int, where: str) -> int:
@@ -53,6 +53,14 @@ class GGUFLinear(nn.Module):
             layer.bias = linear.bias
         return layer
 
+    def to_dense(self, dtype: mx.Dtype = mx.float32) -> nn.Linear:
+        """An nn.Linear holding the dequantized weight (for backends where dense is faster)."""
+        dense = nn.Linear(self.in_features, self.out_features, bias="bias" in self)
+        dense.weight = dequantize(self["weight"], self.ggml_type, self.in_features).astype(dtype)
+        if "bias" in self:
+            dense.bias = self["bias"]
+        return dense
+
     def _extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, ggml_type={self.ggml_type}, bias={'bias' in self}"
 
@@ -81,6 +89,12 @@ class GGUFEmbedding(nn.Module):
     def from_embedding(cls, embedding: nn.Embedding, ggml_type: str, name: str = "") -> "GGUFEmbedding":
         num, dims = embedding.weight.shape
         return cls(num, dims, ggml_type, name=name)
+
+    def to_dense(self) -> nn.Embedding:
+        """An nn.Embedding holding the dequantized table, in this layer's output dtype."""
+        dense = nn.Embedding(self.num_embeddings, self.dims)
+        dense.weight = dequantize(self["weight"], self.ggml_type, self.dims).astype(self.dtype)
+        return dense
 
     def _extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.dims}, ggml_type={self.ggml_type}"
