@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import sys
 import time
+import types
 from typing import Optional
 
 import mlx.core as mx
 
 from .cli_common import ArgumentParser, float_in, non_negative_int, positive_int, run_main
 from .errors import UserError
-from .generation import stream_generate
+from .generation import generate, stream_generate
 from .loader import DTYPES, load
 from .sample import make_logits_processors, make_sampler
 
@@ -82,6 +83,17 @@ def _main(argv: Optional[list[str]]) -> int:
 
 def main(argv: Optional[list[str]] = None) -> int:
     return run_main(PROG, lambda: _main(argv))
+
+
+class _CallableModule(types.ModuleType):
+    """Importing this CLI module rebinds `applelm.generate` to it; calling it still means the API's
+    `generate(model, tokenizer, prompt, ...)`, so both spellings keep working."""
+
+    def __call__(self, *args, **kwargs):
+        return generate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 
 if __name__ == "__main__":

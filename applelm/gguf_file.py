@@ -28,6 +28,7 @@ _SCALARS = {
     10: ("<Q", np.uint64), 11: ("<q", np.int64), 12: ("<d", np.float64),
 }
 _STRING, _ARRAY = 8, 9
+_U64 = struct.Struct("<Q")
 
 
 @dataclass
@@ -68,6 +69,23 @@ class _Cursor:
         n = self.scalar("<Q", what)
         return bytes(self.take(n, what)).decode("utf-8", errors="replace")
 
+    def _strings(self, count: int, what: str) -> list[str]:
+        # One tight loop: vocabularies hold 100k-260k strings, read at every load.
+        buf, pos, end, out = self.buf, self.pos, self.size, []
+        unpack = _U64.unpack_from
+        for _ in range(count):
+            if pos + 8 > end:
+                break
+            (n,) = unpack(buf, pos)
+            if pos + 8 + n > end:
+                break
+            out.append(buf[pos + 8 : pos + 8 + n].decode("utf-8", errors="replace"))
+            pos += 8 + n
+        self.pos = pos
+        if len(out) != count:
+            self.take(end + 1, what)  # raises the truncation error
+        return out
+
     def value(self, vtype: int, what: str) -> Any:
         if vtype in _SCALARS:
             return self.scalar(_SCALARS[vtype][0], what)
@@ -83,7 +101,7 @@ class _Cursor:
                 raw = self.take(count * dtype.itemsize, what)
                 return np.frombuffer(raw, dtype=dtype.newbyteorder("<")).copy()
             if etype == _STRING:
-                return [self.string(what) for _ in range(count)]
+                return self._strings(count, what)
             if etype == _ARRAY:
                 return [self.value(_ARRAY, what) for _ in range(count)]
             raise ModelFormatError(f"{self.path}: GGUF array {what} has unknown element type {etype}")

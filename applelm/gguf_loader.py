@@ -1,8 +1,8 @@
 """GGUF checkpoints: hyper-parameters from metadata as a Hugging Face style config, tensors renamed to our
 (Hugging Face) parameter names, and quantized tensors kept quantized.
 
-Q4_0, Q4_1 and Q8_0 blocks are exactly MLX affine groups of 32 (scale d, bias -8d / m / -128d), so they are
-repacked once into MLX's layout; other block types are handed to the ops package as stored.
+Quantized tensors stay exactly as the file stores them (resident weight bytes = file bytes): the ops
+package's GGUFLinear / GGUFEmbedding multiply with the packed blocks directly.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from .errors import ModelFormatError, UnsupportedError
 from .gguf_file import GGUFFile
 
 SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "gemma3")
-REPACKED_TYPES = ("Q4_0", "Q4_1", "Q8_0")
 FLOAT_TYPES = ("F32", "F16", "BF16")
 
 _TOP_LEVEL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
@@ -100,27 +99,6 @@ def _unpermute_rows(n_rows: int, n_heads: int) -> np.ndarray:
     return np.arange(n_rows).reshape(n_heads, head_dim // 2, 2).swapaxes(1, 2).reshape(-1)
 
 
-def _repack_affine(raw: np.ndarray, type_name: str, n_cols: int):
-    """Q4_0/Q4_1/Q8_0 rows of blocks -> MLX affine (uint32 weight, float16 scales, float16 biases)."""
-    rows = raw.shape[0]
-    n_blocks = n_cols // 32
-    blocks = raw.reshape(rows, n_blocks, -1)
-    d = blocks[:, :, 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
-    if type_name == "Q8_0":
-        q = (blocks[:, :, 2:34].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
-        packed, bias = q.reshape(rows, -1), -128.0 * d
-    else:
-        if type_name == "Q4_0":
-            qs, bias = blocks[:, :, 2:18], -8.0 * d
-        else:
-            qs, bias = blocks[:, :, 4:20], blocks[:, :, 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
-        # GGUF: low nibbles hold elements 0-15, high nibbles 16-31; MLX: element i at nibble i.
-        q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
-        packed = (q[..., 0::2] | (q[..., 1::2] << 4)).reshape(rows, -1)
-    weight = np.ascontiguousarray(packed).view(np.uint32)
-    return mx.array(weight), mx.array(d.astype(np.float16)), mx.array(bias.astype(np.float16))
-
-
 def _hf_name(name: str, arch: str) -> str:
     m = _BLOCK_RE.match(name)
     table = _GEMMA3_BLOCK if arch == "gemma3" else _BLOCK
@@ -164,11 +142,6 @@ def load_gguf(gguf: GGUFFile, config: dict[str, Any]) -> tuple[dict[str, mx.arra
         raw = gguf.raw(name)
         if rows is not None:
             raw = raw[rows]
-        if type_name in REPACKED_TYPES:
-            w, s, b = _repack_affine(raw, type_name, info.shape[-1])
-            weights[hf], weights[f"{path}.scales"], weights[f"{path}.biases"] = w, s, b
-            specs[path] = {"mode": "affine", "bits": 8 if type_name == "Q8_0" else 4, "group_size": 32}
-        else:
-            weights[hf] = mx.array(np.ascontiguousarray(raw))
-            specs[path] = {"mode": "gguf", "ggml_type": type_name, "name": name}
+        weights[hf] = mx.array(np.ascontiguousarray(raw))
+        specs[path] = {"mode": "gguf", "ggml_type": type_name, "name": name}
     return weights, specs

@@ -93,7 +93,7 @@ def load_model(path: Path, dtype: Optional[str] = None, lazy: bool = False,
                dequantize: bool = False) -> tuple[nn.Module, dict, Optional[GGUFFile]]:
     """Build and fill the model at `path` (a .gguf file or a model folder); `dequantize` turns quantized
     layers into dense ones of the compute dtype."""
-    gguf = None
+    gguf, path = None, Path(path)
     if path.is_dir():
         ggufs = sorted(path.glob("*.gguf"))
         if not (path / "config.json").exists() and len(ggufs) == 1:

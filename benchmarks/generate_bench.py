@@ -53,30 +53,40 @@ def machine() -> dict:
 def export_folders(gguf_path: Path, out: Path) -> dict[str, Path]:
     """Write the GGUF's tensors as MLX folders mlx-lm can load (q4 f16 scales, q4 f32 scales, dense f32)."""
     import mlx.core as mx
-    import mlx.nn as nn
+    import numpy as np
     from mlx.utils import tree_flatten
 
+    from applelm.gguf_affine import AFFINE_EXACT_TYPES, repack_affine
     from applelm.loader import load_model
+    from applelm.ops import GGUFEmbedding, GGUFLinear
 
+    model, config, _ = load_model(gguf_path)
+    float_params = {k: v for k, v in tree_flatten(model.parameters()) if v.dtype != mx.uint8}
+    packed = {}  # layer path -> (weight, scales, biases, bits): the same values, MLX affine layout
+    for path, m in model.named_modules():
+        if isinstance(m, (GGUFLinear, GGUFEmbedding)):
+            cols = m.in_features if isinstance(m, GGUFLinear) else m.dims
+            if m.ggml_type not in AFFINE_EXACT_TYPES:
+                raise SystemExit(f"{path} is {m.ggml_type}; this benchmark needs Q4_0/Q4_1/Q8_0 weights")
+            packed[path] = (*repack_affine(np.array(m.weight), m.ggml_type, cols), AFFINE_EXACT_TYPES[m.ggml_type])
     folders = {}
-    for name, dtype in (("q4_f16", "float16"), ("q4_f32", "float32")):
-        model, config, _ = load_model(gguf_path, dtype=dtype)
-        qcfg = {"group_size": 32, "bits": 4, "model.embed_tokens": {"group_size": 32, "bits": 8}}
+    for name, dtype in (("q4_f16", mx.float16), ("q4_f32", mx.float32)):
+        weights = {k: v.astype(dtype) for k, v in float_params.items()}
+        qcfg = {"group_size": 32, "bits": 4}
+        for path, (w, sc, b, bits) in packed.items():
+            weights.update({f"{path}.weight": w, f"{path}.scales": sc.astype(dtype), f"{path}.biases": b.astype(dtype)})
+            if bits != 4:
+                qcfg[path] = {"group_size": 32, "bits": bits}
         folder = out / name
         folder.mkdir(parents=True)
         (folder / "config.json").write_text(json.dumps({**config, "quantization": qcfg}))
-        mx.save_safetensors(str(folder / "model.safetensors"), dict(tree_flatten(model.parameters())))
+        mx.save_safetensors(str(folder / "model.safetensors"), weights)
         folders[name] = folder
-    dense = {}
-    for path, m in model.named_modules():
-        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
-            dense[f"{path}.weight"] = mx.dequantize(m.weight, m.scales, m.biases, m.group_size, m.bits)
-        elif isinstance(m, (nn.Linear, nn.Embedding, nn.RMSNorm)):
-            dense[f"{path}.weight"] = m.weight
+    dense, _, _ = load_model(gguf_path, dequantize=True)
     folder = out / "dense_f32"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(config))
-    mx.save_safetensors(str(folder / "model.safetensors"), dense)
+    mx.save_safetensors(str(folder / "model.safetensors"), dict(tree_flatten(dense.parameters())))
     folders["dense_f32"] = folder
     return folders
 

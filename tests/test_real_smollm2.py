@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import mlx.core as mx
-import mlx.nn as nn
-import numpy as np
 import pytest
+from mlx.utils import tree_flatten
 
 from applelm.cache import make_prompt_cache
 from applelm.loader import default_model_path, load_model
@@ -20,15 +19,10 @@ N_TOKENS = 40
 LOGIT_ATOL = 2e-3  # float32 both sides; ours multiplies packed 4-bit weights, mlx-lm dense dequantized ones
 
 
-def float_weights(model: nn.Module) -> list[tuple[str, mx.array]]:
-    """Our loaded weights, dequantized to float32 dense tensors under the same names."""
-    out = []
-    for path, m in model.named_modules():
-        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
-            out.append((f"{path}.weight", mx.dequantize(m.weight, m.scales, m.biases, m.group_size, m.bits)))
-        elif isinstance(m, (nn.Linear, nn.Embedding, nn.RMSNorm)):
-            out.append((f"{path}.weight", m.weight))
-    return out
+def float_weights() -> list[tuple[str, mx.array]]:
+    """The same file's weights as our loader dequantizes them, as float32 dense tensors."""
+    dense, _, _ = load_model(default_model_path(), dequantize=True)
+    return tree_flatten(dense.parameters())
 
 
 def greedy(model, ids, n):
@@ -53,7 +47,7 @@ def test_greedy_tokens_and_logits_match_mlx_lm(smollm2):
 
     model, config, _ = smollm2
     ref = mlx_lm_llama.Model(mlx_lm_llama.ModelArgs.from_dict(config))
-    ref.load_weights(float_weights(model), strict=True)
+    ref.load_weights(float_weights(), strict=True)
     mx.eval(ref.parameters())
 
     ours, ours_logits = greedy(model, CHAT_IDS, N_TOKENS)

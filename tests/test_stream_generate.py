@@ -80,3 +80,11 @@ def test_chat_template_prompt_has_no_double_bos(tiny):
     assert text.startswith("<|im_start|>user\nhello<|im_end|>")
     ids = tok.encode(text, add_special_tokens=False)
     assert ids[0] == tok.encode("<|im_start|>", add_special_tokens=False)[0]
+
+
+def test_generate_function_survives_importing_the_cli_module(tiny):
+    import applelm
+    import applelm.generate  # noqa: F401  (rebinds the package attribute to the CLI module)
+
+    model, tok = tiny
+    assert isinstance(applelm.generate(model, tok, "hello", max_tokens=3), str)
