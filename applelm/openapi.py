@@ -15,8 +15,8 @@ def _nullable(schema: dict) -> dict:
 
 def _error_responses(*statuses: int) -> dict:
     words = {400: "Invalid request", 401: "Missing or wrong API key", 404: "Unknown model or route",
-             413: "Request body too large", 429: "Queue full", 500: "Internal error",
-             503: "Model not loaded yet"}
+             411: "Content-Length required", 413: "Request body too large", 429: "Queue full",
+             500: "Generation failed (logged)", 503: "Model not loaded yet"}
     ref = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
     return {str(s): {"description": words[s], "content": ref} for s in statuses}
 
@@ -115,7 +115,7 @@ def build_openapi(model_ids: list[str], max_tokens: int, vocab_size: Optional[in
                                       "schema": {"$ref": f"#/components/schemas/{response}"}}, **sse}},
                           **_error_responses(*errors)}}}
 
-    gen_errors = (400, 404, 413, 429, 503) + ((401,) if api_key else ())
+    gen_errors = (400, 404, 411, 413, 429, 500, 503) + ((401,) if api_key else ())
     get_errors = (404, 503) + ((401,) if api_key else ())
     doc = {
         "openapi": "3.0.3",
