@@ -180,6 +180,11 @@ class BatchEngine:
         return self.loaded.is_set() and self.load_error is None and not self._stopping
 
     @property
+    def busy(self) -> bool:
+        """Whether the worker thread is still running."""
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
     def queued_count(self) -> int:
         return len(self._pending)
 

@@ -59,14 +59,19 @@ class App:
         self.created = int(time.time())
         self._openapi: Optional[bytes] = None
 
+    def vocab_size(self) -> Optional[int]:
+        """Token ids a prompt may hold: those both the tokenizer and the model's embedding know."""
+        sizes = [getattr(self.engine.tokenizer, "vocab_size", None),
+                 getattr(getattr(self.engine.model, "args", None), "vocab_size", None)]
+        sizes = [s for s in sizes if isinstance(s, int) and s > 0]
+        return min(sizes) if sizes else None
+
     def limits(self) -> Limits:
-        vocab = getattr(self.engine.tokenizer, "vocab_size", None) or (1 << 31)
-        return Limits(self.max_tokens_limit, self.engine.context_length, vocab)
+        return Limits(self.max_tokens_limit, self.engine.context_length, self.vocab_size() or (1 << 31))
 
     def openapi(self) -> bytes:
         if self._openapi is None or not self.engine.ready:
-            vocab = getattr(self.engine.tokenizer, "vocab_size", None)
-            doc = build_openapi(self.model_ids, self.max_tokens_limit, vocab, self.api_key is not None)
+            doc = build_openapi(self.model_ids, self.max_tokens_limit, self.vocab_size(), self.api_key is not None)
             self._openapi = json.dumps(doc).encode()
         return self._openapi
 
@@ -521,9 +526,10 @@ def _main(argv: Optional[list[str]]) -> int:
 
     from .loader import load
 
-    engine = BatchEngine(lambda: load(args.model, dtype=args.dtype, dequantize=args.dequantize),
-                         max_batch=args.max_batch, max_queue=args.max_queue, context_length=args.context_length,
-                         prefill_step_size=args.prefill_step_size)
+    global _engine
+    engine = _engine = BatchEngine(lambda: load(args.model, dtype=args.dtype, dequantize=args.dequantize),
+                                   max_batch=args.max_batch, max_queue=args.max_queue,
+                                   context_length=args.context_length, prefill_step_size=args.prefill_step_size)
     app = App(engine, model_id, api_key=api_key, max_tokens_limit=args.max_tokens_limit,
               max_body_bytes=args.max_body_bytes)
     server = make_server(app, args.host, args.port, args.uds)
@@ -555,8 +561,18 @@ def _main(argv: Optional[list[str]]) -> int:
         engine.stop(timeout=5)
 
 
+_engine: Optional[BatchEngine] = None  # the CLI's engine, for the exit below
+
+
 def main(argv: Optional[list[str]] = None) -> int:
-    return run_main(PROG, lambda: _main(argv))
+    code = run_main(PROG, lambda: _main(argv))
+    if _engine is not None and _engine.busy:
+        # The worker is still inside MLX (e.g. a slow model load was interrupted): exiting through the
+        # interpreter's shutdown could abort when that thread next wants the GIL, so leave at once.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":
