@@ -13,6 +13,7 @@ import collections
 import logging
 import os
 import queue
+import random
 import secrets
 import threading
 import time
@@ -20,11 +21,12 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import mlx.core as mx
+import numpy as np
 
-from .errors import UserError
 from .batch_cache import filter_caches, make_batch_cache, merge_caches
+from .batch_sample import RowSampling, sample_row
+from .errors import UserError
 from .generation import TextStream, prefill
-from .sample import greedy, make_sampler
 
 log = logging.getLogger("applelm.server")
 
@@ -104,27 +106,22 @@ class Request:
 
 
 class _Row:
-    """A request inside the running batch: its sampler, random key, text stream and counters."""
+    """A request inside the running batch: its sampling settings and random generator, text stream and
+    counters."""
 
     def __init__(self, req: Request, tokenizer, limit: int):
         self.req = req
         s = req.sampling
         self.greedy = s.greedy
-        self.sampler = greedy if self.greedy else make_sampler(s.temperature, s.top_p, s.top_k, s.min_p)
-        seed = s.seed if s.seed is not None else secrets.randbits(64)
-        self.key = mx.random.key(seed % 2**64)
+        self.sampling = RowSampling(s.temperature, s.top_p, s.top_k, s.min_p)
+        # one generator per request: a seeded request draws the same numbers whatever shares the batch
+        self.rng = random.Random(s.seed if s.seed is not None else secrets.randbits(64))
         self.text = TextStream(tokenizer.detokenizer(), req.stop)
         self.eos = set() if req.ignore_eos else set(tokenizer.eos_token_ids)
         self.limit = limit  # max_tokens, lowered to what the context window still holds
         self.n = 0
         self.last = 0
         self.done = False
-
-    def sample(self, logprobs: mx.array) -> mx.array:
-        """Draw from this row's (1, vocab) log-probabilities with the next split of its own key, so
-        a seeded request draws the same tokens whatever else is in the batch."""
-        self.key, sub = mx.random.split(self.key)
-        return self.sampler(logprobs, key=sub)
 
     def accept(self, token: int) -> None:
         """Take the row's newly generated token: emit its text, finish on EOS / stop / length."""
@@ -316,13 +313,20 @@ class BatchEngine:
 
     @staticmethod
     def _sample(rows: list[_Row], logits: mx.array) -> list[int]:
-        """One token per row, each row with its own sampler; greedy rows share one argmax."""
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        best = mx.argmax(logprobs, axis=-1)
-        if not all(r.greedy for r in rows):
-            best = mx.concatenate([best[i : i + 1] if r.greedy else r.sample(logprobs[i : i + 1]).astype(best.dtype)
-                                   for i, r in enumerate(rows)])
-        return best.tolist()
+        """One token per row: greedy rows share one argmax (of the logits: the log-softmax would not
+        change the order, and its exp over the whole vocabulary is slow on a CPU); the others are drawn
+        one by one with their own settings and generators (batch_sample.py)."""
+        best = mx.argmax(logits, axis=-1)
+        sampled = [i for i, r in enumerate(rows) if not r.greedy]
+        if not sampled:
+            return best.tolist()
+        sub = logits if len(sampled) == len(rows) else logits[mx.array(sampled)]
+        sub = sub.astype(mx.float32)
+        mx.eval(best, sub)
+        ids, table = best.tolist(), np.array(sub, copy=False)
+        for j, i in enumerate(sampled):
+            ids[i] = sample_row(table[j], rows[i].sampling, rows[i].rng.random())
+        return ids
 
     @staticmethod
     def _drop_done(rows: list[_Row], cache):

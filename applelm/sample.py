@@ -1,9 +1,7 @@
 """Samplers and logits processors: plain callables.
 
-A sampler maps log-probabilities (B, vocab) to token ids (B,); it may take an optional `key=` (an
-`mx.random.key`) so that a caller can make one request's draws reproducible whatever else shares the
-global random state (the server does, per request). A logits processor maps (tokens so far (B, T),
-logits (B, vocab)) to new logits.
+A sampler maps log-probabilities (B, vocab) to token ids (B,). A logits processor maps
+(tokens so far (B, T), logits (B, vocab)) to new logits.
 """
 
 from __future__ import annotations
@@ -17,7 +15,7 @@ Sampler = Callable[[mx.array], mx.array]
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 
 
-def greedy(logprobs: mx.array, key: Optional[mx.array] = None) -> mx.array:
+def greedy(logprobs: mx.array) -> mx.array:
     return mx.argmax(logprobs, axis=-1)
 
 
@@ -57,9 +55,9 @@ def make_sampler(temp: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: f
     if temp == 0:
         return greedy
 
-    def sample(logprobs: mx.array, key: Optional[mx.array] = None) -> mx.array:
+    def sample(logprobs: mx.array) -> mx.array:
         lp = apply_min_p(apply_top_p(apply_top_k(logprobs, top_k), top_p), min_p)
-        return mx.random.categorical(lp * (1.0 / temp), axis=-1, key=key)
+        return mx.random.categorical(lp * (1.0 / temp), axis=-1)
 
     return sample
 
