@@ -143,7 +143,7 @@ def main() -> int:
     p.add_argument("--modes", default="dense,quantized", help="dense (--dequantize) and/or quantized")
     p.add_argument("--clients", default="1,4,16")
     p.add_argument("--requests", type=int, default=2, help="requests per client at each level")
-    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
