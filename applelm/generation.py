@@ -153,11 +153,46 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
     return best
 
 
+class TextStream:
+    """Generated token ids -> text as `stream_generate` shows it: UTF-8 safe (through a streaming
+    detokenizer), cut before the first stop string, and holding back any suffix that could still grow
+    into one. The server runs one per request."""
+
+    def __init__(self, detokenizer, stops: Iterable[str] = ()):
+        self.detokenizer = detokenizer
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+        self.stopped = False  # a stop string was found; no more text will come
+
+    def add(self, token: int) -> str:
+        """Take one generated token; return the text now safe to show (possibly "")."""
+        self.pending += self.detokenizer.add_token(token)
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.pending, self.stopped = self.pending[: min(hits)], True
+            return ""
+        cut = len(self.pending) - _held_back(self.pending, self.stops)
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out
+
+    def flush(self) -> str:
+        """The text still held: after a stop string, what preceded it; otherwise every held-back byte."""
+        if not self.stopped:  # text after a stop string is dropped
+            self.pending += self.detokenizer.finalize()
+        out, self.pending = self.pending, ""
+        return out
+
+
+def prompt_token_ids(tokenizer, text: str) -> list[int]:
+    """Token ids for prompt text; text that already starts with BOS (e.g. from a chat template) gets no second."""
+    add_special = tokenizer.bos_token is None or not text.startswith(tokenizer.bos_token)
+    return tokenizer.encode(text, add_special_tokens=add_special)
+
+
 def encode_prompt(tokenizer, prompt: Union[str, Sequence[int], mx.array]) -> mx.array:
-    """Token ids for a prompt; text that already starts with BOS (e.g. from a chat template) gets no second."""
+    """Token ids for a prompt (see `prompt_token_ids`), as an array."""
     if isinstance(prompt, str):
-        add_special = tokenizer.bos_token is None or not prompt.startswith(tokenizer.bos_token)
-        prompt = tokenizer.encode(prompt, add_special_tokens=add_special)
+        prompt = prompt_token_ids(tokenizer, prompt)
     return prompt if isinstance(prompt, mx.array) else mx.array(list(prompt), dtype=mx.int32)
 
 
@@ -176,13 +211,12 @@ def stream_generate(
     `max_tokens`. Extra keyword arguments go to `generate_step` (sampler, logits_processors, ...).
     """
     tokens = encode_prompt(tokenizer, prompt)
-    stops = [s for s in stop if s]
-    detok = tokenizer.detokenizer()
+    texts = TextStream(tokenizer.detokenizer(), stop)
     eos = tokenizer.eos_token_ids
     mx.reset_peak_memory()
     start = time.perf_counter()
     prompt_tps = gen_start = 0.0
-    pending, finish, n, hit_stop = "", None, 0, False
+    finish, n = None, 0
 
     def response(text: str, token: Optional[int], reason: Optional[str]) -> GenerationResponse:
         elapsed = time.perf_counter() - gen_start
@@ -197,17 +231,12 @@ def stream_generate(
             finish = "stop"
             break
         n += 1
-        pending += detok.add_token(token)
-        hits = [i for i in (pending.find(s) for s in stops) if i >= 0]
-        if hits:
-            pending, finish, hit_stop = pending[: min(hits)], "stop", True
+        out = texts.add(token)
+        if texts.stopped:
+            finish = "stop"
             break
-        cut = len(pending) - _held_back(pending, stops)
-        out, pending = pending[:cut], pending[cut:]
         yield response(out, token, None)
-    if not hit_stop:  # text after a stop string is dropped; otherwise flush held-back bytes
-        pending += detok.finalize()
-    yield response(pending, None, finish or "length")
+    yield response(texts.flush(), None, finish or "length")
 
 
 def generate(model: nn.Module, tokenizer, prompt, *, verbose: bool = False, **kwargs) -> str:
