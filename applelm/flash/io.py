@@ -190,8 +190,7 @@ def wait_all(futures: Sequence[Future]) -> None:
         f.result()
 
 
-def page_runs(starts: np.ndarray, length: int, gap_pages: int = 1, max_run: int = 1 << 20,
-              align: int = ALIGN) -> tuple[list[tuple[int, int, int]], np.ndarray]:
+def page_runs(starts: np.ndarray, length: int, gap_pages: int = 1, align: int = ALIGN) -> tuple[list[tuple[int, int, int]], np.ndarray]:
     """Coalesce reads of `length` bytes at each (sorted) byte offset in `starts` into aligned runs.
 
     Returns (runs, where): runs are (file_offset, n_bytes, buffer_offset) packed back to back in a
@@ -207,7 +206,7 @@ def page_runs(starts: np.ndarray, length: int, gap_pages: int = 1, max_run: int 
     run_start, run_end, members, buf = int(first[0]), int(last[0]), [0], 0
     for k in range(1, len(starts)):
         a, b = int(first[k]), int(last[k])
-        if a <= run_end + gap_pages * align and b - run_start <= max_run:
+        if a <= run_end + gap_pages * align:  # (the reader splits long runs into parallel pieces)
             run_end = max(run_end, b)
             members.append(k)
             continue

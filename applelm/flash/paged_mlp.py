@@ -54,7 +54,7 @@ class FlashMLP(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         rt = self._rt
         if self.layer == 0:
-            rt.stats.tokens += x.shape[0] * x.shape[1]
+            rt.start_token(x.shape[0] * x.shape[1])
         if self.mode == "pinned":
             if rt.recorder is not None:
                 rt.recorder.record(self.layer, 0, x, self._act(x @ self._pinned[GATE].T))

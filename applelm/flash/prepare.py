@@ -110,7 +110,7 @@ def prepare(model, out, *, bits: int = 16, calibration: Optional[str] = None, ca
 
 def _calibration_ids(out: Path, text_path: Optional[str], n_tokens: int, ids: Optional[Sequence[int]]):
     if ids is not None:
-        return list(ids)[:n_tokens], {"source": "token ids", "tokens": min(len(ids), n_tokens)}
+        return [int(t) for t in ids][:n_tokens], {"source": "token ids", "tokens": min(len(ids), n_tokens)}
     from .loader import flash_tokenizer
 
     path = Path(text_path) if text_path else DEFAULT_CALIBRATION

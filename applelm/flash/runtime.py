@@ -59,6 +59,10 @@ class FlashRuntime:
 
     # -- pipeline -----------------------------------------------------------------------------------------
 
+    def start_token(self, n: int) -> None:
+        """Called by layer 0 at each forward pass with its number of positions."""
+        self.stats.tokens += n
+
     def queue(self, y) -> None:
         """Start computing a streamed unit's output now, without waiting for it."""
         import mlx.core as mx

@@ -75,61 +75,52 @@ class PredictorResult:
 
 
 def train_predictor(x: np.ndarray, y: np.ndarray, rank: int, target_recall: float = 0.95, steps: int = 300,
-                    lr: float = 3e-3, seed: int = 0, holdout: float = 0.2) -> PredictorResult:
-    """Fit logits = (x A) B + bias to the active mask y (T, I) with a recall-weighted logistic loss."""
-    import mlx.nn as nn
-    import mlx.optimizers as optim
-
+                    lr: float = 3e-3, seed: int = 0, holdout: float = 0.2, batch: int = 256) -> PredictorResult:
+    """Fit logits = (x A) B + bias to the active mask y (T, I) with a recall-weighted squared hinge loss
+    (Adam, minibatches, gradients written out). The hinge needs no exp/log: MLX's CPU kernels for those
+    are slow enough to dominate training, while its matmuls are fast."""
     t = x.shape[0]
     n_val = max(1, int(t * holdout)) if t > 4 else 0
     rng = np.random.default_rng(seed)
     order = rng.permutation(t)
     val, train = order[:n_val], order[n_val:]
     mean, std = x[train].mean(0), x[train].std(0) + 1e-6
-    xt = mx.array((x[train] - mean) / std)
+    xt = mx.array(((x[train] - mean) / std).astype(np.float32))
     yt = mx.array(y[train].astype(np.float32))
     p = float(np.clip(y[train].mean(), 1e-3, 1 - 1e-3))
     pos_weight = min(10.0, (1 - p) / p) * 2.0  # missing an active neuron costs more than reading an extra one
 
-    class Low(nn.Module):
-        def __init__(self):
-            super().__init__()
-            mx.random.seed(seed)
-            self.a = mx.random.normal((x.shape[1], rank)) / math.sqrt(x.shape[1])
-            self.b = mx.random.normal((rank, y.shape[1])) / math.sqrt(rank)
-            self.bias = mx.full((y.shape[1],), math.log(p / (1 - p)))
+    params = [mx.array(rng.normal(size=(x.shape[1], rank)).astype(np.float32) / math.sqrt(x.shape[1])),
+              mx.array(rng.normal(size=(rank, y.shape[1])).astype(np.float32) / math.sqrt(rank)),
+              mx.zeros((y.shape[1],))]
+    m1 = [mx.zeros_like(q) for q in params]
+    m2 = [mx.zeros_like(q) for q in params]
+    b1, b2, eps = 0.9, 0.999, 1e-8
+    for s in range(1, steps + 1):
+        idx = mx.array(rng.integers(0, xt.shape[0], min(batch, xt.shape[0])))
+        xb, yb = xt[idx], yt[idx]
+        h = xb @ params[0]
+        logits = h @ params[1] + params[2]
+        # d/dl of  w*y*max(0, 1-l)^2 + (1-y)*max(0, 1+l)^2, averaged over the batch
+        g = (-2 * pos_weight * yb * mx.maximum(1 - logits, 0) + 2 * (1 - yb) * mx.maximum(1 + logits, 0)) / yb.size
+        grads = [xb.T @ (g @ params[1].T), h.T @ g, g.sum(0)]
+        for k in range(3):
+            m1[k] = b1 * m1[k] + (1 - b1) * grads[k]
+            m2[k] = b2 * m2[k] + (1 - b2) * grads[k] * grads[k]
+            params[k] = params[k] - lr * (m1[k] / (1 - b1 ** s)) / (mx.sqrt(m2[k] / (1 - b2 ** s)) + eps)
+        mx.eval(params, m1, m2)
 
-        def __call__(self, v):
-            return (v @ self.a) @ self.b + self.bias
-
-    model = Low()
-    opt = optim.Adam(learning_rate=lr)
-
-    def loss_fn(m, v, target):
-        logits = m(v)
-        # weighted binary cross-entropy, written with logaddexp for stability
-        pos = target * pos_weight * mx.logaddexp(0.0, -logits)
-        neg = (1 - target) * mx.logaddexp(0.0, logits)
-        return (pos + neg).mean()
-
-    step = nn.value_and_grad(model, loss_fn)
-    batch = min(256, xt.shape[0])
-    for s in range(steps):
-        idx = mx.array(rng.integers(0, xt.shape[0], batch))
-        loss, grads = step(model, xt[idx], yt[idx])
-        opt.update(model, grads)
-        mx.eval(model.parameters(), opt.state, loss)
-
-    # Fold the input normalization into the first matrix: x_n A = (x - mean)/std A.
-    a = np.array(model.a) / std[:, None]
-    bias = np.array(model.bias) - (mean / std) @ np.array(model.a) @ np.array(model.b)
-    b = np.array(model.b)
-    train_logits = (x[train] @ a) @ b + bias
-    positives = train_logits[y[train]]
+    # Fold the input normalization into the first matrix: ((x - mean) / std) A = x (A / std) - (mean / std) A.
+    a = params[0] / mx.array(std)[:, None]
+    bias = params[2] - (mx.array(mean / std)[None] @ params[0] @ params[1])[0]
+    b = params[1]
+    # (matmuls in MLX: numpy's threaded BLAS stalls badly on a busy machine)
+    logits_all = np.array((mx.array(x) @ a) @ b + bias)
+    a, b, bias = np.array(a), np.array(b), np.array(bias)
+    positives = logits_all[train][y[train]]
     tau = float(np.quantile(positives, 1 - target_recall)) if positives.size else 0.0
     ev = val if n_val else train
-    logits = (x[ev] @ a) @ b + bias
-    pred, truth = logits > tau, y[ev]
+    pred, truth = logits_all[ev] > tau, y[ev]
     recall = float((pred & truth).sum() / max(1, truth.sum()))
     return PredictorResult(a.astype(np.float32), b.astype(np.float32), bias.astype(np.float32), tau, recall,
                            float(pred.mean()), float(truth.mean()))
