@@ -19,6 +19,9 @@ def build_parser() -> ArgumentParser:
     pp.add_argument("out", help="output folder (created; an existing flash layout there is replaced)")
     pp.add_argument("--bits", type=int, choices=(32, 16, 8, 4), default=16,
                     help="FFN storage: 16 = float16 (bfloat16 for bf16 checkpoints), 8/4 = affine groups of 64")
+    pp.add_argument("--dtype", choices=("float16", "bfloat16"), default=None,
+                    help="16-bit storage type (default: bfloat16 for bf16 checkpoints, else float16; "
+                         "bfloat16 decodes ~5x faster on CPU, float16 is more precise)")
     pp.add_argument("--calibration", default=None, metavar="FILE",
                     help="text to calibrate sparsity thresholds on (default: a built-in English sample)")
     pp.add_argument("--calibration-tokens", type=positive_int, default=1024)
@@ -40,7 +43,7 @@ def _prepare(args) -> int:
     from .prepare import prepare
 
     model = resolve_model_path(None if args.model == "default" else args.model)
-    out = prepare(model, args.out, bits=args.bits, calibration=args.calibration, calibrate=not args.no_calibrate,
+    out = prepare(model, args.out, bits=args.bits, dtype=args.dtype, calibration=args.calibration, calibrate=not args.no_calibrate,
                   train_predictors=args.train_predictors, target_sparsity=args.target_sparsity,
                   predictor_rank=args.rank, calibration_tokens=args.calibration_tokens,
                   show_progress=not args.quiet)

@@ -167,6 +167,14 @@ class BundleCodec:
 
     # -- decoding (runtime), MLX: used inside the lazy graph for whole streamed layers --------------------
 
+    def decode_interleaved_mx(self, raw, dtype):
+        """(n, bundle_bytes) float-stored bundles -> one (n, 3, hidden) array of `dtype` in a single
+        conversion pass (a token's gemv can then use the interleaved rows directly; see paged_mlp)."""
+        import mlx.core as mx
+
+        store = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}[self.dtype]
+        return raw.view(store).reshape(raw.shape[0], len(PARTS), self.hidden).astype(dtype)
+
     def decode_mx(self, raw, n_parts: int, dtype):
         """(n, bundle_bytes) uint8 mx.array -> list of n_parts (n, hidden) arrays of `dtype` (lazy)."""
         import mlx.core as mx

@@ -132,8 +132,8 @@ def _read_layers(rt: FlashRuntime, layout: FlashLayout, want: dict[int, tuple], 
 
 def load_flash_model(folder, *, dtype: Optional[str] = None, memory_budget=None, sparsity: Optional[float] = None,
                      sparsity_mode: str = "threshold", window: int = 4, dequantize: bool = False,
-                     naive: bool = False, verify: bool = True, io_threads: int = 8, ring_depth: int = 4,
-                     max_unit_bytes: int = 16 << 20) -> tuple[nn.Module, dict, FlashLayout]:
+                     naive: bool = False, verify: bool = True, io_threads: int = 4, ring_depth: int = 4,
+                     max_unit_bytes: int = 16 << 20, read_split: int = 8 << 20) -> tuple[nn.Module, dict, FlashLayout]:
     """Build the model of a flash layout (see `applelm.load` for the user-facing options)."""
     from ..loader import _compute_dtype  # the core loader's dtype rule (float32 on CPU)
 
@@ -184,7 +184,8 @@ def load_flash_model(folder, *, dtype: Optional[str] = None, memory_budget=None,
     else:
         plan = plan_dense(geom, resident, budget, depth=ring_depth, naive=naive)
 
-    rt = FlashRuntime(layout, plan, dtype_, io_threads=io_threads, max_unit_bytes=max_unit_bytes)
+    rt = FlashRuntime(layout, plan, dtype_, io_threads=io_threads, max_unit_bytes=max_unit_bytes,
+                      read_split=read_split)
     rt.thresholds = thresholds
     pinned = set(plan.pinned)
     for i, block in enumerate(model.layers):

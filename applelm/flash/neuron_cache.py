@@ -28,7 +28,12 @@ class NeuronCache:
         self.n_neurons, self.capacity, self.window = n_neurons, min(capacity, n_neurons), window
         self.parts = [mx.zeros((self.capacity, hidden), dtype=dtype) for _ in range(n_parts)]
         mx.eval(self.parts)
-        self.rows = [np.array(p, copy=False) for p in self.parts]  # writable views of the MLX buffers
+        try:  # writable host views of the MLX buffers (CPU, and Apple GPUs' unified memory)
+            self.rows = [np.array(p, copy=False) for p in self.parts]
+            if not all(r.flags.writeable for r in self.rows):
+                raise ValueError("read-only view")
+        except (ValueError, TypeError, RuntimeError):
+            self.rows = None  # device memory without a host view: slot writes go through MLX instead
         self.neuron_at = np.full(self.capacity, -1, np.int64)
         self.slot_of = np.full(n_neurons, -1, np.int64)
         self.last_used = np.zeros(self.capacity, np.int64)
@@ -66,10 +71,15 @@ class NeuronCache:
 
     def insert(self, neurons: np.ndarray, values: list[np.ndarray]) -> np.ndarray:
         """Put `neurons` (from plan's to_insert) with their part vectors into the next free slots."""
+        import mlx.core as mx
+
         m = len(neurons)
         slots = np.arange(self.count, self.count + m)
-        for rows, v in zip(self.rows, values):
-            rows[self.count: self.count + m] = v
+        for p, v in enumerate(values):
+            if self.rows is not None:
+                self.rows[p][self.count: self.count + m] = v
+            else:
+                self.parts[p][self.count: self.count + m] = mx.array(v).astype(self.parts[p].dtype)
         self.neuron_at[slots] = neurons
         self.slot_of[neurons] = slots
         self.last_used[slots] = self.step
@@ -90,8 +100,15 @@ class NeuronCache:
         movers = new_n + np.flatnonzero(~dead[new_n:])
         self.slot_of[self.neuron_at[slots]] = -1
         if len(holes):
-            for rows in self.rows:
-                rows[holes] = rows[movers]
+            if self.rows is not None:
+                for rows in self.rows:
+                    rows[holes] = rows[movers]
+            else:
+                import mlx.core as mx
+
+                h, mv = mx.array(holes), mx.array(movers)
+                for p in range(len(self.parts)):
+                    self.parts[p][h] = self.parts[p][mv]
             self.neuron_at[holes] = self.neuron_at[movers]
             self.last_used[holes] = self.last_used[movers]
             self.slot_of[self.neuron_at[holes]] = holes

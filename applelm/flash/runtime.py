@@ -27,6 +27,7 @@ class FlashStats:
 
     tokens: int = 0  # forward positions processed (counted at layer 0)
     io_wait_s: float = 0.0  # time the forward pass waited for reads
+    compute_wait_s: float = 0.0  # time it waited for queued compute (the in-flight bound)
     forced_evals: int = 0  # synchronizations the pipeline forced (in-flight bound, sparse selection)
     neurons_read: int = 0
     neurons_used: int = 0
@@ -36,11 +37,11 @@ class FlashStats:
 class FlashRuntime:
     """One per loaded flash model; reachable as `model.flash` and from each paged layer."""
 
-    def __init__(self, layout: FlashLayout, plan: Plan, dtype, io_threads: int = 8,
-                 max_unit_bytes: int = 16 << 20):
+    def __init__(self, layout: FlashLayout, plan: Plan, dtype, io_threads: int = 4,
+                 max_unit_bytes: int = 16 << 20, read_split: int = 8 << 20):
         self.layout, self.plan, self.dtype, self.codec = layout, plan, dtype, layout.codec
         self.reader = DirectReader(threads=1 if plan.mode == "naive" else io_threads,
-                                   split=1 << 40 if plan.mode == "naive" else 1 << 20)
+                                   split=1 << 40 if plan.mode == "naive" else read_split)
         inter, bundle = layout.intermediate, self.codec.bundle_bytes
         self.units = {i: split_layer(i, inter, bundle, str(layout.layers[i].path), max_unit_bytes)
                       for i in range(layout.n_layers)}
@@ -76,7 +77,9 @@ class FlashRuntime:
 
         while len(self.inflight) >= max(1, self.plan.max_inflight):
             oldest = self.inflight.popleft()
+            t0 = time.perf_counter()
             mx.eval(oldest)  # normally already computed: this is backpressure, not a per-layer stall
+            self.stats.compute_wait_s += time.perf_counter() - t0
             self.stats.forced_evals += 1
 
     def take_unit(self, unit_index: int):
@@ -126,7 +129,7 @@ class FlashRuntime:
             "read_GBps": r.bytes_read / busy / 1e9 if busy else 0.0,
             # Share of the time reads were in flight during which the forward pass was not waiting on them.
             "io_overlap": 1.0 - s.io_wait_s / busy if busy else 0.0,
-            "forced_evals": s.forced_evals, "direct_io": r.direct,
+            "forced_evals": s.forced_evals, "compute_wait_s": s.compute_wait_s, "direct_io": r.direct,
         }
         if s.neurons_used:
             out["neurons_used_per_token"] = s.neurons_used / tokens
