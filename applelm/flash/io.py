@@ -171,11 +171,25 @@ class DirectReader:
         return futures
 
     def read_runs(self, path: str, runs: Sequence[tuple[int, int, int]], buffer: AlignedBuffer) -> list[Future]:
-        """Queue several (file_offset, length, buffer_offset) reads of one file."""
-        futures = []
+        """Queue several (file_offset, length, buffer_offset) reads of one file: split into at most
+        `threads` tasks of similar size, each issuing its reads back to back (one task per small read
+        would cost more in Python thread handoffs than the read itself)."""
+        if not runs:
+            return []
+        sizes = np.fromiter((n for _, n, _ in runs), np.int64, len(runs))
+        bounds = np.searchsorted(np.cumsum(sizes), np.linspace(0, sizes.sum(), self.threads + 1)[1:-1])
+        groups = [g for g in np.split(np.arange(len(runs)), bounds) if len(g)]
+        return [self._pool.submit(self._pread_many, path, [runs[i] for i in g], buffer) for g in groups]
+
+    def _pread_many(self, path: str, runs, buffer: AlignedBuffer) -> int:
+        total = 0
         for off, n, at in runs:
-            futures += self.read(path, off, n, buffer, at)
-        return futures
+            pos = 0
+            while pos < n:  # long runs in `split` pieces, as read() does
+                k = min(self.split, n - pos)
+                total += self._pread(path, off + pos, buffer.view[at + pos: at + pos + k])
+                pos += k
+        return total
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -190,32 +204,30 @@ def wait_all(futures: Sequence[Future]) -> None:
         f.result()
 
 
-def page_runs(starts: np.ndarray, length: int, gap_pages: int = 1, align: int = ALIGN) -> tuple[list[tuple[int, int, int]], np.ndarray]:
+def page_runs(starts: np.ndarray, length: int, gap_pages: int = 1, align: int = ALIGN):
     """Coalesce reads of `length` bytes at each (sorted) byte offset in `starts` into aligned runs.
 
     Returns (runs, where): runs are (file_offset, n_bytes, buffer_offset) packed back to back in a
     buffer, and where[k] is the buffer offset of the bytes for starts[k]. Neighbours closer than
-    `gap_pages` pages share one read: a slightly longer read costs less than another request.
+    `gap_pages` pages share one read: a slightly longer read costs less than another request. The runs
+    are disjoint pieces of the file, so they never need more buffer than the file's size.
     """
-    runs: list[tuple[int, int, int]] = []
-    where = np.empty(len(starts), np.int64)
+    starts = np.asarray(starts, np.int64)
     if len(starts) == 0:
-        return runs, where
+        return [], np.empty(0, np.int64)
     first = starts // align * align
-    last = (starts + length + align - 1) // align * align
-    run_start, run_end, members, buf = int(first[0]), int(last[0]), [0], 0
-    for k in range(1, len(starts)):
-        a, b = int(first[k]), int(last[k])
-        if a <= run_end + gap_pages * align:  # (the reader splits long runs into parallel pieces)
-            run_end = max(run_end, b)
-            members.append(k)
-            continue
-        runs.append((run_start, run_end - run_start, buf))
-        where[members] = buf + (starts[members] - run_start)
-        buf += run_end - run_start
-        run_start, run_end, members = a, b, [k]
-    runs.append((run_start, run_end - run_start, buf))
-    where[members] = buf + (starts[members] - run_start)
+    last = (starts + length + align - 1) // align * align  # non-decreasing: equal lengths, sorted starts
+    new_run = np.empty(len(starts), bool)
+    new_run[0] = True
+    new_run[1:] = first[1:] > last[:-1] + gap_pages * align
+    run_id = np.cumsum(new_run) - 1
+    heads = np.flatnonzero(new_run)
+    tails = np.append(heads[1:] - 1, len(starts) - 1)
+    run_start, run_end = first[heads], last[tails]
+    sizes = run_end - run_start
+    buf = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    where = buf[run_id] + (starts - run_start[run_id])
+    runs = list(zip(run_start.tolist(), sizes.tolist(), buf.tolist()))
     return runs, where
 
 

@@ -50,8 +50,10 @@ class FlashRuntime:
             order = [u for i in plan.streamed for u in self.units[i]]
             self.ring = StreamRing(self.reader, order, plan.ring_depth)
         self.scratch: Optional[AlignedBuffer] = None
-        if plan.mode in ("sparse", "naive"):
+        if plan.mode == "naive":
             self.scratch = AlignedBuffer(max(u.read_bytes for us in self.units.values() for u in us))
+        elif plan.mode == "sparse":  # coalesced neuron reads of one layer never exceed its file
+            self.scratch = AlignedBuffer(max(e.file_bytes for e in layout.layers))
         self.inflight: deque = deque()
         self.stats = FlashStats()
         self.thresholds: Optional[np.ndarray] = None  # per layer, sparse modes
@@ -108,7 +110,9 @@ class FlashRuntime:
         t0 = time.perf_counter()
         wait_all(futures)
         self.stats.io_wait_s += time.perf_counter() - t0
-        return self.scratch.array[where[:, None] + np.arange(n_bytes)]
+        # Equal-length slices at arbitrary offsets: a fancy index into a sliding-window view copies each
+        # once, without building an (m, n_bytes) index array.
+        return np.lib.stride_tricks.sliding_window_view(self.scratch.array, n_bytes)[where]
 
     # -- statistics ---------------------------------------------------------------------------------------
 
