@@ -162,20 +162,27 @@ class FlashMLP(nn.Module):
                               cache.parts[GATE][:n0] if self._gate is None else None, cache.cached(), gn)
             mx.async_eval(y)
         if len(misses):
-            raw = rt.gather_neurons(futures, where, n_bytes)
+            rt.wait(futures)
             keep = np.isin(misses, to_insert, assume_unique=True)
-            if keep.any():
-                vals = rt.codec.decode_np(raw[keep], self._n_parts)
-                cache.insert(misses[keep], [vals[:, p] for p in range(self._n_parts)])
-                n1 = cache.count
+            # Decode in unit-sized chunks: the transient floats stay within the budgeted buffers.
+            step = rt.unit_neurons
+            for s in range(0, len(misses), step):
+                ids, k = misses[s: s + step], keep[s: s + step]
+                raw = rt.gather(where[s: s + step], n_bytes)
+                if k.any():
+                    vals = rt.codec.decode_np(raw[k], self._n_parts)
+                    cache.insert(ids[k], [vals[:, p] for p in range(self._n_parts)])
+                if (~k).any():  # more active neurons than the cache holds: use them once, uncached
+                    vals = mx.array(rt.codec.decode_np(raw[~k], self._n_parts)).astype(xf.dtype)
+                    part = self._partial(xf, vals[:, UP], vals[:, DOWN],
+                                         vals[:, GATE] if self._gate is None else None, ids[~k], gn)
+                    mx.eval(part)  # bound the transient before the next chunk
+                    y = part if y is None else y + part
+            n1 = cache.count
+            if n1 > n0:
                 part = self._partial(xf, cache.parts[UP][n0:n1], cache.parts[DOWN][n0:n1],
                                      cache.parts[GATE][n0:n1] if self._gate is None else None,
                                      cache.neuron_at[n0:n1], gn)
-                y = part if y is None else y + part
-            if (~keep).any():  # more active neurons than the cache holds: use them once, uncached
-                vals = mx.array(rt.codec.decode_np(raw[~keep], self._n_parts)).astype(xf.dtype)
-                part = self._partial(xf, vals[:, UP], vals[:, DOWN], vals[:, GATE] if self._gate is None else None,
-                                     misses[~keep], gn)
                 y = part if y is None else y + part
         rt.stats.neurons_used += len(selected)
         rt.stats.neurons_read += len(misses)

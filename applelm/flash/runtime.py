@@ -45,6 +45,7 @@ class FlashRuntime:
         inter, bundle = layout.intermediate, self.codec.bundle_bytes
         self.units = {i: split_layer(i, inter, bundle, str(layout.layers[i].path), max_unit_bytes)
                       for i in range(layout.n_layers)}
+        self.unit_neurons = max(u.stop - u.start for us in self.units.values() for u in us)
         self.ring: Optional[StreamRing] = None
         if plan.mode == "dense" and plan.streamed:
             order = [u for i in plan.streamed for u in self.units[i]]
@@ -106,12 +107,15 @@ class FlashRuntime:
         path = str(self.layout.layers[layer].path)
         return self.reader.read_runs(path, runs, self.scratch), where
 
-    def gather_neurons(self, futures, where: np.ndarray, n_bytes: int) -> np.ndarray:
+    def wait(self, futures) -> None:
         t0 = time.perf_counter()
         wait_all(futures)
         self.stats.io_wait_s += time.perf_counter() - t0
-        # Equal-length slices at arbitrary offsets: a fancy index into a sliding-window view copies each
-        # once, without building an (m, n_bytes) index array.
+
+    def gather(self, where: np.ndarray, n_bytes: int) -> np.ndarray:
+        """(len(where), n_bytes) copy of the bytes at each scratch offset (after `wait`).
+        Equal-length slices at arbitrary offsets: a fancy index into a sliding-window view copies each
+        once, without building an (m, n_bytes) index array."""
         return np.lib.stride_tricks.sliding_window_view(self.scratch.array, n_bytes)[where]
 
     # -- statistics ---------------------------------------------------------------------------------------
