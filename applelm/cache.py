@@ -175,6 +175,57 @@ class RotatingKVCache:
         return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
 
 
+class StaticKVCache:
+    """A cache pre-allocated to `capacity` positions whose shapes never change, so a decode step can be
+    compiled once (mx.compile) and replayed: writes go to a position held in an array, attention sees the
+    whole buffer and a mask hides positions not yet written. The caller keeps within `capacity`.
+
+    `arrays` is a mutable dict so mx.compile can treat it as state (inputs and outputs of the step); the
+    position lives only there, since compiled replays never run this Python code.
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.arrays: dict[str, mx.array] = {"offset": mx.array(0, dtype=mx.int32)}
+        self.left_padding = None
+
+    @property
+    def offset(self) -> mx.array:
+        return self.arrays["offset"]
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        if "keys" not in self.arrays:
+            B, H, _, D = keys.shape
+            self.arrays["keys"] = mx.zeros((B, H, self.capacity, D), keys.dtype)
+            self.arrays["values"] = mx.zeros((B, H, self.capacity, values.shape[3]), values.dtype)
+        start = self.arrays["offset"][None]
+        self.arrays["keys"] = mx.slice_update(self.arrays["keys"], keys, start, axes=(2,))
+        self.arrays["values"] = mx.slice_update(self.arrays["values"], values, start, axes=(2,))
+        self.arrays["offset"] = self.arrays["offset"] + keys.shape[2]
+        return self.arrays["keys"], self.arrays["values"]
+
+    def make_mask(self, n_queries: int, window: Optional[int] = None) -> mx.array:
+        q_pos = self.arrays["offset"] + mx.arange(n_queries)
+        return _window_mask(q_pos, mx.arange(self.capacity), window, None)
+
+    @property
+    def state(self) -> tuple[mx.array, mx.array]:
+        n = int(self.arrays["offset"])  # a sync; only off the hot path
+        return self.arrays["keys"][..., :n, :], self.arrays["values"][..., :n, :]
+
+    def is_trimmable(self) -> bool:
+        return True
+
+    def trim(self, n: int) -> int:
+        n = min(int(self.arrays["offset"]), n)
+        self.arrays["offset"] = self.arrays["offset"] - n
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for k, a in self.arrays.items() if k != "offset")
+
+
 def make_prompt_cache(model, max_kv_size: Optional[int] = None, left_padding: Optional[list[int]] = None):
     """One cache per layer: the model's own layout if it has one (e.g. sliding-window layers), else KVCache."""
     if hasattr(model, "make_cache"):

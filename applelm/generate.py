@@ -35,6 +35,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--ignore-chat-template", action="store_true", help="use the prompt as raw text")
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="compute dtype (default: float32 on CPU)")
+    p.add_argument("--dequantize", action="store_true",
+                   help="hold quantized layers as dense weights: more memory, faster on CPU")
     p.add_argument("--prefill-step-size", type=positive_int, default=512)
     p.add_argument("--memory-budget", type=size_arg, default=None, metavar="SIZE",
                    help="flash layouts: memory for weights and paging buffers (e.g. 1GB, 512MiB); the rest of "
@@ -75,7 +77,7 @@ def _main(argv: Optional[list[str]]) -> int:
     if args.memory_budget is not None or args.sparsity is not None:
         flash = dict(memory_budget=args.memory_budget, sparsity=args.sparsity, sparsity_mode=args.sparsity_mode,
                      window=args.window)
-    model, tokenizer = load(args.model, dtype=args.dtype, **flash)
+    model, tokenizer = load(args.model, dtype=args.dtype, dequantize=args.dequantize, **flash)
     load_s = time.perf_counter() - start
     text = format_prompt(tokenizer, prompt, args.system_prompt, args.ignore_chat_template)
     if args.verbose:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Generator, Iterable, Optional, Sequence, Union
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from .cache import make_prompt_cache
+from .cache import StaticKVCache, make_prompt_cache
 from .sample import LogitsProcessor, Sampler, greedy
 
 
@@ -44,6 +45,45 @@ def prefill(model: nn.Module, tokens: mx.array, cache: list, step: int = 512,
     return tokens[:, total:]
 
 
+def _decode_forward(model: nn.Module, cache: list, compiled: bool):
+    """tokens (B, L) -> logits of the last position (B, vocab); with `compiled`, the first call traces
+    the step with mx.compile (the static caches' arrays as state) and later calls replay it."""
+
+    def forward(tokens: mx.array) -> mx.array:
+        return model(tokens, cache=cache)[:, -1, :]
+
+    if not compiled:
+        return forward
+    state = [c.arrays for c in cache]
+    traced = mx.compile(forward, inputs=state, outputs=state)
+    chosen = None
+
+    def step(tokens: mx.array) -> mx.array:
+        nonlocal chosen
+        if chosen is not None:
+            return chosen(tokens)
+        saved = [dict(c.arrays) for c in cache]
+        try:
+            out = traced(tokens)
+            chosen = traced
+        except Exception as e:  # e.g. an op without a compiled form on this backend: run uncompiled
+            for c, arrays in zip(cache, saved):
+                c.arrays.clear()
+                c.arrays.update(arrays)
+            warnings.warn(f"compiled decode step unavailable ({type(e).__name__}: {e}); using the plain path")
+            chosen = forward
+            out = forward(tokens)
+        return out
+
+    return step
+
+
+def compile_by_default() -> bool:
+    """Compile decode steps where it pays: on a GPU, where per-token graph building and kernel launches
+    dominate small models. On the CPU the matrix products dominate (see benchmarks/decode_bench.py)."""
+    return mx.default_device().type == mx.gpu
+
+
 def generate_step(
     prompt: mx.array,
     model: nn.Module,
@@ -54,22 +94,31 @@ def generate_step(
     prompt_cache: Optional[list] = None,
     max_kv_size: Optional[int] = None,
     prefill_step_size: int = 512,
+    compile: Optional[bool] = None,
 ) -> Generator[tuple[int, mx.array], None, None]:
     """Yield (token id, log-probabilities) for a 1-D prompt, one generated token at a time.
 
     The next step is built and queued (mx.async_eval) before the current token is handed out, so graph
-    construction overlaps with computation.
+    construction overlaps with computation. `compile` (default: on GPUs) runs decode steps as one compiled
+    graph over pre-allocated caches of prompt + max_tokens positions; it needs no prompt_cache and no
+    max_kv_size, and falls back to the plain path where those are given or compilation fails.
     """
     if prompt.ndim != 1 or prompt.size == 0:
         raise ValueError("prompt must be a non-empty 1-D array of token ids")
     sampler = sampler or greedy
     processors = list(logits_processors or [])
-    cache = prompt_cache if prompt_cache is not None else make_prompt_cache(model, max_kv_size)
+    compiled = (compile_by_default() if compile is None else compile) and prompt_cache is None and max_kv_size is None
+    if compiled:
+        cache = [StaticKVCache(prompt.size + max_tokens) for _ in model.layers]
+    else:
+        cache = prompt_cache if prompt_cache is not None else make_prompt_cache(model, max_kv_size)
+    plain = _decode_forward(model, cache, compiled=False)
+    decode = _decode_forward(model, cache, compiled) if compiled else plain
     history = prompt[None] if processors else None
 
-    def step(tokens: mx.array):
+    def step(tokens: mx.array, forward):
         nonlocal history
-        logits = model(tokens, cache=cache)[:, -1, :]
+        logits = forward(tokens)
         if processors:
             for process in processors:
                 logits = process(history, logits)
@@ -80,12 +129,12 @@ def generate_step(
         return token, logprobs[0]
 
     rest = prefill(model, prompt[None], cache, prefill_step_size)
-    token, logprobs = step(rest)
+    token, logprobs = step(rest, plain)  # the caches' buffers exist from here on, so the trace sees them
     mx.async_eval(token, logprobs)
     n = 0
     while n < max_tokens:
         if n + 1 < max_tokens:
-            next_token, next_logprobs = step(token[:, None])
+            next_token, next_logprobs = step(token[:, None], decode)
             mx.async_eval(next_token, next_logprobs)
         yield int(token.item()), logprobs
         n += 1

@@ -58,15 +58,30 @@ def _is_gguf(path: Path) -> bool:
         return fh.read(4) == b"GGUF"
 
 
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
 def _compute_dtype(requested: Optional[str], weights: dict[str, mx.array]) -> mx.Dtype:
     if requested is not None:
         if requested not in DTYPES:
             raise UserError(f"dtype '{requested}' is not one of {', '.join(DTYPES)}")
         return DTYPES[requested]
+    floats = Counter()
+    for v in weights.values():
+        if mx.issubdtype(v.dtype, mx.floating):
+            floats[v.dtype] += v.size
+    stored = floats.most_common(1)[0][0] if floats else mx.float16
     if mx.default_device().type == mx.cpu:
-        return mx.float32  # MLX's CPU kernels run float32 about 10x faster than half precision
-    floats = Counter(v.dtype for k, v in weights.items() if mx.issubdtype(v.dtype, mx.floating))
-    return mx.bfloat16 if floats and floats.most_common(1)[0][0] == mx.bfloat16 else mx.float16
+        # MLX's CPU kernels run float32 about 10x faster than half precision; take it while the float32
+        # copy stays within 40% of physical memory, else keep the checkpoint's dtype.
+        if sum(floats.values()) * 4 <= 0.4 * _physical_memory():
+            return mx.float32
+        return stored
+    return mx.bfloat16 if stored == mx.bfloat16 else mx.float16
 
 
 def _read_folder(folder: Path) -> tuple[dict, dict[str, mx.array], dict[str, dict]]:

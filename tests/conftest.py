@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import applelm  # noqa: F401  (first: it preloads a fast BLAS, which only works before mlx is imported)
 import mlx.core as mx
 import mlx.nn as nn
 import pytest

@@ -40,3 +40,20 @@ def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 32) -> dic
     divisible = lambda _, m: hasattr(m, "to_quantized") and m.weight.shape[-1] % group_size == 0
     nn.quantize(model, group_size=group_size, bits=bits, class_predicate=divisible)
     return {"group_size": group_size, "bits": bits}
+
+
+WORDS = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, 97)}}
+
+
+def write_word_tokenizer(folder: Path) -> None:
+    """A 97-word tokenizer.json ("w3".."w96", specials <unk> <s> </s>) + tokenizer_config.json with a chat
+    template, readable by `tokenizers`, applelm and transformers (so mlx-lm) alike; matches the tiny models."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel(WORDS, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+        "unk_token": "<unk>", "chat_template": "{% for m in messages %}{{ m['content'] }} {% endfor %}"}))

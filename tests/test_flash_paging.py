@@ -77,7 +77,7 @@ def test_sparse_decode_equals_masked_prompt(layouts, arch):
     """Token-by-token decoding (selection, windowed cache with evictions, reads of misses) gives the same
     logits as one forward pass over the sequence applying every position's threshold mask densely."""
     _, _, out = layouts[arch]
-    full, _, _ = load_model(out, sparsity=0.5)
+    full, _, _ = load_model(out, sparsity=0.5, max_unit_bytes=4096)
     minimum_cache = full.flash.plan.total_bytes - full.flash.plan.cache_bytes
     small, _, _ = load_model(out, sparsity=0.5, window=2, max_unit_bytes=4096,  # misses decoded in chunks
                              memory_budget=minimum_cache + full.flash.plan.cache_bytes // 3)

@@ -47,3 +47,37 @@ def test_offline_and_not_cached_is_a_clear_error(tmp_path, monkeypatch):
                                      ("just-a-name", False)])
 def test_repo_id_shape(name, ok):
     assert looks_like_repo_id(name) is ok
+
+
+def test_full_load_and_generate_from_a_cached_repo_with_tokenizer(tmp_path, monkeypatch):
+    """A complete HF-style repo (config, safetensors, tokenizer.json, tokenizer_config.json with a chat
+    template) in the local cache: `load(repo_id)` and the CLI both run offline."""
+    import json
+
+    from applelm import generate, load
+    from applelm.generate import main
+    from applelm.loader import load_model
+    from gguf_fixtures import write_tiny_llama_gguf
+
+    from test_stream_generate import CHATML
+
+    gguf_path = tmp_path / "tiny.gguf"
+    fixture = write_tiny_llama_gguf(gguf_path, seed=2, chat_template=CHATML)
+    dense, config, _ = load_model(gguf_path, dequantize=True)
+    _, tokenizer = load(gguf_path)
+    repo = tmp_path / "hub" / "models--tiny-org--Tiny-Chat"
+    snapshot = repo / "snapshots" / COMMIT
+    save_folder(dense, config, snapshot)
+    tokenizer.backend.save(str(snapshot / "tokenizer.json"))
+    (snapshot / "tokenizer_config.json").write_text(json.dumps(
+        {"chat_template": CHATML, "bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "add_bos_token": False}))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(COMMIT)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+
+    model, tok = load("tiny-org/Tiny-Chat")
+    assert tok.chat_template == CHATML and fixture["config"]["vocab_size"] == tok.vocab_size
+    prompt = tok.apply_chat_template([{"role": "user", "content": "hello"}])
+    assert generate(model, tok, prompt, max_tokens=5) == generate(dense, tokenizer, prompt, max_tokens=5)
+    assert main(["--model", "tiny-org/Tiny-Chat", "--prompt", "hello", "--max-tokens", "3"]) == 0

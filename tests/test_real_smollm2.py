@@ -63,3 +63,16 @@ def test_answer_names_paris(smollm2):
     out, _ = greedy(model, CHAT_IDS, 12)
     text = "".join(tokens[i] for i in out).replace("Ġ", " ")
     assert "Paris" in text
+
+
+def test_cli_default_model_answers_paris_then_stats_line():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "applelm.generate", "--prompt", "What is the capital of France?",
+                           "--max-tokens", "24", "--temp", "0"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "Paris" in proc.stdout
+    stats = proc.stderr.strip().splitlines()[-1]
+    for field in ("load", "prompt", "tok/s", "generation", "peak memory"):
+        assert field in stats, stats

@@ -25,10 +25,10 @@ import mlx.core as mx
 import numpy as np
 
 from ..errors import ModelFormatError, UserError
+from ..progress import Progress
 from .codec import BundleCodec
 from .layout import (ALIGN, FORMAT, INDEX_FILE, PREDICTOR_FILE, RESIDENT_FILE, VERSION, aligned, crc32_file,
                      is_flash_layout, layer_file, read_layout, write_index)
-from .progress import Progress
 from .source import open_source
 
 DEFAULT_CALIBRATION = Path(__file__).with_name("calibration.txt")
@@ -80,7 +80,7 @@ def prepare(model, out, *, bits: int = 16, dtype: Optional[str] = None, calibrat
     _prepare_out(out)
 
     layers = []
-    bar = Progress(n_layers, f"bundling FFN ({bits}-bit)", show_progress)
+    bar = Progress(f"bundling FFN ({bits}-bit)", n_layers, show_progress)
     for i in range(n_layers):
         gate, up, down = src.ffn(i)
         if gate.shape != (inter, hidden) or up.shape != (inter, hidden) or down.shape != (hidden, inter):
@@ -158,7 +158,7 @@ def run_calibration(out, text_path=None, n_tokens: int = 1024, ids=None, train_p
     from ..cache import make_prompt_cache
 
     cache = make_prompt_cache(model)
-    bar = Progress(len(tokens), f"calibrating on {len(tokens)} tokens", show_progress)
+    bar = Progress(f"calibrating on {len(tokens)} tokens", len(tokens), show_progress)
     for s in range(0, len(tokens), CALIBRATION_CHUNK):  # chunks with a KV cache: attention stays cheap
         chunk = tokens[s: s + CALIBRATION_CHUNK]
         mx.eval(body(mx.array(chunk, dtype=mx.int32)[None], cache=cache))
@@ -175,7 +175,7 @@ def run_calibration(out, text_path=None, n_tokens: int = 1024, ids=None, train_p
     if train_predictors:
         rank = rank or max(8, min(64, layout.hidden // 8))
         arrays, taus, recalls, fractions, actives = {}, [], [], [], []
-        bar = Progress(layout.n_layers, f"training predictors (rank {rank})", show_progress)
+        bar = Progress(f"training predictors (rank {rank})", layout.n_layers, show_progress)
         for i in range(layout.n_layers):
             r = train_predictor(rec.inputs[i], rec.masks[i], rank)
             arrays.update({f"layers.{i}.a": mx.array(r.a), f"layers.{i}.b": mx.array(r.b),

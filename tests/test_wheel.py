@@ -1,0 +1,36 @@
+"""A built wheel installs into a clean venv and imports applelm.models / applelm.ops (never as top-level
+`models` / `ops` packages)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import venv
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def test_wheel_imports_in_clean_venv(tmp_path):
+    subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(tmp_path / "dist"),
+                    str(ROOT)], check=True, capture_output=True, timeout=600)
+    wheel = next((tmp_path / "dist").glob("applelm-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "applelm/models/llama.py" in names and "applelm/ops/dispatch.py" in names
+    assert not any(n.startswith(("models/", "ops/", "tests/", "benchmarks/")) for n in names)
+
+    env_dir = tmp_path / "clean"
+    venv.create(env_dir, with_pip=True)
+    py = env_dir / "bin" / "python"
+    # dependencies come from the package index (or pip's cache); nothing from this checkout
+    subprocess.run([str(py), "-m", "pip", "install", "-q", str(wheel)], check=True, timeout=900)
+    code = ("import applelm, applelm.models, applelm.ops, importlib.util as u;"
+            "from applelm.models import get_architecture; get_architecture('gemma3');"
+            "assert u.find_spec('models') is None and u.find_spec('ops') is None;"
+            "print(applelm.models.__file__)")
+    out = subprocess.run([str(py), "-c", code], check=True, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert str(env_dir) in out.stdout
