@@ -218,7 +218,9 @@ def load_flash_model(folder, *, dtype: Optional[str] = None, memory_budget=None,
     if budget is not None:
         # MLX keeps freed buffers for reuse; paging frees buffers of many sizes, so without a limit that
         # pool alone would grow past the budget. Keep it to the paging buffers' size (process-wide).
-        mx.set_cache_limit(min(mx.set_cache_limit(0) or plan.buffer_bytes, max(plan.buffer_bytes, 4 << 20)))
+        # MLX buffers of paging are one unit's copy and decoded floats at a time (host staging is not MLX's).
+        pool = max(geom.unit_raw + geom.unit_decoded, 4 << 20)
+        mx.set_cache_limit(min(mx.set_cache_limit(0) or pool, pool))
     rt.sparsity, rt.sparsity_mode, rt.window = sparsity, sparsity_mode if sparsity is not None else None, window
     rt.reset_stats()
     model.flash = rt

@@ -59,6 +59,9 @@ class FlashRuntime:
         self.stats = FlashStats()
         self.thresholds: Optional[np.ndarray] = None  # per layer, sparse modes
         self.recorder = None  # sparsity.Recorder during calibration
+        # Sparse reads merge runs separated by at most this many pages. Measured on SmolLM2 at 1/3 of
+        # neurons missing: 0 reads 12% fewer bytes in 74% more requests and was slower on this disk.
+        self.gap_pages = 1
         self.closed = False
 
     # -- pipeline -----------------------------------------------------------------------------------------
@@ -103,7 +106,7 @@ class FlashRuntime:
     def submit_neurons(self, layer: int, neurons: np.ndarray, n_bytes: int):
         """Queue reads of the first `n_bytes` of each neuron's bundle (sorted ids); returns (futures, where)."""
         bundle = self.codec.bundle_bytes
-        runs, where = page_runs(neurons.astype(np.int64) * bundle, n_bytes)
+        runs, where = page_runs(neurons.astype(np.int64) * bundle, n_bytes, gap_pages=self.gap_pages)
         path = str(self.layout.layers[layer].path)
         return self.reader.read_runs(path, runs, self.scratch), where
 
