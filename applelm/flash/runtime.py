@@ -40,8 +40,10 @@ class FlashRuntime:
     def __init__(self, layout: FlashLayout, plan: Plan, dtype, io_threads: int = 4,
                  max_unit_bytes: int = 16 << 20, read_split: int = 8 << 20):
         self.layout, self.plan, self.dtype, self.codec = layout, plan, dtype, layout.codec
-        self.reader = DirectReader(threads=1 if plan.mode == "naive" else io_threads,
-                                   split=1 << 40 if plan.mode == "naive" else read_split)
+        # Naive: one synchronous request per unit. Sparse: many small random reads, which need queue depth
+        # (32 KiB random reads measured 1.5-3x faster at 8 in flight than at 1 on this machine's disk).
+        threads = {"naive": 1, "sparse": max(io_threads, 8)}.get(plan.mode, io_threads)
+        self.reader = DirectReader(threads=threads, split=1 << 40 if plan.mode == "naive" else read_split)
         inter, bundle = layout.intermediate, self.codec.bundle_bytes
         self.units = {i: split_layer(i, inter, bundle, str(layout.layers[i].path), max_unit_bytes)
                       for i in range(layout.n_layers)}
