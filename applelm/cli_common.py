@@ -49,6 +49,16 @@ def float_in(low: float, high: float, low_open: bool = False, high_open: bool = 
     return parse
 
 
+def size_arg(text: str) -> int:
+    """An argparse type for a memory size: 2GB, 512MB, 1.5GiB, or plain bytes (strict)."""
+    from .flash.budget import parse_size
+
+    try:
+        return parse_size(text)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def run_main(prog: str, body: Callable[[], int]) -> int:
     """Run a CLI body: user errors -> one line and exit 2; anything unexpected -> one line and exit 1."""
     try:

@@ -8,7 +8,7 @@ package's GGUFLinear / GGUFEmbedding multiply with the packed blocks directly.
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Callable, Optional
 
 import mlx.core as mx
 import numpy as np
@@ -113,8 +113,10 @@ def _hf_name(name: str, arch: str) -> str:
     raise UnsupportedError(f"GGUF tensor '{name}' has no counterpart in the {arch} model")
 
 
-def load_gguf(gguf: GGUFFile, config: dict[str, Any]) -> tuple[dict[str, mx.array], dict[str, dict]]:
-    """Weights under our parameter names and the quantize-swap specs for the quantized ones."""
+def load_gguf(gguf: GGUFFile, config: dict[str, Any], include: Optional[Callable[[str], bool]] = None
+              ) -> tuple[dict[str, mx.array], dict[str, dict]]:
+    """Weights under our parameter names and the quantize-swap specs for the quantized ones; `include`
+    (a predicate on our names) restricts which tensors are read."""
     arch = config["model_type"]
     weights: dict[str, mx.array] = {}
     specs: dict[str, dict] = {}
@@ -122,6 +124,8 @@ def load_gguf(gguf: GGUFFile, config: dict[str, Any]) -> tuple[dict[str, mx.arra
         if name == "rope_freqs.weight":
             continue  # folded into the config's rope_scaling
         hf = _hf_name(name, arch)
+        if include is not None and not include(hf):
+            continue
         path = hf.rsplit(".", 1)[0]
         type_name = info.ggml_type.name
         rows = None

@@ -16,6 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .errors import ModelFormatError, UnsupportedError, UserError
+from .flash.layout import is_flash_layout
 from .gguf_file import GGUFFile
 from .gguf_loader import gguf_config, load_gguf
 from .hub import looks_like_repo_id, resolve_repo
@@ -105,10 +106,22 @@ def _read_folder(folder: Path) -> tuple[dict, dict[str, mx.array], dict[str, dic
 
 
 def load_model(path: Path, dtype: Optional[str] = None, lazy: bool = False,
-               dequantize: bool = False) -> tuple[nn.Module, dict, Optional[GGUFFile]]:
-    """Build and fill the model at `path` (a .gguf file or a model folder); `dequantize` turns quantized
-    layers into dense ones of the compute dtype."""
+               dequantize: bool = False, **flash_options) -> tuple[nn.Module, dict, Optional[GGUFFile]]:
+    """Build and fill the model at `path` (a .gguf file, a model folder or a flash layout); `dequantize`
+    turns quantized layers into dense ones of the compute dtype. `flash_options` (memory_budget,
+    sparsity, ...) apply to flash layouts only (see applelm.flash.loader.load_flash_model)."""
     gguf, path = None, Path(path)
+    if is_flash_layout(path):
+        from .flash.loader import load_flash_model
+
+        model, config, _ = load_flash_model(path, dtype=dtype, dequantize=dequantize, **flash_options)
+        return model, config, None
+    if flash_options.get("memory_budget") is not None:
+        raise UserError(f"{path}: a memory budget needs a flash layout; write one with "
+                        "python -m applelm.flash prepare MODEL OUT and load OUT")
+    unknown = [k for k, v in flash_options.items() if v is not None and k != "memory_budget"]
+    if unknown:
+        raise UserError(f"{path}: {', '.join(unknown)} apply to flash layouts only")
     if path.is_dir():
         ggufs = sorted(path.glob("*.gguf"))
         if not (path / "config.json").exists() and len(ggufs) == 1:
@@ -144,15 +157,25 @@ def load_model(path: Path, dtype: Optional[str] = None, lazy: bool = False,
 
 
 def load(model: Union[str, os.PathLike, None] = None, *, dtype: Optional[str] = None, lazy: bool = False,
-         dequantize: bool = False):
-    """Load a model and its tokenizer: `model` is a .gguf file, a model folder, a HF repo id, or None for
-    the embedded default (SmolLM2-135M-Instruct). Returns (model, tokenizer).
+         dequantize: bool = False, memory_budget: Union[str, int, None] = None, **flash_options):
+    """Load a model and its tokenizer: `model` is a .gguf file, a model folder, a flash layout, a HF repo
+    id, or None for the embedded default (SmolLM2-135M-Instruct). Returns (model, tokenizer).
 
     dtype: compute dtype ("float32", "float16", "bfloat16"; default float32 on CPU, else the checkpoint's).
-    dequantize: hold quantized layers as dense weights (faster on CPU, more memory)."""
+    dequantize: hold quantized layers as dense weights (faster on CPU, more memory).
+    memory_budget: for a flash layout (python -m applelm.flash prepare), the bytes weights and paging
+        buffers may hold ("2GB", "512MiB" or an int); FFN weights beyond it stream from the SSD. Without
+        it a flash layout loads fully resident. Further flash options: sparsity (target fraction of
+        inactive FFN neurons, e.g. 0.5), sparsity_mode ("threshold" or "predictor"), window (tokens a
+        neuron stays cached, default 4). The loaded model's `flash` attribute reports bytes read."""
     path = resolve_model_path(None if model is None else os.fspath(model))
-    nn_model, _, gguf = load_model(path, dtype=dtype, lazy=lazy, dequantize=dequantize)
+    nn_model, _, gguf = load_model(path, dtype=dtype, lazy=lazy, dequantize=dequantize,
+                                   memory_budget=memory_budget, **flash_options)
     from .tokenizer import load_tokenizer, tokenizer_from_gguf
 
+    if is_flash_layout(path):
+        from .flash.loader import flash_tokenizer
+
+        return nn_model, flash_tokenizer(path)
     tokenizer = tokenizer_from_gguf(gguf.metadata) if gguf is not None else load_tokenizer(path)
     return nn_model, tokenizer

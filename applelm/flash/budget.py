@@ -1,0 +1,166 @@
+"""Memory budgets: strict size parsing and the plan of what stays resident and what streams.
+
+The budget covers every byte the model's weights and paging machinery hold: the resident part
+(embeddings, norms, attention, output head), the FFN parts kept in memory (pinned layers, resident
+gates or predictors, neuron caches), and the paging buffers (direct-I/O staging ring, the copies of
+streamed units MLX is still computing with, and their decoded floats). What it does not cover is the
+fixed runtime overhead (Python, MLX and BLAS code and their caches), the KV cache and activations;
+docs/flash.md gives the measured size of that overhead.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Optional
+
+from ..errors import UserError
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(text) -> int:
+    """'2GB' -> 2_000_000_000, '512MiB' -> 536_870_912, '1e9'? no: digits, optional decimals, a unit
+    (B, KB, MB, GB, TB decimal; KiB, MiB, GiB, TiB binary; case-insensitive). Anything else raises."""
+    if isinstance(text, bool):
+        raise UserError(f"memory budget must be a size like 2GB or 512MB, got {text!r}")
+    if isinstance(text, int):
+        value = text
+    else:
+        m = _SIZE.match(str(text))
+        unit = m.group(2).lower() if m else None
+        if m is None or unit not in _UNITS:
+            raise UserError(f"memory budget {text!r} is not a size; use a number and a unit, e.g. 512MB, 2GB, 1.5GiB")
+        value = int(float(m.group(1)) * _UNITS[unit])
+    if value <= 0:
+        raise UserError(f"memory budget must be positive, got {text!r}")
+    return value
+
+
+def format_size(n: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+@dataclass
+class Plan:
+    """What one load keeps in memory and what it streams (all sizes in bytes)."""
+
+    mode: str  # "resident", "dense" (whole layers streamed, the rest pinned), "sparse", "naive"
+    budget: Optional[int]
+    resident_bytes: int  # non-FFN weights as held in memory
+    pinned: list[int] = field(default_factory=list)
+    streamed: list[int] = field(default_factory=list)
+    unit_bytes: int = 0  # max neuron-slice read per unit (dense streaming) or per sparse read buffer
+    ring_depth: int = 0
+    max_inflight: int = 0
+    fixed_bytes: int = 0  # resident gates or predictors (sparse)
+    cache_capacity: int = 0  # neurons per layer (sparse)
+    pinned_bytes: int = 0
+    buffer_bytes: int = 0  # staging + in-flight copies + decoded floats
+    cache_bytes: int = 0
+
+    @property
+    def total_bytes(self) -> int:
+        return self.resident_bytes + self.pinned_bytes + self.fixed_bytes + self.buffer_bytes + self.cache_bytes
+
+    def describe(self) -> str:
+        parts = [f"mode {self.mode}", f"resident {format_size(self.resident_bytes)}"]
+        if self.pinned:
+            parts.append(f"{len(self.pinned)} FFN layers pinned ({format_size(self.pinned_bytes)})")
+        if self.streamed:
+            parts.append(f"{len(self.streamed)} streamed (ring {self.ring_depth} x {format_size(self.unit_bytes)})")
+        if self.fixed_bytes:
+            parts.append(f"selectors {format_size(self.fixed_bytes)}")
+        if self.cache_capacity:
+            parts.append(f"neuron cache {self.cache_capacity}/layer ({format_size(self.cache_bytes)})")
+        parts.append(f"buffers {format_size(self.buffer_bytes)}")
+        parts.append(f"total {format_size(self.total_bytes)}" + (f" of {format_size(self.budget)}" if self.budget else ""))
+        return ", ".join(parts)
+
+
+def _too_small(budget: int, minimum: int, what: str) -> UserError:
+    return UserError(f"memory budget {format_size(budget)} ({budget} bytes) is below the minimum of "
+                     f"{format_size(minimum)} ({minimum} bytes) that {what} needs")
+
+
+@dataclass
+class Geometry:
+    n_layers: int
+    hidden: int
+    intermediate: int
+    bundle_bytes: int
+    part_bytes: int
+    compute_itemsize: int
+    unit_neurons: int  # neurons per streamed unit
+
+    @property
+    def layer_mem(self) -> int:  # one pinned layer: up, down, gate in the compute dtype
+        return 3 * self.intermediate * self.hidden * self.compute_itemsize
+
+    @property
+    def unit_raw(self) -> int:  # one unit's bytes as read (aligned) and as copied into MLX
+        return self.unit_neurons * self.bundle_bytes + 8192
+
+    @property
+    def unit_decoded(self) -> int:  # one unit's decoded floats while MLX computes with them
+        return 3 * self.unit_neurons * self.hidden * self.compute_itemsize
+
+
+def plan_dense(g: Geometry, resident: int, budget: Optional[int], depth: int = 4, inflight: int = 2,
+               naive: bool = False) -> Plan:
+    """Pin as many whole FFN layers as the budget allows after the streaming buffers; stream the rest.
+    With sparsity off every neuron is used every token, so pinning whole layers is what a cache would
+    converge to anyway, and the streamed part is read sequentially (the fastest reads a disk does)."""
+    every = list(range(g.n_layers))
+    all_pinned = resident + g.n_layers * g.layer_mem
+    if naive:
+        buffers = g.unit_raw * 2 + g.unit_decoded
+        if budget is not None and budget < resident + buffers:
+            raise _too_small(budget, resident + buffers, "naive streaming (resident part + one layer's buffers)")
+        return Plan("naive", budget, resident, [], every, g.unit_raw, 1, 1, buffer_bytes=buffers)
+    if budget is None or budget >= all_pinned:
+        return Plan("resident", budget, resident, every, [], pinned_bytes=g.n_layers * g.layer_mem)
+
+    def buffers(d: int, q: int) -> int:
+        return d * g.unit_raw + q * (g.unit_raw + g.unit_decoded)
+
+    minimum = resident + buffers(2, 1)
+    if budget < minimum:
+        raise _too_small(budget, minimum, "the resident part plus the minimum streaming buffers")
+    while depth > 2 and resident + buffers(depth, inflight) > budget:
+        depth -= 1
+    while inflight > 1 and resident + buffers(depth, inflight) > budget:
+        inflight -= 1
+    n_pinned = min(g.n_layers - 1, max(0, (budget - resident - buffers(depth, inflight)) // g.layer_mem))
+    # Pin the last layers: the ring then streams the first ones, whose reads for the next token start
+    # while the pinned tail of this token computes.
+    pinned = every[g.n_layers - n_pinned:] if n_pinned else []
+    streamed = every[: g.n_layers - n_pinned]
+    return Plan("dense", budget, resident, pinned, streamed, g.unit_raw, depth, inflight,
+                pinned_bytes=n_pinned * g.layer_mem, buffer_bytes=buffers(depth, inflight))
+
+
+def plan_sparse(g: Geometry, resident: int, budget: Optional[int], selector_bytes: int, n_parts: int) -> Plan:
+    """Neuron-level paging: resident selectors (gates or predictors) for every layer, a neuron cache per
+    layer sized from what the budget leaves, one read buffer (a layer file: a token's coalesced neuron
+    reads never exceed it) plus the copy and decoded floats of one unit (prompts read whole layers)."""
+    row = n_parts * g.hidden * g.compute_itemsize
+    layer_file = (g.intermediate * g.bundle_bytes + 4095) // 4096 * 4096
+    buffers = layer_file + g.unit_raw + g.unit_decoded
+    base = resident + selector_bytes + buffers
+    if budget is None:
+        capacity = g.intermediate
+    else:
+        minimum = base + g.n_layers * row * max(1, g.intermediate // 64)
+        if budget < minimum:
+            raise _too_small(budget, minimum, "sparse paging (resident part, selectors, buffers and a neuron "
+                                              "cache of 1/64 of each layer)")
+        capacity = min(g.intermediate, (budget - base) // (g.n_layers * row))
+    return Plan("sparse", budget, resident, [], list(range(g.n_layers)), g.unit_raw, 0, 1,
+                fixed_bytes=selector_bytes, cache_capacity=capacity, buffer_bytes=buffers,
+                cache_bytes=g.n_layers * capacity * row)

@@ -1,0 +1,243 @@
+"""Load a flash layout: the core loader's fixed order, with the FFN swap as one more module swap.
+
+build -> sanitize -> quantize swap (resident part) -> FFN swap (FlashMLP per layer, following the
+memory plan) -> load_weights(strict=True) of the resident part -> eval -> one pass over the layer files
+(CRC check, pinned layers, resident gates) -> neuron caches and predictors for sparse paging.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from pathlib import Path
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten
+
+from ..errors import ModelFormatError, UnsupportedError, UserError
+from ..models import get_architecture
+from ..ops import GGUFEmbedding, GGUFLinear
+from ..quant import dequantize_model, swap_quantized
+from .budget import Geometry, Plan, parse_size, plan_dense, plan_sparse
+from .io import AlignedBuffer, wait_all
+from .layout import GGUF_TOKENIZER_FILE, PREDICTOR_FILE, FlashLayout, read_layout, verify_resident
+from .neuron_cache import NeuronCache
+from .paged_mlp import FlashMLP
+from .runtime import FlashRuntime
+
+SPARSITY_MODES = ("threshold", "predictor")
+
+
+def activation_of(mlp: nn.Module):
+    """The activation of a model's gated MLP module (the FFN swap must compute the same function)."""
+    from ..models import gemma3, llama
+
+    if "bias" in getattr(mlp, "gate_proj", {}) or "bias" in getattr(mlp, "down_proj", {}):
+        raise UnsupportedError("flash paging does not support FFN biases (mlp_bias)")
+    if type(mlp) is llama.MLP:
+        return nn.silu
+    if type(mlp) is gemma3.MLP:
+        return nn.gelu_approx
+    raise UnsupportedError(f"flash paging does not know the FFN module {type(mlp).__name__}")
+
+
+def _dense_bytes(module: nn.Module, itemsize: int) -> Optional[int]:
+    if isinstance(module, GGUFLinear):
+        return module.in_features * module.out_features * itemsize
+    if isinstance(module, GGUFEmbedding):
+        return module.num_embeddings * module.dims * itemsize
+    if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+        w = module["weight"]
+        return w.shape[0] * w.shape[1] * 32 // module.bits * itemsize
+    return None
+
+
+def resident_bytes(model: nn.Module, dequantize: bool, itemsize: int) -> int:
+    """Bytes of the resident part as it will be held (known before anything is evaluated)."""
+    total = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    if dequantize:  # quantized layers become dense ones of the compute dtype
+        for _, module in model.named_modules():
+            dense = _dense_bytes(module, itemsize)
+            if dense is not None:
+                packed = sum(v.nbytes for k, v in tree_flatten(module.parameters()) if k != "bias")
+                total += dense - packed
+    return total
+
+
+def _thresholds(layout: FlashLayout, sparsity: float) -> np.ndarray:
+    info = layout.index.get("sparsity")
+    if not info:
+        raise UserError(f"{layout.folder}: this flash layout has no calibrated sparsity thresholds; run prepare "
+                        "with --calibration FILE (or without --no-calibrate)")
+    levels = np.asarray(info["levels"], np.float64)
+    table = np.asarray(info["thresholds"], np.float64)  # (layers, levels)
+    if not levels[0] <= sparsity <= levels[-1]:
+        raise UserError(f"sparsity {sparsity} is outside the calibrated range {levels[0]:.2f}..{levels[-1]:.2f}")
+    return np.array([np.interp(sparsity, levels, row) for row in table], np.float32)
+
+
+def _predictors(layout: FlashLayout, dtype) -> tuple[list, dict]:
+    info = layout.index.get("predictors")
+    path = layout.folder / PREDICTOR_FILE
+    if not info or not path.is_file():
+        raise UserError(f"{layout.folder}: this flash layout has no trained predictors; run prepare with "
+                        "--train-predictors")
+    if zlib.crc32(path.read_bytes()) != info.get("crc32"):
+        raise ModelFormatError(f"{path}: CRC32 mismatch; the predictor weights are corrupt")
+    arrays = mx.load(str(path))
+    out = []
+    for i in range(layout.n_layers):
+        try:
+            a, b, bias = (arrays[f"layers.{i}.{k}"].astype(dtype) for k in ("a", "b", "bias"))
+        except KeyError:
+            raise ModelFormatError(f"{path}: predictor of layer {i} is missing") from None
+        out.append((a, b, bias, float(info["logit_thresholds"][i])))
+    return out, info
+
+
+def _read_layers(rt: FlashRuntime, layout: FlashLayout, want: dict[int, tuple], verify: bool) -> dict:
+    """One pass over the layer files with direct I/O: check CRCs and decode the parts layers keep.
+    want[i] lists part indices to keep for layer i; returns {i: [array per wanted part]}."""
+    buf = AlignedBuffer(max(u.read_bytes for us in rt.units.values() for u in us))
+    out = {}
+    try:
+        for i in range(layout.n_layers):
+            parts = want.get(i, ())
+            if not verify and not parts:
+                continue
+            crc, pieces = 0, [[] for _ in parts]
+            for u in rt.units[i]:
+                wait_all(rt.reader.read(u.path, u.file_offset, u.read_bytes, buf))
+                bundles = u.bundles(buf.array)
+                crc = zlib.crc32(bundles, crc)
+                if parts:
+                    decoded = rt.codec.decode_mx(mx.array(bundles), 3, rt.dtype)
+                    for slot, p in zip(pieces, parts):
+                        slot.append(decoded[p])
+                    mx.eval([s[-1] for s in pieces])
+            entry = layout.layers[i]
+            if verify and crc != entry.crc32:
+                raise ModelFormatError(f"{entry.path}: CRC32 mismatch ({crc:08x}, index says {entry.crc32:08x}); "
+                                       "the layer data is corrupt, run prepare again")
+            if parts:
+                out[i] = [s[0] if len(s) == 1 else mx.concatenate(s) for s in pieces]
+                mx.eval(out[i])
+    finally:
+        buf.close()
+    return out
+
+
+def load_flash_model(folder, *, dtype: Optional[str] = None, memory_budget=None, sparsity: Optional[float] = None,
+                     sparsity_mode: str = "threshold", window: int = 4, dequantize: bool = False,
+                     naive: bool = False, verify: bool = True, io_threads: int = 4, ring_depth: int = 4,
+                     max_unit_bytes: int = 16 << 20, read_split: int = 8 << 20) -> tuple[nn.Module, dict, FlashLayout]:
+    """Build the model of a flash layout (see `applelm.load` for the user-facing options)."""
+    from ..loader import _compute_dtype  # the core loader's dtype rule (float32 on CPU)
+
+    layout = read_layout(folder)
+    if verify:
+        verify_resident(layout)
+    config = layout.config
+    budget = parse_size(memory_budget) if memory_budget is not None else None
+    if sparsity is not None and not 0.0 < float(sparsity) < 1.0:
+        raise UserError(f"sparsity must be in (0, 1), got {sparsity}")
+    if sparsity_mode not in SPARSITY_MODES:
+        raise UserError(f"sparsity mode must be one of {', '.join(SPARSITY_MODES)}, got {sparsity_mode!r}")
+    if window < 1:
+        raise UserError(f"window must be >= 1, got {window}")
+
+    arch = get_architecture(config["model_type"])
+    model = arch.Model(arch.ModelArgs.from_dict(config))
+    try:
+        weights = mx.load(str(layout.resident_path))
+    except (RuntimeError, ValueError) as e:
+        raise ModelFormatError(f"{layout.resident_path}: cannot be read as safetensors ({e})") from None
+    weights = model.sanitize(weights)
+    specs = layout.index["resident"].get("quantized", {})
+    swap_quantized(model, {p: s for p, s in specs.items() if f"{p}.weight" in weights})
+    dtype_ = _compute_dtype(dtype, weights)
+    weights = {k: v.astype(dtype_) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
+    for _, module in model.named_modules():
+        if isinstance(module, GGUFEmbedding):
+            module.dtype = dtype_
+    acts = [activation_of(block.mlp) for block in model.layers]
+    for block in model.layers:  # the FFN's zero-initialized placeholders are never materialized
+        block.mlp = nn.Module()
+    itemsize = mx.zeros((), dtype_).itemsize
+    resident = resident_bytes(model, dequantize, itemsize)
+
+    codec = layout.codec
+    geom = Geometry(layout.n_layers, layout.hidden, layout.intermediate, codec.bundle_bytes, codec.part_bytes,
+                    itemsize, max(1, min(layout.intermediate, max_unit_bytes // codec.bundle_bytes)))
+    thresholds = predictors = None
+    if sparsity is not None:
+        thresholds = _thresholds(layout, float(sparsity))
+        if sparsity_mode == "threshold":
+            selector = layout.n_layers * layout.intermediate * layout.hidden * itemsize
+        else:
+            predictors, _ = _predictors(layout, dtype_)
+            selector = sum(a.nbytes + b.nbytes + c.nbytes for a, b, c, _ in predictors)
+        plan = plan_sparse(geom, resident, budget, selector, 2 if sparsity_mode == "threshold" else 3)
+    else:
+        plan = plan_dense(geom, resident, budget, depth=ring_depth, naive=naive)
+
+    rt = FlashRuntime(layout, plan, dtype_, io_threads=io_threads, max_unit_bytes=max_unit_bytes,
+                      read_split=read_split)
+    rt.thresholds = thresholds
+    pinned = set(plan.pinned)
+    for i, block in enumerate(model.layers):
+        mode = {"naive": "naive", "sparse": "sparse"}.get(plan.mode) or ("pinned" if i in pinned else "stream")
+        block.mlp = FlashMLP(i, rt, acts[i], mode)
+    try:
+        model.load_weights(list(weights.items()), strict=True)
+    except ValueError as e:
+        raise ModelFormatError(f"{layout.resident_path}: weights do not match the {config['model_type']} "
+                               f"model: {e}") from None
+    if dequantize:
+        dequantize_model(model)
+    mx.eval(model.parameters())
+
+    want = {i: (0, 1, 2) for i in pinned}
+    if plan.mode == "sparse" and sparsity_mode == "threshold":
+        want = {i: (2,) for i in range(layout.n_layers)}
+    data = _read_layers(rt, layout, want, verify)
+    for i, block in enumerate(model.layers):
+        mlp = block.mlp
+        if mlp.mode == "pinned":
+            mlp._pinned = tuple(data[i])
+        elif mlp.mode == "sparse":
+            if sparsity_mode == "threshold":
+                mlp._gate = data[i][0]
+            else:
+                mlp._predictor = predictors[i]
+            mlp._cache = NeuronCache(layout.intermediate, plan.cache_capacity, mlp._n_parts, layout.hidden,
+                                     dtype_, window)
+    if budget is not None:
+        # MLX keeps freed buffers for reuse; paging frees buffers of many sizes, so without a limit that
+        # pool alone would grow past the budget. Keep it to the paging buffers' size (process-wide).
+        # MLX buffers of paging are one unit's copy and decoded floats at a time (host staging is not MLX's).
+        pool = max(geom.unit_raw + geom.unit_decoded, 4 << 20)
+        mx.set_cache_limit(min(mx.set_cache_limit(0) or pool, pool))
+    rt.sparsity, rt.sparsity_mode, rt.window = sparsity, sparsity_mode if sparsity is not None else None, window
+    rt.reset_stats()
+    model.flash = rt
+    model.eval()
+    return model, config, layout
+
+
+def flash_tokenizer(layout_or_folder):
+    """The tokenizer a flash layout carries (GGUF metadata as JSON, or Hugging Face tokenizer files)."""
+    from ..tokenizer import load_tokenizer, tokenizer_from_gguf
+
+    folder = Path(getattr(layout_or_folder, "folder", layout_or_folder))
+    meta_path = folder / GGUF_TOKENIZER_FILE
+    if meta_path.is_file():
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ModelFormatError(f"{meta_path}: not valid JSON ({e})") from None
+        return tokenizer_from_gguf(meta)
+    return load_tokenizer(folder)

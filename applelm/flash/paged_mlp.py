@@ -1,0 +1,205 @@
+"""`FlashMLP`: the module the flash loader swaps in for each layer's `mlp` (model files stay unchanged).
+
+It computes the gated FFN the model defines, down(act(gate(x)) * up(x)), from weights held in one of
+four ways (the runtime's plan decides per layer):
+
+- pinned:  up, down^T, gate in memory (also how `load(OUT)` without a budget holds every layer)
+- stream:  whole layer (or neuron slices of it) read each token through the prefetch ring
+- naive:   whole layer read synchronously each token, then evaluated (the baseline the paper beats)
+- sparse:  neuron-level paging: a selector picks the active neurons (resident gate with calibrated
+           magnitude thresholds, or a low-rank predictor), a windowing NeuronCache keeps recently active
+           neurons, and only the bundles of active neurons that are not cached are read
+
+Rows are neurons throughout: up and gate are (I, H) like nn.Linear weights, down is stored transposed
+(I, H), so a neuron's three vectors are rows of three matrices and a bundle fills one row of each.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .neuron_cache import NeuronCache
+from .runtime import FlashRuntime
+
+UP, DOWN, GATE = 0, 1, 2
+
+
+def gated_ffn(x: mx.array, up: mx.array, down_t: mx.array, gate: mx.array, act: Callable) -> mx.array:
+    """(act(x gate^T) * (x up^T)) down^T: the same math as the models' MLP modules."""
+    return (act(x @ gate.T) * (x @ up.T)) @ down_t
+
+
+def interleaved_ffn(x: mx.array, w: mx.array, act: Callable) -> mx.array:
+    """The same FFN from bundles as read, w = (n, 3, H) rows [up, down, gate] per neuron, with no
+    de-interleaving copy: one gemv over all 3n rows gives up and gate (and a wasted third), one gemv of
+    the activations against the (n, 3H) rows gives down in its middle third. For a single token this
+    beats splitting the parts apart (a strided copy per part); prompts use the split (compute-bound)."""
+    n, _, h = w.shape
+    z = (x @ w.reshape(3 * n, h).T).reshape(*x.shape[:-1], n, 3)
+    a = act(z[..., GATE]) * z[..., UP]
+    return (a @ w.reshape(n, 3 * h))[..., h: 2 * h]
+
+
+class FlashMLP(nn.Module):
+    """The paged feed-forward block of layer `layer`. Holds no parameters (the weights live in the flash
+    store and in this module's private state), so load_weights(strict=True) of the resident part works."""
+
+    def __init__(self, layer: int, runtime: FlashRuntime, act: Callable, mode: str):
+        super().__init__()
+        self.layer, self.mode = layer, mode
+        self._rt, self._act = runtime, act
+        self._pinned: Optional[tuple] = None  # (up, down_t, gate) in the compute dtype
+        self._gate: Optional[mx.array] = None  # resident gate (threshold sparsity)
+        self._predictor: Optional[tuple] = None  # (A, B, bias, logit threshold)
+        self._cache: Optional[NeuronCache] = None
+        self._units = [runtime.ring.position[(u.layer, u.start)] for u in runtime.units[layer]] \
+            if mode == "stream" else []
+
+    def _extra_repr(self) -> str:
+        return f"layer={self.layer}, mode={self.mode}"
+
+    def __call__(self, x: mx.array) -> mx.array:
+        rt = self._rt
+        if self.layer == 0:
+            rt.start_token(x.shape[0] * x.shape[1])
+        if self.mode == "pinned":
+            if rt.recorder is not None:
+                rt.recorder.record(self.layer, 0, x, self._act(x @ self._pinned[GATE].T))
+            return gated_ffn(x, *self._pinned, self._act)
+        if self.mode == "stream":
+            return self._stream(x)
+        if self.mode == "naive":
+            return self._naive(x)
+        if x.shape[0] * x.shape[1] == 1:
+            return self._sparse_token(x)
+        return self._sparse_prompt(x)
+
+    # -- dense paging -------------------------------------------------------------------------------------
+
+    def _decode(self, bundles: np.ndarray, n_parts: int = 3) -> list:
+        raw = mx.array(bundles)  # one copy out of the staging buffer, which can then be reused
+        return self._rt.codec.decode_mx(raw, n_parts, self._rt.dtype)
+
+    def _unit_ffn(self, x: mx.array, bundles: np.ndarray, start: int) -> mx.array:
+        """One streamed unit's contribution (copies the bundles out of the staging buffer first)."""
+        rt = self._rt
+        raw = mx.array(bundles)  # the one copy out of the staging buffer, which can then be reused
+        if x.shape[0] * x.shape[1] == 1 and not rt.codec.quantized and rt.recorder is None:
+            return interleaved_ffn(x, rt.codec.decode_interleaved_mx(raw, rt.dtype), self._act)
+        up, down_t, gate = rt.codec.decode_mx(raw, 3, rt.dtype)
+        if rt.recorder is not None:
+            rt.recorder.record(self.layer, start, x, self._act(x @ gate.T))
+        return gated_ffn(x, up, down_t, gate, self._act)
+
+    def _stream(self, x: mx.array) -> mx.array:
+        rt, y = self._rt, None
+        for k in self._units:
+            bundles, slot = rt.take_unit(k)
+            rt.bound_inflight()
+            part = self._unit_ffn(x, bundles, rt.ring.units[k].start)
+            rt.ring.release(slot)
+            y = part if y is None else y + part
+            rt.queue(y)  # compute starts now; the forward pass goes on building the next layers
+        return y
+
+    def _naive(self, x: mx.array) -> mx.array:
+        rt, y = self._rt, None
+        for unit in rt.units[self.layer]:
+            part = self._unit_ffn(x, rt.read_unit_now(unit), unit.start)
+            y = part if y is None else y + part
+            mx.eval(y)  # the naive loader evaluates each layer before reading the next one
+        return y
+
+    # -- neuron-level paging ------------------------------------------------------------------------------
+
+    @property
+    def _n_parts(self) -> int:
+        return 2 if self._gate is not None else 3  # a resident gate means bundles are read without it
+
+    def _select(self, xf: mx.array):
+        """(selected neuron ids, gate activations as numpy or None) for one token's FFN input xf (1, H)."""
+        rt = self._rt
+        if self._gate is not None:
+            g = self._act(xf @ self._gate.T)
+            mx.eval(g)  # the selection needs values: this token's reads depend on them
+            rt.stats.forced_evals += 1
+            gn = np.array(g, copy=False)[0]
+            return np.flatnonzero(np.abs(gn) > rt.thresholds[self.layer]), gn
+        a, b, bias, tau = self._predictor
+        logits = (xf @ a) @ b + bias
+        mx.eval(logits)
+        rt.stats.forced_evals += 1
+        return np.flatnonzero(np.array(logits, copy=False)[0] > tau), None
+
+    def _partial(self, xf: mx.array, up, down_t, gate, neurons: np.ndarray, gn) -> mx.array:
+        """Contribution of the given rows, with activations below the layer's threshold dropped."""
+        thr = float(self._rt.thresholds[self.layer])
+        if gn is not None:
+            g = gn[neurons]
+            coef = mx.array(np.where(np.abs(g) > thr, g, 0).astype(np.float32)).astype(xf.dtype)
+        else:
+            g = self._act(xf @ gate.T)
+            coef = mx.where(mx.abs(g) > thr, g, 0)
+        return ((xf @ up.T) * coef) @ down_t
+
+    def _sparse_token(self, x: mx.array) -> mx.array:
+        rt, cache, P = self._rt, self._cache, self._rt.codec.part_bytes
+        xf = x.reshape(1, -1)
+        selected, gn = self._select(xf)
+        to_insert, overflow = cache.plan(selected)
+        misses = np.sort(np.concatenate([to_insert, overflow]))
+        n_bytes = self._n_parts * P
+        if len(misses):
+            futures, where = rt.submit_neurons(self.layer, misses, n_bytes)
+        y, n0 = None, cache.count
+        if n0:
+            # While the misses are read, compute what the cache already holds.
+            y = self._partial(xf, cache.parts[UP][:n0], cache.parts[DOWN][:n0],
+                              cache.parts[GATE][:n0] if self._gate is None else None, cache.cached(), gn)
+            mx.async_eval(y)
+        if len(misses):
+            rt.wait(futures)
+            keep = np.isin(misses, to_insert, assume_unique=True)
+            # Decode in unit-sized chunks: the transient floats stay within the budgeted buffers.
+            step = rt.unit_neurons
+            for s in range(0, len(misses), step):
+                ids, k = misses[s: s + step], keep[s: s + step]
+                raw = rt.gather(where[s: s + step], n_bytes)
+                if k.any():
+                    vals = rt.codec.decode_np(raw[k], self._n_parts)
+                    cache.insert(ids[k], [vals[:, p] for p in range(self._n_parts)])
+                if (~k).any():  # more active neurons than the cache holds: use them once, uncached
+                    vals = mx.array(rt.codec.decode_np(raw[~k], self._n_parts)).astype(xf.dtype)
+                    part = self._partial(xf, vals[:, UP], vals[:, DOWN],
+                                         vals[:, GATE] if self._gate is None else None, ids[~k], gn)
+                    mx.eval(part)  # bound the transient before the next chunk
+                    y = part if y is None else y + part
+            n1 = cache.count
+            if n1 > n0:
+                part = self._partial(xf, cache.parts[UP][n0:n1], cache.parts[DOWN][n0:n1],
+                                     cache.parts[GATE][n0:n1] if self._gate is None else None,
+                                     cache.neuron_at[n0:n1], gn)
+                y = part if y is None else y + part
+        rt.stats.neurons_used += len(selected)
+        rt.stats.neurons_read += len(misses)
+        if y is None:
+            return mx.zeros_like(x)
+        return y.reshape(x.shape)
+
+    def _sparse_prompt(self, x: mx.array) -> mx.array:
+        """A prompt chunk: every neuron is needed by some position, so read the layer whole and apply
+        each position's threshold mask (the same sparsity a token-by-token run would use)."""
+        rt, y = self._rt, None
+        thr = float(rt.thresholds[self.layer])
+        for unit in rt.units[self.layer]:
+            rt.bound_inflight()
+            up, down_t, gate = self._decode(rt.read_unit_now(unit))
+            g = self._act(x @ gate.T)
+            part = (mx.where(mx.abs(g) > thr, g, 0) * (x @ up.T)) @ down_t
+            y = part if y is None else y + part
+            rt.queue(y)
+        return y

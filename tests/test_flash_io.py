@@ -1,0 +1,70 @@
+"""Direct I/O reader, read coalescing, strict size parsing."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+import pytest
+
+from applelm.errors import UserError
+from applelm.flash.budget import parse_size
+from applelm.flash.io import AlignedBuffer, DirectReader, measure_disk, page_runs, wait_all
+
+
+@pytest.mark.parametrize("text,value", [("2GB", 2 * 10**9), ("512MB", 512 * 10**6), ("1.5GiB", 3 * 2**29),
+                                        ("64kib", 65536), ("1000", 1000), (" 3 mb ", 3 * 10**6), (4096, 4096)])
+def test_parse_size(text, value):
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize("bad", ["", "GB", "2 G B", "-1GB", "1e9", "0", "0MB", "2XB", "nan", "1,5GB", True])
+def test_parse_size_rejects(bad):
+    with pytest.raises(UserError):
+        parse_size(bad)
+
+
+def test_page_runs_cover_each_request_and_coalesce_neighbours():
+    starts = np.array([0, 3456, 3456 * 2, 3456 * 40, 3456 * 41, 3456 * 500], np.int64)
+    runs, where = page_runs(starts, 2304)
+    assert len(runs) == 3  # the close neighbours share reads
+    offset = 0
+    for file_off, n, at in runs:
+        assert file_off % 4096 == 0 and n % 4096 == 0 and at == offset
+        offset += n
+    for s, w in zip(starts, where):  # each request's bytes sit inside its run
+        run = next(r for r in runs if r[2] <= w < r[2] + r[1])
+        assert run[0] + (w - run[2]) == s and w + 2304 <= run[2] + run[1]
+
+
+def test_reader_reads_exact_bytes_and_counts(tmp_path):
+    path = tmp_path / "data.bin"
+    data = np.random.default_rng(0).integers(0, 256, 5 * 4096 * 10, dtype=np.uint8)
+    path.write_bytes(data.tobytes())
+    reader = DirectReader(threads=3, split=8192)
+    buf = AlignedBuffer(len(data))
+    wait_all(reader.read(str(path), 4096, 8 * 4096, buf))
+    np.testing.assert_array_equal(buf.array[: 8 * 4096], data[4096: 9 * 4096])
+    assert reader.bytes_read == 8 * 4096 and reader.n_reads == 4 and reader.busy_seconds() > 0
+    reader.close()
+    assert measure_disk(str(path), len(data), 4096, seconds=0.05, threads=2) > 0
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm") or not hasattr(os, "O_DIRECT"), reason="needs tmpfs /dev/shm")
+def test_filesystem_without_direct_io_falls_back_with_a_warning():
+    path = f"/dev/shm/applelm_flash_test_{os.getpid()}.bin"
+    with open(path, "wb") as fh:
+        fh.write(b"x" * 8192)
+    try:
+        reader = DirectReader(threads=1)
+        buf = AlignedBuffer(8192)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            wait_all(reader.read(path, 0, 8192, buf))
+        assert bytes(buf.array[:4]) == b"xxxx"
+        if not reader.direct:  # tmpfs refuses O_DIRECT (some kernels accept it; then nothing to check)
+            assert any("direct I/O" in str(w.message) or "direct read" in str(w.message) for w in caught)
+        reader.close()
+    finally:
+        os.unlink(path)

@@ -1,0 +1,112 @@
+"""Flash paging on tiny random models: paged == resident with sparsity off, budgets enforced, sparse
+decoding equal to the masked dense computation it stands for."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import mlx.core as mx
+from applelm.errors import UserError
+from applelm.loader import load_model
+from flash_fixtures import greedy, tiny_flash
+
+X = mx.array([[1, 5, 9, 33, 2, 70, 11, 4]])
+PROMPT = [1, 5, 9, 33]
+
+
+@pytest.fixture(scope="module")
+def layouts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("flash_paging")
+    return {arch: tiny_flash(root, arch) for arch in ("llama", "gemma3")}
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_paged_equals_resident(layouts, arch):
+    source, _, out = layouts[arch]
+    resident, _, _ = load_model(out)
+    assert resident.flash.plan.mode == "resident"
+    # Small units force several reads per layer; the budget leaves no room to pin every layer.
+    budget = resident.flash.plan.total_bytes - 1
+    paged, _, _ = load_model(out, memory_budget=budget, max_unit_bytes=16384)
+    naive, _, _ = load_model(out, memory_budget=10**9, naive=True, max_unit_bytes=16384)
+    assert paged.flash.plan.mode == "dense" and paged.flash.plan.streamed
+    ref = np.array(source(X))
+    for m in (resident, paged, naive):
+        np.testing.assert_allclose(np.array(m(X)), ref, rtol=1e-5, atol=1e-5)
+    want = greedy(resident, PROMPT, 12)
+    assert greedy(paged, PROMPT, 12) == want
+    assert greedy(naive, PROMPT, 12) == want
+    report = paged.flash.report()
+    assert report["bytes_read"] > 0
+    assert paged.flash.ring.resyncs <= 1  # the ring follows the forward order after the first call
+
+
+def test_half_precision_store_matches_its_own_resident_load(tmp_path):
+    _, _, out = tiny_flash(tmp_path, "llama", bits=16, predictors=False)
+    resident, _, _ = load_model(out)
+    paged, _, _ = load_model(out, memory_budget=resident.flash.plan.total_bytes - 1, max_unit_bytes=8192)
+    np.testing.assert_allclose(np.array(paged(X)), np.array(resident(X)), rtol=1e-5, atol=1e-5)
+    assert greedy(paged, PROMPT, 10) == greedy(resident, PROMPT, 10)
+
+
+def test_budget_below_minimum_names_it(layouts):
+    _, _, out = layouts["llama"]
+    with pytest.raises(UserError) as e:
+        load_model(out, memory_budget="10KB")
+    msg = str(e.value)
+    assert "below the minimum" in msg and "bytes" in msg
+    minimum = int(msg.split("minimum of ")[1].split("(")[1].split(" bytes")[0])
+    load_model(out, memory_budget=minimum, max_unit_bytes=1 << 24)  # exactly the minimum is enough
+    with pytest.raises(UserError, match="below the minimum"):
+        load_model(out, memory_budget="10KB", sparsity=0.5)
+
+
+def test_budget_needs_a_flash_layout(layouts, tmp_path):
+    from conftest import build_tiny
+    from hf_fixtures import save_folder
+
+    model, config = build_tiny("llama")
+    folder = save_folder(model, config, tmp_path / "plain")
+    with pytest.raises(UserError, match="flash layout"):
+        load_model(folder, memory_budget="1GB")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_sparse_decode_equals_masked_prompt(layouts, arch):
+    """Token-by-token decoding (selection, windowed cache with evictions, reads of misses) gives the same
+    logits as one forward pass over the sequence applying every position's threshold mask densely."""
+    _, _, out = layouts[arch]
+    full, _, _ = load_model(out, sparsity=0.5, max_unit_bytes=4096)
+    minimum_cache = full.flash.plan.total_bytes - full.flash.plan.cache_bytes
+    small, _, _ = load_model(out, sparsity=0.5, window=2, max_unit_bytes=4096,  # misses decoded in chunks
+                             memory_budget=minimum_cache + full.flash.plan.cache_bytes // 3)
+    assert small.flash.plan.cache_capacity < 96
+    dense = np.array(full(X))[0]  # prompt path: whole layers, per-position masks
+    from applelm.cache import make_prompt_cache
+
+    cache = make_prompt_cache(small)
+    steps = [np.array(small(X[:, i: i + 1], cache=cache))[0, 0] for i in range(X.shape[1])]
+    np.testing.assert_allclose(np.stack(steps), dense, rtol=1e-4, atol=1e-4)
+    r = small.flash.report()
+    assert 0 < r["neurons_read_per_token"] < r["neurons_used_per_token"] * 1.01 + 1
+    for mlp in (b.mlp for b in small.layers):
+        assert mlp._cache.count <= mlp._cache.capacity
+
+
+def test_predictor_mode_runs_and_reads_less_than_dense(layouts):
+    _, _, out = layouts["llama"]
+    model, _, _ = load_model(out, sparsity=0.5, sparsity_mode="predictor")
+    toks = greedy(model, PROMPT, 8)
+    assert len(toks) == 8
+    r = model.flash.report()
+    assert r["bytes_read"] > 0
+    assert r["neurons_read_per_token"] < 2 * 96  # 2 layers of 96 neurons: fewer than all are read
+
+
+def test_sparse_needs_calibration(tmp_path):
+    _, _, out = tiny_flash(tmp_path, "llama", predictors=False)
+    with pytest.raises(UserError, match="predictors"):
+        load_model(out, sparsity=0.5, sparsity_mode="predictor")
+    with pytest.raises(UserError, match="sparsity"):
+        load_model(out, sparsity=1.5)
