@@ -59,6 +59,26 @@ def size_arg(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def add_flash_arguments(p: argparse.ArgumentParser) -> None:
+    """The flash-paging flags, shared by `applelm.generate` and `applelm.server`."""
+    p.add_argument("--memory-budget", type=size_arg, default=None, metavar="SIZE",
+                   help="flash layouts: memory for weights and paging buffers (e.g. 1GB, 512MiB); the rest of "
+                        "the FFN streams from SSD (write a layout with python -m applelm.flash prepare)")
+    p.add_argument("--sparsity", type=float_in(0, 1, low_open=True, high_open=True), default=None,
+                   help="flash layouts: target fraction of FFN neurons skipped per token (e.g. 0.5)")
+    p.add_argument("--sparsity-mode", choices=("threshold", "predictor"), default="threshold",
+                   help="threshold: resident gates and calibrated thresholds; predictor: low-rank predictors")
+    p.add_argument("--window", type=positive_int, default=4, help="flash sparsity: tokens a neuron stays cached")
+
+
+def flash_options(args: argparse.Namespace) -> dict:
+    """Keyword arguments for `applelm.load` from the flash flags (empty when paging is not asked for)."""
+    if args.memory_budget is None and args.sparsity is None:
+        return {}
+    return dict(memory_budget=args.memory_budget, sparsity=args.sparsity, sparsity_mode=args.sparsity_mode,
+                window=args.window)
+
+
 def run_main(prog: str, body: Callable[[], int]) -> int:
     """Run a CLI body: user errors -> one line and exit 2; anything unexpected -> one line and exit 1."""
     try:

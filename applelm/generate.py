@@ -9,7 +9,8 @@ from typing import Optional
 
 import mlx.core as mx
 
-from .cli_common import ArgumentParser, float_in, non_negative_int, positive_int, run_main, size_arg
+from .cli_common import (ArgumentParser, add_flash_arguments, flash_options, float_in, non_negative_int, positive_int,
+                         run_main)
 from .errors import UserError
 from .generation import generate, stream_generate
 from .loader import DTYPES, load
@@ -38,14 +39,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--dequantize", action="store_true",
                    help="hold quantized layers as dense weights: more memory, faster on CPU")
     p.add_argument("--prefill-step-size", type=positive_int, default=512)
-    p.add_argument("--memory-budget", type=size_arg, default=None, metavar="SIZE",
-                   help="flash layouts: memory for weights and paging buffers (e.g. 1GB, 512MiB); the rest of "
-                        "the FFN streams from SSD (write a layout with python -m applelm.flash prepare)")
-    p.add_argument("--sparsity", type=float_in(0, 1, low_open=True, high_open=True), default=None,
-                   help="flash layouts: target fraction of FFN neurons skipped per token (e.g. 0.5)")
-    p.add_argument("--sparsity-mode", choices=("threshold", "predictor"), default="threshold",
-                   help="threshold: resident gates and calibrated thresholds; predictor: low-rank predictors")
-    p.add_argument("--window", type=positive_int, default=4, help="flash sparsity: tokens a neuron stays cached")
+    add_flash_arguments(p)
     p.add_argument("--verbose", "-v", action="store_true", help="print the formatted prompt and more detail")
     return p
 
@@ -73,11 +67,7 @@ def _main(argv: Optional[list[str]]) -> int:
     if args.seed is not None:
         mx.random.seed(args.seed)
     start = time.perf_counter()
-    flash = {}
-    if args.memory_budget is not None or args.sparsity is not None:
-        flash = dict(memory_budget=args.memory_budget, sparsity=args.sparsity, sparsity_mode=args.sparsity_mode,
-                     window=args.window)
-    model, tokenizer = load(args.model, dtype=args.dtype, dequantize=args.dequantize, **flash)
+    model, tokenizer = load(args.model, dtype=args.dtype, dequantize=args.dequantize, **flash_options(args))
     load_s = time.perf_counter() - start
     text = format_prompt(tokenizer, prompt, args.system_prompt, args.ignore_chat_template)
     if args.verbose:

@@ -26,7 +26,7 @@ from typing import Callable, Optional
 
 from . import __version__
 from .batch_engine import BatchEngine, EngineUnavailable, Event, QueueFull, Request
-from .cli_common import ArgumentParser, positive_int, run_main
+from .cli_common import ArgumentParser, add_flash_arguments, flash_options, positive_int, run_main
 from .errors import UserError
 from .openai_api import (ApiError, GenerationParams, Limits, chat_chunk, chat_response, completion_chunk,
                          completion_response, model_list, model_object, new_id, parse_chat, parse_completion,
@@ -511,6 +511,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--dequantize", action="store_true",
                    help="hold quantized weights as dense floats: more memory, and on CPU batches scale better")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None)
+    add_flash_arguments(p)
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
                    help="info logs every request")
     return p
@@ -527,7 +528,8 @@ def _main(argv: Optional[list[str]]) -> int:
     from .loader import load
 
     global _engine
-    engine = _engine = BatchEngine(lambda: load(args.model, dtype=args.dtype, dequantize=args.dequantize),
+    engine = _engine = BatchEngine(lambda: load(args.model, dtype=args.dtype, dequantize=args.dequantize,
+                                                     **flash_options(args)),
                                    max_batch=args.max_batch, max_queue=args.max_queue,
                                    context_length=args.context_length, prefill_step_size=args.prefill_step_size)
     app = App(engine, model_id, api_key=api_key, max_tokens_limit=args.max_tokens_limit,

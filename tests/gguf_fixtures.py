@@ -58,13 +58,14 @@ def tiny_llama_config(vocab_size: int) -> dict:
 
 
 def write_tiny_llama_gguf(path: Path, types: dict = None, tied: bool = False, seed: int = 0,
-                          chat_template: str | None = None) -> dict:
+                          chat_template: str | None = None, **config_overrides) -> dict:
     """Write a 2-layer Llama GGUF; returns {"config", "weights": HF-named float32 arrays as the file
     holds them after quantization (dequantized with gguf's numpy reference, Q/K un-permuted)}."""
     types = {**DEFAULT_TYPES, **(types or {})}
     tokens, merges, token_types = tiny_vocab()
     config = tiny_llama_config(len(tokens))
     config["tie_word_embeddings"] = tied
+    config.update(config_overrides)
     rng = np.random.default_rng(seed)
     h, f, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
     hd, nh, nkv = config["head_dim"], config["num_attention_heads"], config["num_key_value_heads"]

@@ -130,14 +130,14 @@ CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-def write_tiny_gguf(path) -> "Path":
+def write_tiny_gguf(path, **config_overrides) -> "Path":
     """A 2-layer random Llama GGUF with a byte-level BPE vocab and a ChatML template (loads in ~1 s)."""
     from pathlib import Path
 
     from gguf_fixtures import write_tiny_llama_gguf
 
     path = Path(path)
-    write_tiny_llama_gguf(path, chat_template=CHATML)
+    write_tiny_llama_gguf(path, chat_template=CHATML, **config_overrides)
     return path
 
 

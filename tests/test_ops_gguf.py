@@ -73,11 +73,12 @@ def test_matmul_keeps_leading_dims_and_dtype():
 
 @pytest.mark.parametrize("path", ["reference", "bridge"])
 def test_chunking_bounds_transient_memory(path):
-    # A 32768x640 Q8_0 head for one token: peak stays well under the 84 MB float weight, and does not grow
-    # with the number of rows (chunks are chained so MLX cannot decode them all up front).
+    # A 65536x640 Q8_0 head for one token: peak stays well under the 168 MB float weight, and does not grow
+    # with the number of rows (chunks are chained so MLX cannot decode them all up front). MLX may keep a
+    # few chunks in flight, so the bounds allow that much slack, far below the 8x of unchunked decoding.
     k = 640
     peaks = []
-    for n in (8192, 32768):
+    for n in (8192, 65536):
         packed = mx.array(random_blocks("Q8_0", n, k))
         x = mx.random.normal((1, k))
         mx.eval(packed, x)
@@ -88,8 +89,8 @@ def test_chunking_bounds_transient_memory(path):
         else:
             mx.eval(cpu_bridge.bridge_matmul(x, packed, "Q8_0", k, chunk_codes=1 << 20))
         peaks.append(mx.get_peak_memory() - base)
-    assert peaks[1] < 32768 * k * 4 // 2
-    assert peaks[1] < 1.5 * peaks[0] + (1 << 20)
+    assert peaks[1] < 65536 * k * 4 // 4, peaks
+    assert peaks[1] < 3 * peaks[0] + (4 << 20), peaks
 
 
 def _linear_roundtrip(ggml_type, out_features, n_cols, bias):

@@ -114,3 +114,32 @@ def test_cli_errors(tiny_gguf, tmp_path):
 def test_help():
     result = run_cli("--help")
     assert result.returncode == 0 and "--uds" in result.stdout and "--api-key" in result.stdout
+
+
+def test_memory_budget_serves_a_flash_layout(tmp_path):
+    """--memory-budget on the server: too small is one line naming the minimum (exit 2); at the minimum the
+    FFN streams from disk and the answers equal those of the same layout fully resident."""
+    import re
+
+    from applelm import load
+
+    gguf = write_tiny_gguf(tmp_path / "wide.gguf", intermediate_size=1024, num_hidden_layers=6)
+    out = tmp_path / "flash"
+    prep = subprocess.run([sys.executable, "-m", "applelm.flash", "prepare", str(gguf), str(out), "--bits", "32",
+                           "--no-calibrate", "--quiet"], capture_output=True, text=True, timeout=300)
+    assert prep.returncode == 0, prep.stderr
+    small = subprocess.run([sys.executable, "-m", "applelm.server", "--model", str(out), "--port", "0",
+                            "--memory-budget", "1KB"], capture_output=True, text=True, timeout=120)
+    assert small.returncode == 2 and "Traceback" not in small.stderr
+    minimum = int(re.search(r"minimum of .*?\((\d+) bytes\)", small.stderr).group(1))
+    plan = load(str(out), memory_budget=minimum)[0].flash.plan
+    assert plan.mode == "dense" and plan.streamed  # at this budget FFN layers stream
+    body = dict(model="default", messages=[{"role": "user", "content": "hello"}], max_tokens=8, temperature=0,
+                extra_body={"ignore_eos": True})
+    answers = []
+    for budget in ([], ["--memory-budget", str(minimum)]):
+        with ServerProcess(["--model", str(out), "--port", "0", *budget]) as server:
+            client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+            answers.append(client.chat.completions.create(**body).choices[0].message.content)
+            assert server.stop(signal.SIGTERM) == 0
+    assert answers[0] == answers[1] and answers[0]
