@@ -20,6 +20,7 @@ import gc
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -125,7 +126,7 @@ def weight_bytes(model) -> int:
     return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
 
 
-def run_engine(engine: str, path: Path, prompt: list[int], gen: int) -> dict:
+def run_engine(engine: str, path: Path, prompt: list[int], gen: int, max_decode_s: float = 0.0) -> dict:
     if engine == "applelm":
         from applelm.generation import generate_step
         from applelm.loader import load_model
@@ -148,18 +149,22 @@ def run_engine(engine: str, path: Path, prompt: list[int], gen: int) -> dict:
             if i == 0:
                 t1 = time.perf_counter()
             count += 1
+            # A time cap for very slow engines (e.g. bf16-scaled quantized matmul on a CPU): the rate is
+            # still measured over whole decode steps, and the report gives how many were decoded.
+            if max_decode_s and count >= 9 and time.perf_counter() - t1 > max_decode_s:
+                break
         t2 = time.perf_counter()
-        return len(p) / (t1 - t0), (count - 1) / (t2 - t1)
+        return len(p) / (t1 - t0), (count - 1) / (t2 - t1), count - 1
 
     once(prompt[:16], 4)  # warm-up
     mx.reset_peak_memory()
-    prefill_tps, decode_tps = once(prompt, gen)
+    prefill_tps, decode_tps, decoded = once(prompt, gen)
     peak = mx.get_peak_memory()
     del model
     gc.collect()
     mx.clear_cache()
     return {"engine": engine, "prefill_tps": round(prefill_tps, 2), "decode_tps": round(decode_tps, 2),
-            "peak_memory_gb": round(peak / 1e9, 3), "weight_gb": round(wbytes / 1e9, 3)}
+            "decoded_tokens": decoded, "peak_memory_gb": round(peak / 1e9, 3), "weight_gb": round(wbytes / 1e9, 3)}
 
 
 def main() -> None:
@@ -169,6 +174,8 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--gen-tokens", type=int, default=128)
     ap.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "applelm-decode-bench"))
+    ap.add_argument("--max-decode-seconds", type=float, default=0.0,
+                    help="stop decoding a row after this long (at least 8 tokens; 0: no cap); the report says how many")
     ap.add_argument("--bandwidth-gbs", type=float, default=None, help="roofline bandwidth (default: measured)")
     ap.add_argument("--device-name", default=None)
     ap.add_argument("--out", default=None)
@@ -195,19 +202,22 @@ def main() -> None:
         prompt = rng.integers(0, vocab, args.prompt_tokens).tolist()
         entry = {"row": row}
         for engine in ("mlx-lm", "applelm"):
-            r = run_engine(engine, paths[engine], prompt, args.gen_tokens)
+            r = run_engine(engine, paths[engine], prompt, args.gen_tokens, args.max_decode_seconds)
             r["roofline_pct"] = round(100 * r["decode_tps"] * r["weight_gb"] / bandwidth, 1)
             entry[engine] = r
-            print(f"{row:14s} {engine:8s} prefill {r['prefill_tps']:9.1f} tok/s  decode {r['decode_tps']:7.2f} tok/s  "
+            print(f"{row:14s} {engine:8s} prefill {r['prefill_tps']:9.1f} tok/s  decode {r['decode_tps']:7.2f} tok/s ({r['decoded_tokens']})  "
                   f"peak {r['peak_memory_gb']:6.2f} GB  weights {r['weight_gb']:6.2f} GB  roofline {r['roofline_pct']:5.1f}%",
                   flush=True)
         entry["decode_speedup"] = round(entry["applelm"]["decode_tps"] / entry["mlx-lm"]["decode_tps"], 2)
         results.append(entry)
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
+               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
     report = {"benchmark": "decode_bench", "date": time.strftime("%Y-%m-%d %H:%M"), "device": str(device),
+              "cpu": cpu, "command": "python benchmarks/decode_bench.py " + " ".join(sys.argv[1:]),
               "device_name": name, "platform": platform.platform(), "cores": os.cpu_count(),
               "mlx": mx.__version__, "load_avg": os.getloadavg(), "measured_copy_bandwidth_gbs": round(measured_bw, 1),
               "roofline_bandwidth_gbs": bandwidth, "prompt_tokens": args.prompt_tokens,
-              "gen_tokens": args.gen_tokens, "rows": results}
+              "gen_tokens": args.gen_tokens, "max_decode_seconds": args.max_decode_seconds, "rows": results}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
     print(f"written to {out}")
