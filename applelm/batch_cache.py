@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 
 import mlx.core as mx
 
-from .cache import _window_mask
+from .cache import _window_mask, write_growing
 
 
 class BatchKVCache:
@@ -43,17 +43,7 @@ class BatchKVCache:
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         prev, n = self._idx, keys.shape[2]
-        if self.keys is None or prev + n > self.keys.shape[2]:
-            B, H, _, D = keys.shape
-            grow = (n + self.step - 1) // self.step * self.step
-            new_k = mx.zeros((B, H, grow, D), keys.dtype)
-            new_v = mx.zeros((B, H, grow, values.shape[3]), values.dtype)
-            if self.keys is not None:
-                new_k = mx.concatenate([self.keys[..., :prev, :], new_k], axis=2)
-                new_v = mx.concatenate([self.values[..., :prev, :], new_v], axis=2)
-            self.keys, self.values = new_k, new_v
-        self.keys[..., prev : prev + n, :] = keys
-        self.values[..., prev : prev + n, :] = values
+        self.keys, self.values = write_growing(self.keys, self.values, prev, keys, values, self.step)
         self._idx += n
         self.offset = self.offset + n
         return self.keys[..., : self._idx, :], self.values[..., : self._idx, :]

@@ -23,6 +23,25 @@ def _window_mask(q_pos: mx.array, k_pos: mx.array, window: Optional[int], left_p
     return allowed[None, None]
 
 
+def write_growing(k_buf: Optional[mx.array], v_buf: Optional[mx.array], prev: int, keys: mx.array,
+                  values: mx.array, step: int) -> tuple[mx.array, mx.array]:
+    """Write keys/values at column `prev` of (B, H, columns, D) buffers, growing them in steps of `step`
+    columns (so shapes change every `step` tokens, not every token); returns the buffers."""
+    n = keys.shape[2]
+    if k_buf is None or prev + n > k_buf.shape[2]:
+        B, H, _, D = keys.shape
+        grow = (n + step - 1) // step * step
+        new_k = mx.zeros((B, H, grow, D), keys.dtype)
+        new_v = mx.zeros((B, H, grow, values.shape[3]), values.dtype)
+        if k_buf is not None:
+            new_k = mx.concatenate([k_buf[..., :prev, :], new_k], axis=2)
+            new_v = mx.concatenate([v_buf[..., :prev, :], new_v], axis=2)
+        k_buf, v_buf = new_k, new_v
+    k_buf[..., prev : prev + n, :] = keys
+    v_buf[..., prev : prev + n, :] = values
+    return k_buf, v_buf
+
+
 class KVCache:
     """A cache that grows in steps of `step` tokens and keeps every position."""
 
@@ -36,17 +55,7 @@ class KVCache:
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         prev, n = self.offset, keys.shape[2]
-        if self.keys is None or prev + n > self.keys.shape[2]:
-            B, H, _, D = keys.shape
-            grow = (n + self.step - 1) // self.step * self.step
-            new_k = mx.zeros((B, H, grow, D), keys.dtype)
-            new_v = mx.zeros((B, H, grow, values.shape[3]), values.dtype)
-            if self.keys is not None:
-                new_k = mx.concatenate([self.keys[..., :prev, :], new_k], axis=2)
-                new_v = mx.concatenate([self.values[..., :prev, :], new_v], axis=2)
-            self.keys, self.values = new_k, new_v
-        self.keys[..., prev : prev + n, :] = keys
-        self.values[..., prev : prev + n, :] = values
+        self.keys, self.values = write_growing(self.keys, self.values, prev, keys, values, self.step)
         self.offset += n
         return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
 

@@ -22,7 +22,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 from . import __version__
 from .batch_engine import BatchEngine, EngineUnavailable, Event, QueueFull, Request

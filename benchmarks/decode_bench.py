@@ -30,6 +30,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+import machine_info  # benchmarks/machine_info.py
+
 HERE = Path(__file__).resolve().parent
 SHAPES = {
     "8b": dict(model_type="llama", hidden_size=4096, num_hidden_layers=32, intermediate_size=14336,
@@ -210,10 +212,8 @@ def main() -> None:
                   flush=True)
         entry["decode_speedup"] = round(entry["applelm"]["decode_tps"] / entry["mlx-lm"]["decode_tps"], 2)
         results.append(entry)
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
-               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
     report = {"benchmark": "decode_bench", "date": time.strftime("%Y-%m-%d %H:%M"), "device": str(device),
-              "cpu": cpu, "command": "python benchmarks/decode_bench.py " + " ".join(sys.argv[1:]),
+              "cpu": machine_info.cpu_name(), "command": "python benchmarks/decode_bench.py " + " ".join(sys.argv[1:]),
               "device_name": name, "platform": platform.platform(), "cores": os.cpu_count(),
               "mlx": mx.__version__, "load_avg": os.getloadavg(), "measured_copy_bandwidth_gbs": round(measured_bw, 1),
               "roofline_bandwidth_gbs": bandwidth, "prompt_tokens": args.prompt_tokens,

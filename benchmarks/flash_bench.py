@@ -32,6 +32,8 @@ import sys
 import time
 from pathlib import Path
 
+import machine_info  # benchmarks/machine_info.py
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 GPL3 = Path("/usr/share/common-licenses/GPL-3")
@@ -46,21 +48,12 @@ SMOL_PROMPT = ("The history of astronomy spans thousands of years. Ancient obser
 def machine(device: str) -> dict:
     import mlx.core as mx
 
-    cpu = platform.processor() or ""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     try:
         commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True).stdout.strip()
     except OSError:
         commit = ""
-    return {"platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-            "mlx": mx.__version__, "device": device, "commit": commit,
+    return {**machine_info.machine(), "mlx": mx.__version__, "device": device, "commit": commit,
             "ram_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9, 1)}
 
 

@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import machine_info  # benchmarks/machine_info.py
 
 HERE = Path(__file__).resolve().parent
 PROMPT_TEXT = (
@@ -38,16 +38,7 @@ PROMPT_TEXT = (
 def machine() -> dict:
     import mlx.core as mx
 
-    cpu = platform.processor() or ""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-            "mlx": mx.__version__, "device": str(mx.default_device())}
+    return {**machine_info.machine(), "mlx": mx.__version__, "device": str(mx.default_device())}
 
 
 def export_folders(gguf_path: Path, out: Path) -> dict[str, Path]:

@@ -17,13 +17,14 @@ import argparse
 import http.client
 import json
 import os
-import platform
 import statistics
 import sys
 import threading
 import time
 from pathlib import Path
 from urllib.parse import urlparse
+
+import machine_info  # benchmarks/machine_info.py
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
@@ -32,18 +33,6 @@ TOPICS = ["the sea", "a mountain village", "how a compiler works", "the history 
           "a rainy afternoon in a big city", "why the sky is blue", "volcanoes", "chess openings",
           "the life of bees", "a lighthouse keeper", "trains at night", "how bread rises", "desert plants",
           "the moon landing", "an old library"]
-
-
-def machine() -> dict:
-    cpu = platform.processor() or ""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version()}
 
 
 def one_request(url: str, i: int, max_tokens: int) -> dict:
@@ -149,7 +138,7 @@ def main() -> int:
     args = p.parse_args()
     levels = [int(c) for c in args.clients.split(",")]
     load_before = os.getloadavg()
-    report = {"benchmark": "server_load", "machine": machine(), "model": "SmolLM2-135M-Instruct.Q4_1 (embedded)",
+    report = {"benchmark": "server_load", "machine": machine_info.machine(), "model": "SmolLM2-135M-Instruct.Q4_1 (embedded)",
               "requests_per_client": args.requests, "max_tokens": args.max_tokens,
               "load_average_before": [round(x, 2) for x in load_before], "modes": []}
     for mode in args.modes.split(","):

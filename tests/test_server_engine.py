@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import pytest
 
 from applelm.batch_engine import BatchEngine, EngineUnavailable, QueueFull, Request, SamplingParams

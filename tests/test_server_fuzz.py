@@ -5,7 +5,6 @@ benchmarks/fuzz_openapi.py runs the same with more examples; its report is bench
 from __future__ import annotations
 
 import importlib.util
-import sys
 from pathlib import Path
 
 import pytest

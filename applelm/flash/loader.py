@@ -21,7 +21,7 @@ from ..errors import ModelFormatError, UnsupportedError, UserError
 from ..models import get_architecture
 from ..ops import GGUFEmbedding, GGUFLinear
 from ..quant import dequantize_model, swap_quantized
-from .budget import Geometry, Plan, parse_size, plan_dense, plan_sparse
+from .budget import Geometry, parse_size, plan_dense, plan_sparse
 from .io import AlignedBuffer, wait_all
 from .layout import GGUF_TOKENIZER_FILE, PREDICTOR_FILE, FlashLayout, read_layout, verify_resident
 from .neuron_cache import NeuronCache
