@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+import applelm  # noqa: E402,F401  (before mlx: preloads a fast BLAS on Linux CPU; see applelm/_blas.py)
 import mlx.core as mx  # noqa: E402
 from gguf_blocks import random_blocks  # noqa: E402  (numpy only)
 
@@ -34,7 +35,7 @@ GPU_ROWS = [1, 4, 16, 512]
 GPU_FORMATS = ["Q4_0", "Q4_K", "Q6_K", "Q8_0", "affine4_g64"]
 # CPU: the Gemma 3 270M shapes the runtime actually meets (out x in), plus the 262144x640 tied head.
 CPU_SHAPES = [(640, 2048), (2048, 640), (1024, 640), (262144, 640)]
-CPU_ROWS = [1, 4, 16, 64]
+CPU_ROWS = [1, 2, 4, 16, 64]
 CPU_FORMATS = ["Q4_0", "Q5_0", "Q8_0", "Q4_K", "Q6_K", "affine4_g64"]
 
 

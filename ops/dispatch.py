@@ -22,11 +22,12 @@ AFFINE_TABLE: dict[tuple[int, int, str, str], str] = {}
 # weight in fp16 every token) and prefill dequantizes into an fp16 scratch and calls mx.matmul.
 GGUF_GPU_TABLE: dict[tuple[str, str, str], str] = {}
 
-# GGUF on CPU, measured on the 2-core x86-64 dev machine (MLX 0.32.4, benchmarks/results/
-# qmatmul_bench_cpu-small_linux-x86_64-2core.json, noisy +-30%): the bridge beats dequantize-then-matmul
-# by 1.3-3x at 1 row (262144x640 Q8_0 head: 262 vs 386 ms), is about even at 4-16 rows, and at 64 rows all
-# paths are bound by MLX's CPU GEMM. Largest activation row count that takes the bridge:
-CPU_BRIDGE_MAX_ROWS = 16
+# GGUF on CPU, measured on the 2-core x86-64 dev machine with MKL preloaded (MLX 0.32.4, benchmarks/results/
+# qmatmul_bench_cpu-small_linux-x86_64-2core.json): MLX's CPU quantized matmul costs time in proportion to
+# the activation rows, so the bridge loses to dequantize-then-GEMM from 2 rows on (2-35x at 2-64 rows); at
+# 1 row it wins on some shapes (2048x640: 0.44-0.6x the time) and loses on others (640x2048: 1.3-1.6x).
+# Largest activation row count that takes the bridge:
+CPU_BRIDGE_MAX_ROWS = 1
 
 # Affine on CPU: MLX's quantized matmul costs time in proportion to the activation rows, while dequantizing
 # once and calling the (preloaded, fast) BLAS GEMM costs a fixed dequantization plus a cheap product.
