@@ -7,7 +7,9 @@ affine 4-bit groups of 32, so mlx-lm gets the very same quantized tensors, writt
   - mlx-lm q4/f32: the same tensors with float32 scales (what applelm computes with on CPU)
   - mlx-lm dense : the same weights dequantized to float32
 Every engine runs in its own fresh process (clean peak-memory figures), from the same prompt token ids,
-greedy; the report checks that all of them produce the same tokens.
+greedy; the report checks that all of them produce the same tokens. Every process preloads the same fast
+BLAS before MLX (applelm/_blas.py), so mlx-lm is measured with it too (out of the box on Linux it gets
+the wheel's reference BLAS, much slower for prefill).
 
     python benchmarks/generate_bench.py [--prompt-tokens 104] [--gen-tokens 128] [--out FILE]
 """
@@ -84,6 +86,7 @@ def export_folders(gguf_path: Path, out: Path) -> dict[str, Path]:
 
 def run_engine(engine: str, path: str, prompt_ids: list[int], gen_tokens: int) -> dict:
     """Runs inside a fresh worker process."""
+    import applelm  # noqa: F401  (before mlx, for every engine: the same fast BLAS preloaded; see applelm/_blas.py)
     import mlx.core as mx
 
     start = time.perf_counter()
