@@ -2,7 +2,8 @@
 
 The weights are SmolLM2-135M-Instruct's Q4_1 GGUF (the embedded default model). Q4_1 blocks are exactly MLX
 affine 4-bit groups of 32, so mlx-lm gets the very same quantized tensors, written as an MLX folder:
-  - applelm      : the GGUF file itself (float32 compute on CPU)
+  - applelm      : the GGUF file itself, blocks kept packed (float32 compute on CPU)
+  - applelm --dequantize: the GGUF's weights held dense in float32 (more memory, faster on CPU)
   - mlx-lm q4    : the same tensors with float16 scales, as an MLX checkpoint stores them (mlx-lm default)
   - mlx-lm q4/f32: the same tensors with float32 scales (what applelm computes with on CPU)
   - mlx-lm dense : the same weights dequantized to float32
@@ -90,11 +91,11 @@ def run_engine(engine: str, path: str, prompt_ids: list[int], gen_tokens: int) -
     import mlx.core as mx
 
     start = time.perf_counter()
-    if engine == "applelm":
+    if engine.startswith("applelm"):
         from applelm.generation import generate_step
         from applelm.loader import load_model
 
-        model, _, _ = load_model(Path(path))
+        model, _, _ = load_model(Path(path), dequantize=engine == "applelm-dense")
     else:
         import importlib
 
@@ -124,6 +125,19 @@ def run_engine(engine: str, path: str, prompt_ids: list[int], gen_tokens: int) -
             "max_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 4), "tokens": tokens}
 
 
+def markdown(report: dict) -> str:
+    m = report["machine"]
+    lines = [f"# generate_bench ({m['device']}, {m['cpu']}, {m['cores']} cores)", "",
+             f"Command: `python benchmarks/generate_bench.py`; {report['date']}; MLX {m['mlx']}; {m['platform']}  ",
+             f"Model: {report['model']}; prompt {report['prompt_tokens']} tokens, {report['gen_tokens']} generated, "
+             f"greedy; same tokens from every engine: {report['all_engines_same_tokens']}", "",
+             "| engine | load s | prompt tok/s | decode tok/s | MLX peak GB | max RSS GB |", "|---|---:|---:|---:|---:|---:|"]
+    for r in report["rows"]:
+        lines.append(f"| {r['label']} | {r['load_s']:.2f} | {r['prompt_tps']:.1f} | {r['decode_tps']:.2f} | "
+                     f"{r['peak_memory_gb']:.3f} | {r['max_rss_gb']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="GGUF file (default: embedded SmolLM2 Q4_1)")
@@ -147,7 +161,8 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         folders = export_folders(gguf, Path(tmp))
-        runs = [("applelm", "applelm", gguf), ("mlx-lm q4 (f16 scales)", "mlx-lm", folders["q4_f16"]),
+        runs = [("applelm", "applelm", gguf), ("applelm --dequantize", "applelm-dense", gguf),
+                ("mlx-lm q4 (f16 scales)", "mlx-lm", folders["q4_f16"]),
                 ("mlx-lm q4 (f32 scales)", "mlx-lm", folders["q4_f32"]), ("mlx-lm dense f32", "mlx-lm", folders["dense_f32"])]
         for label, engine, path in runs:
             cmd = [sys.executable, __file__, "--worker", engine, str(path), "--prompt-ids", json.dumps(prompt_ids),
@@ -164,6 +179,7 @@ def main() -> None:
               "all_engines_same_tokens": same, "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1))
+    Path(args.out).with_suffix(".md").write_text(markdown(report))
     print(f"same greedy tokens across engines: {same}; written to {args.out}")
 
 

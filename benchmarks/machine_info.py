@@ -19,4 +19,4 @@ def cpu_name() -> str:
 
 def machine() -> dict:
     return {"platform": platform.platform(), "cpu": cpu_name(), "cores": os.cpu_count(),
-            "python": platform.python_version()}
+            "python": platform.python_version(), "load_avg": [round(v, 2) for v in os.getloadavg()]}
