@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -122,19 +121,36 @@ def run_engine(engine: str, path: str, prompt_ids: list[int], gen_tokens: int) -
     tokens, prompt_tps, decode_tps = once(gen_tokens)
     return {"engine": engine, "load_s": round(load_s, 3), "prompt_tps": round(prompt_tps, 2),
             "decode_tps": round(decode_tps, 2), "peak_memory_gb": round(mx.get_peak_memory() / 1e9, 4),
-            "max_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 4), "tokens": tokens}
+            "peak_rss_gb": peak_rss_gb(), "tokens": tokens}
+
+
+def peak_rss_gb() -> float:
+    """This process's resident high-water mark (VmHWM). Not ru_maxrss: Linux carries that across exec, so
+    a worker would report its parent's peak."""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) * 1024 / 1e9, 4)
+    return float("nan")
 
 
 def markdown(report: dict) -> str:
     m = report["machine"]
     lines = [f"# generate_bench ({m['device']}, {m['cpu']}, {m['cores']} cores)", "",
-             f"Command: `python benchmarks/generate_bench.py`; {report['date']}; MLX {m['mlx']}; {m['platform']}  ",
+             f"Command: `python benchmarks/generate_bench.py`; {report['date']}; MLX {m['mlx']}; {m['platform']}; "
+             f"load average at the end {m.get('load_avg')}  ",
              f"Model: {report['model']}; prompt {report['prompt_tokens']} tokens, {report['gen_tokens']} generated, "
              f"greedy; same tokens from every engine: {report['all_engines_same_tokens']}", "",
-             "| engine | load s | prompt tok/s | decode tok/s | MLX peak GB | max RSS GB |", "|---|---:|---:|---:|---:|---:|"]
+             "| engine | load s | prompt tok/s | decode tok/s | MLX peak GB | peak RSS GB | tokens equal to applelm's |",
+             "|---|---:|---:|---:|---:|---:|---|"]
+    first = report["rows"][0]["tokens"]
     for r in report["rows"]:
+        rss = f"{r['peak_rss_gb']:.3f}" if "peak_rss_gb" in r else "not recorded"
+        div = next((i for i, (a, b) in enumerate(zip(first, r["tokens"])) if a != b), None)
+        same = "all" if div is None else f"first {div}"
         lines.append(f"| {r['label']} | {r['load_s']:.2f} | {r['prompt_tps']:.1f} | {r['decode_tps']:.2f} | "
-                     f"{r['peak_memory_gb']:.3f} | {r['max_rss_gb']:.3f} |")
+                     f"{r['peak_memory_gb']:.3f} | {rss} | {same} |")
+    if "note" in report:
+        lines += ["", report["note"]]
     return "\n".join(lines) + "\n"
 
 
@@ -145,7 +161,11 @@ def main() -> None:
     ap.add_argument("--out", default=str(HERE / "results" / "generate_cpu.json"))
     ap.add_argument("--worker", nargs=2, metavar=("ENGINE", "PATH"), help=argparse.SUPPRESS)
     ap.add_argument("--prompt-ids", help=argparse.SUPPRESS)
+    ap.add_argument("--render", metavar="JSON", help="only rewrite the markdown summary of a results file")
     args = ap.parse_args()
+    if args.render:
+        Path(args.render).with_suffix(".md").write_text(markdown(json.loads(Path(args.render).read_text())))
+        return
 
     if args.worker:
         result = run_engine(args.worker[0], args.worker[1], json.loads(args.prompt_ids), args.gen_tokens)
