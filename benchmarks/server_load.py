@@ -127,6 +127,28 @@ def bench_mode(mode: str, levels: list[int], requests: int, max_tokens: int, max
     return out
 
 
+def markdown(report: dict) -> str:
+    m = report["machine"]
+    lines = [f"# server_load (CPU: {m['cpu']}, {m['cores']} cores; server and clients share the machine)", "",
+             f"Command: `python benchmarks/server_load.py`; {m['platform']}; load average before "
+             f"{report['load_average_before']}, after {report['load_average_after']}  ",
+             f"Model: {report['model']}; {report['requests_per_client']} streaming requests per client, "
+             f"{report['max_tokens']} tokens each (ignore_eos, temperature 0.7, seeded)", "",
+             "| mode | clients | aggregate tok/s | x one client | TTFT p50 s | TTFT p99 s | every request exact |",
+             "|---|---:|---:|---:|---:|---:|---|"]
+    for mode in report["modes"]:
+        for lv in mode["levels"]:
+            lines.append(f"| {mode['mode']} | {lv['clients']} | {lv['aggregate_tok_s']} | "
+                         f"{mode['speedup_vs_1_client'][str(lv['clients'])]} | {lv['ttft_p50_s']} | {lv['ttft_p99_s']} | "
+                         f"{lv['all_exact']} |")
+    lines.append("")
+    for mode in report["modes"]:
+        x = mode["speedup_vs_1_client"].get("16")
+        if x is not None:
+            lines.append(f"Goal (16 clients >= 6x one), {mode['mode']}: {x}x, {'met' if x >= 6 else 'not met'}.  ")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--modes", default="dense,quantized", help="dense (--dequantize) and/or quantized")
@@ -134,8 +156,12 @@ def main() -> int:
     p.add_argument("--requests", type=int, default=2, help="requests per client at each level")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--max-batch", type=int, default=16)
-    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "server_load_cpu.json")
+    p.add_argument("--render", type=Path, metavar="JSON", help="only rewrite the markdown summary of a results file")
     args = p.parse_args()
+    if args.render:
+        args.render.with_suffix(".md").write_text(markdown(json.loads(args.render.read_text())))
+        return 0
     levels = [int(c) for c in args.clients.split(",")]
     load_before = os.getloadavg()
     report = {"benchmark": "server_load", "machine": machine_info.machine(), "model": "SmolLM2-135M-Instruct.Q4_1 (embedded)",
@@ -148,6 +174,7 @@ def main() -> int:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text + "\n")
+        args.out.with_suffix(".md").write_text(markdown(report))
     print(text)
     return 0 if all(lv["all_exact"] for m in report["modes"] for lv in m["levels"]) else 1
 
