@@ -198,3 +198,18 @@ class GGUFFile:
     def close(self) -> None:
         # Views handed out keep the map alive; closing the file handle alone is always safe.
         self._fh.close()
+
+
+def gguf_or_folder(path: Path) -> Path:
+    """A local model path as the loaders read it: a folder with no config.json holding exactly one .gguf
+    becomes that file; a file must be a GGUF (magic checked); other folders are returned as they are."""
+    path = Path(path)
+    if path.is_dir():
+        ggufs = sorted(path.glob("*.gguf"))
+        if not (path / "config.json").exists() and len(ggufs) == 1:
+            path = ggufs[0]
+    if path.is_file():
+        with open(path, "rb") as fh:
+            if fh.read(4) != b"GGUF":
+                raise ModelFormatError(f"{path}: not a GGUF file (bad magic) and not a model folder")
+    return path

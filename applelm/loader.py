@@ -17,7 +17,7 @@ import mlx.nn as nn
 
 from .errors import ModelFormatError, UnsupportedError, UserError
 from .flash.layout import is_flash_layout
-from .gguf_file import GGUFFile
+from .gguf_file import GGUFFile, gguf_or_folder
 from .gguf_loader import gguf_config, load_gguf
 from .hub import looks_like_repo_id, resolve_repo
 from .models import get_architecture
@@ -51,11 +51,6 @@ def resolve_model_path(model: Optional[str]) -> Path:
     if looks_like_repo_id(model):
         return resolve_repo(model)
     raise UserError(f"model path '{model}' does not exist")
-
-
-def _is_gguf(path: Path) -> bool:
-    with open(path, "rb") as fh:
-        return fh.read(4) == b"GGUF"
 
 
 def _physical_memory() -> int:
@@ -122,13 +117,8 @@ def load_model(path: Path, dtype: Optional[str] = None, lazy: bool = False,
     unknown = [k for k, v in flash_options.items() if v is not None and k != "memory_budget"]
     if unknown:
         raise UserError(f"{path}: {', '.join(unknown)} apply to flash layouts only")
-    if path.is_dir():
-        ggufs = sorted(path.glob("*.gguf"))
-        if not (path / "config.json").exists() and len(ggufs) == 1:
-            path = ggufs[0]
+    path = gguf_or_folder(path)
     if path.is_file():
-        if not _is_gguf(path):
-            raise ModelFormatError(f"{path}: not a GGUF file (bad magic) and not a model folder")
         gguf = GGUFFile(path)
         config = gguf_config(gguf)
         weights, specs = load_gguf(gguf, config)

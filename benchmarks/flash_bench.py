@@ -165,13 +165,9 @@ def _reset_peak_rss() -> bool:
 
 
 def _peak_rss() -> int:
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    peak = machine_info.peak_rss_bytes()
+    if peak is not None:
+        return peak
     import resource
 
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

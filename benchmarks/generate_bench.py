@@ -121,16 +121,7 @@ def run_engine(engine: str, path: str, prompt_ids: list[int], gen_tokens: int) -
     tokens, prompt_tps, decode_tps = once(gen_tokens)
     return {"engine": engine, "load_s": round(load_s, 3), "prompt_tps": round(prompt_tps, 2),
             "decode_tps": round(decode_tps, 2), "peak_memory_gb": round(mx.get_peak_memory() / 1e9, 4),
-            "peak_rss_gb": peak_rss_gb(), "tokens": tokens}
-
-
-def peak_rss_gb() -> float:
-    """This process's resident high-water mark (VmHWM). Not ru_maxrss: Linux carries that across exec, so
-    a worker would report its parent's peak."""
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return round(int(line.split()[1]) * 1024 / 1e9, 4)
-    return float("nan")
+            "peak_rss_gb": round((machine_info.peak_rss_bytes() or float("nan")) / 1e9, 4), "tokens": tokens}
 
 
 def markdown(report: dict) -> str:

@@ -20,3 +20,16 @@ def cpu_name() -> str:
 def machine() -> dict:
     return {"platform": platform.platform(), "cpu": cpu_name(), "cores": os.cpu_count(),
             "python": platform.python_version(), "load_avg": [round(v, 2) for v in os.getloadavg()]}
+
+
+def peak_rss_bytes():
+    """This process's resident high-water mark from /proc/self/status (VmHWM), or None where there is none.
+    Not ru_maxrss on Linux: that is carried across exec, so a worker process would report its parent's peak."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None

@@ -18,7 +18,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..errors import ModelFormatError, UnsupportedError
-from ..gguf_file import GGUFFile
+from ..gguf_file import GGUFFile, gguf_or_folder
 from ..gguf_loader import gguf_config, load_gguf
 from ..models import get_architecture
 from .codec import bf16_to_f32
@@ -156,13 +156,7 @@ def open_source(path) -> Source:
     path = Path(path)
     if not path.exists():
         raise ModelFormatError(f"{path}: does not exist")
-    if path.is_dir():
-        ggufs = sorted(path.glob("*.gguf"))
-        if not (path / "config.json").exists() and len(ggufs) == 1:
-            path = ggufs[0]
+    path = gguf_or_folder(path)
     if path.is_file():
-        with open(path, "rb") as fh:
-            if fh.read(4) != b"GGUF":
-                raise ModelFormatError(f"{path}: not a GGUF file (bad magic) and not a model folder")
         return GGUFSource(path)
     return FolderSource(path)
