@@ -246,15 +246,17 @@ def main() -> None:
                   flush=True)
         entry["decode_speedup"] = round(entry["applelm"]["decode_tps"] / entry["mlx-lm"]["decode_tps"], 2)
         results.append(entry)
-    report = {"benchmark": "decode_bench", "date": time.strftime("%Y-%m-%d %H:%M"), "device": str(device),
-              "cpu": machine_info.cpu_name(), "command": "python benchmarks/decode_bench.py " + " ".join(sys.argv[1:]),
-              "device_name": name, "platform": platform.platform(), "cores": os.cpu_count(),
-              "mlx": mx.__version__, "load_avg": os.getloadavg(), "measured_bandwidth_gbs": measured_bw,
-              "roofline_bandwidth_gbs": bandwidth, "prompt_tokens": args.prompt_tokens,
-              "gen_tokens": args.gen_tokens, "max_decode_seconds": args.max_decode_seconds, "rows": results}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
-    out.with_suffix(".md").write_text(markdown(report))
+        # Written after every row: a run cut short (e.g. by a device time limit) keeps the rows it finished.
+        report = {"benchmark": "decode_bench", "date": time.strftime("%Y-%m-%d %H:%M"), "device": str(device),
+                  "cpu": machine_info.cpu_name(), "command": "python benchmarks/decode_bench.py " + " ".join(sys.argv[1:]),
+                  "device_name": name, "platform": platform.platform(), "cores": os.cpu_count(),
+                  "mlx": mx.__version__, "load_avg": os.getloadavg(), "measured_bandwidth_gbs": measured_bw,
+                  "roofline_bandwidth_gbs": bandwidth, "prompt_tokens": args.prompt_tokens,
+                  "gen_tokens": args.gen_tokens, "max_decode_seconds": args.max_decode_seconds,
+                  "rows_asked": rows, "rows": results}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=1))
+        out.with_suffix(".md").write_text(markdown(report))
     print(f"written to {out}")
 
 

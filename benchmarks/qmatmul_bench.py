@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+# applelm comes installed (editable here, a wheel on the GPU machine): the repository root is not put on
+# sys.path, where its applelm/ folder (without ops/ and models/) would shadow the installed package.
 sys.path.insert(0, str(ROOT / "tests"))
 
 import applelm  # noqa: E402,F401  (before mlx: preloads a fast BLAS on Linux CPU; see applelm/_blas.py)

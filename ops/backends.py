@@ -14,8 +14,9 @@ import mlx.core as mx
 
 from . import kernel_source as ks
 
-# Launch shape of the decode matvec: WARPS warps per threadgroup, R output rows per warp. Not tuned on
-# hardware yet (no GPU figure exists); benchmarks/qmatmul_bench.py --sweep reports alternatives.
+# Launch shape of the decode matvec: WARPS warps per threadgroup, R output rows per warp. R is measured
+# per format on the H100 (benchmarks/qmatmul_bench.py times R=1/2/4; dispatch.GGUF_GPU_TABLE picks); R=2 is
+# the default for formats never measured (it was never the slowest of the three there).
 MATVEC_WARPS = 4
 MATVEC_ROWS_PER_WARP = 2
 DEQUANT_THREADS = 256

@@ -12,15 +12,32 @@ import mlx.core as mx
 from . import backends, cpu_bridge, reference
 
 # --- tables: every entry comes from a benchmark run, never a guess ----------------------------------
-# Affine decode: {(bits, group_size, shape class, rows class): "ours" | "mlx"}. No GPU figure exists yet
-# (this code was written without a GPU; see benchmarks/qmatmul_bench.py), so the table is empty and every
-# case uses mx.quantized_matmul. Fill it from the bench's "dispatch_suggestions" output on the GPU.
-AFFINE_TABLE: dict[tuple[int, int, str, str], str] = {}
+# GPU entries: NVIDIA H100 (MLX 0.32.4 CUDA), benchmarks/results/qmatmul_bench_gpu_h100.json plus the earlier
+# partial run beside it (benchmarks/results/gpu_h100/), Llama-3-8B layer shapes (all "large"), fp16
+# activations, 1/4/16/512 rows. No Metal figure exists (no Apple GPU reachable); Metal takes the same entries.
 
-# GGUF on GPU: {(ggml_type, shape class, rows class): "matvec" | "dequant" | "tiled"}. Empty for the same
-# reason. Without an entry, decode (<= 16 rows) uses our matvec (the alternative re-materializes the whole
-# weight in fp16 every token) and prefill dequantizes into an fp16 scratch and calls mx.matmul.
-GGUF_GPU_TABLE: dict[tuple[str, str, str], str] = {}
+# Affine decode: {(bits, group_size, shape class, rows class): "ours" | "mlx"}. Measured: our matvec never beat
+# mx.quantized_matmul by more than the run-to-run spread (4-bit g64: at best 0.134 vs 0.137 ms), so no entry
+# says "ours" and every decode case uses MLX's kernel.
+AFFINE_TABLE: dict[tuple[int, int, str, str], str] = {}
+# Affine prefill on GPU: dequantizing into an fp16 scratch and calling mx.matmul beat mx.quantized_matmul 1.5-2.1x
+# at 512 rows on all four shapes, in both runs (e.g. 14336x4096: 0.24 vs 0.45 ms). Only 512 was measured
+# (at 16 rows MLX's kernel is 2-5x faster), so the switch starts there.
+GPU_AFFINE_DEQUANT_MIN_ROWS = 512
+
+# GGUF on GPU: {(ggml_type, shape class, rows class): "matvec_r1" | "matvec_r2" | "matvec_r4" | "tiled" |
+# "dequant"} (matvec_rN: the decode kernel with N output rows per warp). Fastest variant per cell; formats
+# and classes without an entry use the defaults (matvec, R=2, up to 16 rows; dequantize-then-matmul above).
+GGUF_GPU_TABLE: dict[tuple[str, str, str], str] = {
+    ("Q4_0", "large", "1"): "matvec_r4", ("Q4_0", "large", "2-4"): "matvec_r4",
+    ("Q4_0", "large", "5-16"): "tiled", ("Q4_0", "large", "17+"): "dequant",
+    ("Q8_0", "large", "1"): "matvec_r4", ("Q8_0", "large", "2-4"): "matvec_r4",
+    ("Q8_0", "large", "5-16"): "tiled", ("Q8_0", "large", "17+"): "dequant",
+    ("Q4_K", "large", "1"): "matvec_r2", ("Q4_K", "large", "2-4"): "tiled",
+    ("Q4_K", "large", "5-16"): "tiled", ("Q4_K", "large", "17+"): "dequant",
+    ("Q6_K", "large", "1"): "matvec_r2", ("Q6_K", "large", "2-4"): "tiled",
+    ("Q6_K", "large", "5-16"): "tiled", ("Q6_K", "large", "17+"): "dequant",
+}
 
 # GGUF on CPU, measured on the 2-core x86-64 dev machine with MKL preloaded (MLX 0.32.4, benchmarks/results/
 # qmatmul_bench_cpu-small_linux-x86_64-2core.json): MLX's CPU quantized matmul costs time in proportion to
@@ -76,19 +93,31 @@ def gguf_matmul(x: mx.array, packed: mx.array, ggml_type: str, n_cols: int) -> m
         if m <= CPU_BRIDGE_MAX_ROWS and ggml_type in cpu_bridge.BRIDGEABLE:
             return cpu_bridge.bridge_matmul(x, packed, ggml_type, n_cols)
         return reference.gguf_matmul(x, packed, ggml_type, n_cols)
-    default = "matvec" if m <= DECODE_MAX_ROWS else "dequant"
-    how = GGUF_GPU_TABLE.get((ggml_type, shape_class(n, n_cols), rows_class(m)), default)
-    if how == "matvec" and m <= DECODE_MAX_ROWS:
-        out = backends.gguf_matvec(be, x2, packed, ggml_type, n_cols)
+    how = gguf_gpu_choice(ggml_type, n, n_cols, m)
+    if how.startswith("matvec"):
+        out = backends.gguf_matvec(be, x2, packed, ggml_type, n_cols, rows_per_warp=int(how[-1]))
     elif how == "tiled":
         out = backends.gguf_tiled(be, x2, packed, ggml_type, n_cols)
     else:
-        step = max(1, GPU_SCRATCH_ELEMENTS // n_cols)
-        dt = x2.dtype if x2.dtype != mx.float32 else mx.float16
-        outs = [x2 @ backends.gguf_dequant(be, packed[r : r + step], ggml_type, n_cols, dt).T.astype(x2.dtype)
-                for r in range(0, n, step)]
-        out = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=-1)
+        # The scratch keeps x's dtype: an fp16 scratch under float32 activations cost 3e-4 relative error
+        # on the H100 check (benchmarks/gpu_check_ops.py), against exact float32 elsewhere.
+        out = _chunked_dense_matmul(x2, n, n_cols, lambda r0, r1: backends.gguf_dequant(
+            be, packed[r0:r1], ggml_type, n_cols, x2.dtype))
     return out.reshape(*lead, n)
+
+
+def gguf_gpu_choice(ggml_type: str, n: int, n_cols: int, m: int) -> str:
+    """The GPU variant for an (n x n_cols) GGUF matrix and m activation rows (the table, else defaults)."""
+    default = f"matvec_r{backends.MATVEC_ROWS_PER_WARP}" if m <= DECODE_MAX_ROWS else "dequant"
+    how = GGUF_GPU_TABLE.get((ggml_type, shape_class(n, n_cols), rows_class(m)), default)
+    return how if m <= DECODE_MAX_ROWS or not how.startswith("matvec") else "dequant"
+
+
+def _chunked_dense_matmul(x2: mx.array, n: int, n_cols: int, dequant_rows) -> mx.array:
+    """x2 @ W.T with W dequantized `GPU_SCRATCH_ELEMENTS` at a time (bounded scratch for wide heads)."""
+    step = max(1, GPU_SCRATCH_ELEMENTS // n_cols)
+    outs = [x2 @ dequant_rows(r, min(n, r + step)).T.astype(x2.dtype) for r in range(0, n, step)]
+    return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=-1)
 
 
 def gguf_embedding(ids: mx.array, packed: mx.array, ggml_type: str, n_cols: int,
@@ -113,6 +142,11 @@ def affine_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, 
     be = backend()
     if be == "cpu" and m >= CPU_AFFINE_DEQUANT_MIN_ROWS[shape_class(n, k)]:
         return x @ mx.dequantize(w, scales, biases, group_size, bits).T.astype(x.dtype)
+    if be != "cpu" and m >= GPU_AFFINE_DEQUANT_MIN_ROWS:
+        dt = x2.dtype
+        out = _chunked_dense_matmul(x2, n, k, lambda r0, r1: mx.dequantize(
+            w[r0:r1], scales[r0:r1], biases[r0:r1], group_size, bits, dtype=dt))
+        return out.reshape(*lead, n)
     key = (bits, group_size, shape_class(n, k), rows_class(m))
     if (be != "cpu" and m <= DECODE_MAX_ROWS and bits in (4, 8) and group_size in (32, 64, 128)
             and AFFINE_TABLE.get(key) == "ours" and _kernel_ok(x2, w, scales, biases)):

@@ -146,3 +146,45 @@ def test_unsupported_types_raise_naming_type_and_tensor(ggml_type):
 def test_columns_not_a_whole_block_raise():
     with pytest.raises(UnsupportedError, match="blk.0.attn_q.weight"):
         make_quantized_module(nn.Linear(640, 8), {"mode": "gguf", "ggml_type": "Q4_K", "name": "blk.0.attn_q.weight"})
+
+
+def test_gpu_table_choices_follow_the_measured_entries():
+    from applelm.ops import dispatch
+
+    big = (4096, 4096)  # a "large" shape class, as measured on the H100
+    assert dispatch.gguf_gpu_choice("Q8_0", *big, 1) == "matvec_r4"
+    assert dispatch.gguf_gpu_choice("Q4_K", *big, 1) == "matvec_r2"
+    assert dispatch.gguf_gpu_choice("Q6_K", *big, 4) == "tiled"
+    assert dispatch.gguf_gpu_choice("Q4_0", *big, 512) == "dequant"
+    # no entry (format or shape class never measured): defaults
+    assert dispatch.gguf_gpu_choice("Q5_1", *big, 3) == "matvec_r2"
+    assert dispatch.gguf_gpu_choice("Q8_0", 64, 64, 1) == "matvec_r2"
+    assert dispatch.gguf_gpu_choice("Q5_1", 64, 64, 40) == "dequant"
+
+
+@pytest.mark.parametrize("m,expect", [(1, "matvec"), (12, "tiled"), (40, "dequant")])
+def test_gpu_dispatch_runs_the_chosen_variant(monkeypatch, m, expect):
+    # The GPU kernels are stood in for by the reference math, to check the routing and the chunked scratch
+    # (whose dtype now follows the activations) on this CPU-only machine.
+    from applelm.ops import backends, dispatch
+
+    n, k, fmt = 40, 64, "Q8_0"
+    packed = mx.array(random_blocks(fmt, n, k, seed=5))
+    called = []
+    monkeypatch.setattr(dispatch, "backend", lambda: "cuda")
+    monkeypatch.setattr(dispatch, "GGUF_GPU_TABLE", {(fmt, "small", "5-16"): "tiled"})
+    monkeypatch.setattr(dispatch, "GPU_SCRATCH_ELEMENTS", 16 * k)  # 16 rows per chunk: 3 chunks
+    monkeypatch.setattr(backends, "gguf_matvec", lambda be, x2, p, t, kk, rows_per_warp: called.append(
+        f"matvec_r{rows_per_warp}") or reference.gguf_matmul(x2, p, t, kk))
+    monkeypatch.setattr(backends, "gguf_tiled", lambda be, x2, p, t, kk: called.append("tiled") or
+                        reference.gguf_matmul(x2, p, t, kk))
+    monkeypatch.setattr(backends, "gguf_dequant", lambda be, p, t, kk, dt: called.append(("dequant", dt)) or
+                        reference.dequantize(p, t, kk).astype(dt))
+    x = mx.random.normal((m, k), key=mx.random.key(m))
+    got = gguf_matmul(x, packed, fmt, k)
+    want = np.array(x, dtype=np.float64) @ numpy_dequantize(np.array(packed), fmt).T
+    np.testing.assert_allclose(np.array(got), want, rtol=1e-4, atol=1e-4)
+    if expect == "dequant":
+        assert called == [("dequant", mx.float32)] * 3
+    else:
+        assert called == [expect if expect == "tiled" else "matvec_r2"]
