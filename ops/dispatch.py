@@ -26,8 +26,9 @@ AFFINE_TABLE: dict[tuple[int, int, str, str], str] = {}
 GPU_AFFINE_DEQUANT_MIN_ROWS = 512
 
 # GGUF on GPU: {(ggml_type, shape class, rows class): "matvec_r1" | "matvec_r2" | "matvec_r4" | "tiled" |
-# "dequant"} (matvec_rN: the decode kernel with N output rows per warp). Fastest variant per cell; formats
-# and classes without an entry use the defaults (matvec, R=2, up to 16 rows; dequantize-then-matmul above).
+# "dequant"} (matvec_rN: the decode kernel with N output rows per warp). Fastest variant per cell, each rows
+# class measured at one count (1, 4, 16, 512); formats and shape classes without an entry use the defaults
+# (matvec, R=2, up to 16 rows; dequantize-then-matmul above).
 GGUF_GPU_TABLE: dict[tuple[str, str, str], str] = {
     ("Q4_0", "large", "1"): "matvec_r4", ("Q4_0", "large", "2-4"): "matvec_r4",
     ("Q4_0", "large", "5-16"): "tiled", ("Q4_0", "large", "17+"): "dequant",
