@@ -24,7 +24,7 @@ import mlx.core as mx
 import numpy as np
 
 from .batch_cache import filter_caches, make_batch_cache, merge_caches
-from .batch_sample import RowSampling, sample_row
+from .batch_sample import SamplingParams, sample_row
 from .errors import UserError
 from .generation import TextStream, prefill
 
@@ -54,21 +54,6 @@ class QueueFull(Exception):
 
 class EngineUnavailable(Exception):
     """The model is not loaded (yet), failed to load, or the engine is shutting down (HTTP 503)."""
-
-
-@dataclass
-class SamplingParams:
-    """Per-request sampling; temperature 0 (or top_p 0) is greedy. `seed` makes draws reproducible."""
-
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    seed: Optional[int] = None
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_p == 0
 
 
 @dataclass
@@ -111,9 +96,8 @@ class _Row:
 
     def __init__(self, req: Request, tokenizer, limit: int):
         self.req = req
-        s = req.sampling
+        s = self.sampling = req.sampling
         self.greedy = s.greedy
-        self.sampling = RowSampling(s.temperature, s.top_p, s.top_k, s.min_p)
         # one generator per request: a seeded request draws the same numbers whatever shares the batch
         self.rng = random.Random(s.seed if s.seed is not None else secrets.randbits(64))
         self.text = TextStream(tokenizer.detokenizer(), req.stop)
@@ -235,12 +219,14 @@ class BatchEngine:
                     break
                 new = self._take_pending(len(rows))
             try:
+                # Rows leave before the merge: a request done at its first token (or cancelled) then
+                # never costs a copy of the whole batch's cache.
+                rows, cache = self._drop_done(rows, cache)
                 if new:
-                    added, new_cache = self._admit(new)
+                    added, new_cache = self._drop_done(*self._admit(new))
                     if added:
                         rows += added
                         cache = merge_caches(cache, new_cache)
-                rows, cache = self._drop_done(rows, cache)
                 if rows:
                     self._decode(rows, cache)
                     rows, cache = self._drop_done(rows, cache)

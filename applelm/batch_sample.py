@@ -16,21 +16,29 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
 CANDIDATES = 1024  # tokens the top-k / top-p filters look at first
 
 
-@dataclass(frozen=True)
-class RowSampling:
-    temperature: float  # > 0
+@dataclass
+class SamplingParams:
+    """Per-request sampling; temperature 0 (or top_p 0) is greedy. `seed` makes draws reproducible."""
+
+    temperature: float = 0.0
     top_p: float = 1.0  # (0, 1]
     top_k: int = 0  # 0: off
     min_p: float = 0.0  # [0, 1)
+    seed: Optional[int] = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_p == 0
 
 
-def _nucleus(z: np.ndarray, lse: float, s: RowSampling, candidates: int):
+def _nucleus(z: np.ndarray, lse: float, s: SamplingParams, candidates: int):
     """(token ids, log-probabilities) that top-k and top-p keep, most likely first, from logits `z`
     and their log-sum-exp; None when a wider look is needed (the nucleus may pass the candidates)."""
     V = z.shape[0]
@@ -50,7 +58,7 @@ def _nucleus(z: np.ndarray, lse: float, s: RowSampling, candidates: int):
     return ids[keep], vals[keep]
 
 
-def sample_row(logits: np.ndarray, s: RowSampling, u: float, candidates: int = CANDIDATES) -> int:
+def sample_row(logits: np.ndarray, s: SamplingParams, u: float, candidates: int = CANDIDATES) -> int:
     """One token id from a row of logits (vocab,), drawn at `u` in [0, 1)."""
     z = np.asarray(logits, dtype=np.float32)
     ids = None

@@ -59,6 +59,16 @@ def size_arg(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def add_model_arguments(p: argparse.ArgumentParser, dequantize_help: str) -> None:
+    """Which model and how it is held, shared by `applelm.generate` and `applelm.server`."""
+    from .loader import DTYPES
+
+    p.add_argument("--model", default=None, help="GGUF file, model folder or HF repo id (default: embedded SmolLM2)")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="compute dtype (default: float32 on CPU)")
+    p.add_argument("--dequantize", action="store_true", help=dequantize_help)
+    p.add_argument("--prefill-step-size", type=positive_int, default=512)
+
+
 def add_flash_arguments(p: argparse.ArgumentParser) -> None:
     """The flash-paging flags, shared by `applelm.generate` and `applelm.server`."""
     p.add_argument("--memory-budget", type=size_arg, default=None, metavar="SIZE",

@@ -23,9 +23,10 @@ from mlx.utils import tree_flatten, tree_map
 from .cli_common import ArgumentParser, run_main
 from .errors import UserError
 from .loader import DTYPES, load_model
-from .mlx_folder import MAX_SHARD_BYTES, copy_tokenizer_files, folder_size, save_config, save_weights, write_tokenizer
+from .mlx_folder import (MAX_SHARD_BYTES, copy_tokenizer_files, folder_size, make_shards, save_config, save_weights,
+                          write_tokenizer)
 from .progress import Progress
-from .quant import dequantize_model, quantize_model
+from .quant import dequantize_model, quantizable, quantize_model
 from .recipes import RECIPES, recipe_predicate
 
 PROG = "applelm.convert"
@@ -149,7 +150,7 @@ def convert(src: Union[str, os.PathLike], out: Union[str, os.PathLike], *, bits:
 
     if bits is not None:
         predicate = recipe_predicate(recipe, len(model.layers), group_size) if recipe else None
-        n_layers = sum(1 for _, m in model.named_modules() if hasattr(m, "to_quantized") and hasattr(m, "weight"))
+        n_layers = sum(1 for _, m in model.named_modules() if quantizable(m))
         label = recipe or f"{mode} {bits}-bit g{group_size}"
         with Progress(f"quantize {label}", n_layers, enabled=progress) as bar:
             config["quantization"] = quantize_model(model, bits, group_size, mode, predicate,
@@ -157,8 +158,7 @@ def convert(src: Union[str, os.PathLike], out: Union[str, os.PathLike], *, bits:
             bar.finish()  # layers the group size does not divide stay dense: the bar may not be full yet
 
     weights = dict(tree_flatten(model.parameters()))
-    n_shards = max(1, -(-sum(v.nbytes for v in weights.values()) // max_shard_bytes))
-    with Progress("write", n_shards, enabled=progress) as bar:
+    with Progress("write", len(make_shards(weights, max_shard_bytes)), enabled=progress) as bar:
         save_weights(out, weights, max_shard_bytes, on_shard=bar.update)
     save_config(out, config)
     tokenizer_files = _write_tokenizer(src, out, gguf, config)

@@ -9,11 +9,11 @@ from typing import Optional
 
 import mlx.core as mx
 
-from .cli_common import (ArgumentParser, add_flash_arguments, flash_options, float_in, non_negative_int, positive_int,
-                         run_main)
+from .cli_common import (ArgumentParser, add_flash_arguments, add_model_arguments, flash_options, float_in,
+                         non_negative_int, positive_int, run_main)
 from .errors import UserError
 from .generation import generate, stream_generate
-from .loader import DTYPES, load
+from .loader import load
 from .sample import make_logits_processors, make_sampler
 
 PROG = "applelm.generate"
@@ -22,7 +22,7 @@ PROG = "applelm.generate"
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog=PROG, description="Generate text with a local model (GGUF file, model folder or "
                                               "Hugging Face repo id). Default model: SmolLM2-135M-Instruct.")
-    p.add_argument("--model", default=None, help="GGUF file, model folder or HF repo id (default: embedded SmolLM2)")
+    add_model_arguments(p, "hold quantized layers as dense weights: more memory, faster on CPU")
     p.add_argument("--prompt", "-p", default="Hello", help="the prompt; '-' reads it from stdin")
     p.add_argument("--system-prompt", default=None, help="system message for chat models")
     p.add_argument("--max-tokens", "-m", type=positive_int, default=256)
@@ -35,10 +35,6 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--max-kv-size", type=positive_int, default=None, help="keep only the last N positions")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--ignore-chat-template", action="store_true", help="use the prompt as raw text")
-    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="compute dtype (default: float32 on CPU)")
-    p.add_argument("--dequantize", action="store_true",
-                   help="hold quantized layers as dense weights: more memory, faster on CPU")
-    p.add_argument("--prefill-step-size", type=positive_int, default=512)
     add_flash_arguments(p)
     p.add_argument("--verbose", "-v", action="store_true", help="print the formatted prompt and more detail")
     return p

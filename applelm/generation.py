@@ -45,15 +45,18 @@ def prefill(model: nn.Module, tokens: mx.array, cache: list, step: int = 512,
     return tokens[:, total:]
 
 
-def _decode_forward(model: nn.Module, cache: list, compiled: bool):
-    """tokens (B, L) -> logits of the last position (B, vocab); with `compiled`, the first call traces
-    the step with mx.compile (the static caches' arrays as state) and later calls replay it."""
+def _last_logits(model: nn.Module, cache: list):
+    """tokens (B, L) -> logits of the last position (B, vocab), through `cache`."""
 
     def forward(tokens: mx.array) -> mx.array:
         return model(tokens, cache=cache)[:, -1, :]
 
-    if not compiled:
-        return forward
+    return forward
+
+
+def _compiled(forward, cache: list):
+    """`forward` as one compiled graph: the first call traces it with mx.compile (the static caches' arrays
+    as state) and later calls replay it; where tracing fails, `forward` itself is used from then on."""
     state = [c.arrays for c in cache]
     traced = mx.compile(forward, inputs=state, outputs=state)
     chosen = None
@@ -112,8 +115,8 @@ def generate_step(
         cache = [StaticKVCache(prompt.size + max_tokens) for _ in model.layers]
     else:
         cache = prompt_cache if prompt_cache is not None else make_prompt_cache(model, max_kv_size)
-    plain = _decode_forward(model, cache, compiled=False)
-    decode = _decode_forward(model, cache, compiled) if compiled else plain
+    plain = _last_logits(model, cache)
+    decode = _compiled(plain, cache) if compiled else plain
     history = prompt[None] if processors else None
 
     def step(tokens: mx.array, forward):

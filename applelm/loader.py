@@ -53,7 +53,8 @@ def resolve_model_path(model: Optional[str]) -> Path:
     raise UserError(f"model path '{model}' does not exist")
 
 
-def _physical_memory() -> int:
+def physical_memory() -> int:
+    """Bytes of RAM (0 where the platform does not say)."""
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
@@ -73,7 +74,7 @@ def _compute_dtype(requested: Optional[str], weights: dict[str, mx.array]) -> mx
     if mx.default_device().type == mx.cpu:
         # MLX's CPU kernels run float32 about 10x faster than half precision; take it while the float32
         # copy stays within 40% of physical memory, else keep the checkpoint's dtype.
-        if sum(floats.values()) * 4 <= 0.4 * _physical_memory():
+        if sum(floats.values()) * 4 <= 0.4 * physical_memory():
             return mx.float32
         return stored
     return mx.bfloat16 if stored == mx.bfloat16 else mx.float16

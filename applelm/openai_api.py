@@ -12,7 +12,7 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
-from .batch_engine import SamplingParams
+from .batch_sample import SamplingParams
 from .errors import UserError
 from .generation import prompt_token_ids
 

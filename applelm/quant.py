@@ -95,6 +95,11 @@ def dequantize_model(model: nn.Module) -> nn.Module:
     return model
 
 
+def quantizable(module: nn.Module) -> bool:
+    """A layer `quantize_model` considers (a Linear or Embedding with a weight)."""
+    return hasattr(module, "to_quantized") and hasattr(module, "weight")
+
+
 def quantize_model(model: nn.Module, bits: int, group_size: int, mode: str = "affine",
                    predicate: Optional[Callable[[str, nn.Module], Union[bool, dict]]] = None,
                    on_layer: Optional[Callable[[str], None]] = None, fit: str = "mlx") -> dict:
@@ -109,8 +114,9 @@ def quantize_model(model: nn.Module, bits: int, group_size: int, mode: str = "af
         raise ValueError(f"fit must be 'mlx' or 'mse', got {fit!r}")
     block = {"group_size": group_size, "bits": bits, "mode": mode}
     specs = {}
+    dense = {}
     for path, module in model.named_modules():
-        if not hasattr(module, "to_quantized") or not hasattr(module, "weight"):
+        if not quantizable(module):
             continue
         choice = True if predicate is None else predicate(path, module)
         spec = dict(choice) if isinstance(choice, dict) else dict(block)
@@ -119,7 +125,7 @@ def quantize_model(model: nn.Module, bits: int, group_size: int, mode: str = "af
         if isinstance(choice, dict):
             block[path] = spec
         specs[path] = spec
-    dense = {path: module.weight for path, module in model.named_modules() if path in specs}
+        dense[path] = module.weight
     swap_quantized(model, specs)
     # Evaluate layer by layer: bounded peak memory, and progress that means something (quantizing is lazy).
     for path, module in model.named_modules():

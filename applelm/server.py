@@ -26,7 +26,8 @@ from typing import Optional
 
 from . import __version__
 from .batch_engine import BatchEngine, EngineUnavailable, Event, QueueFull, Request
-from .cli_common import ArgumentParser, add_flash_arguments, flash_options, positive_int, run_main
+from .cli_common import (ArgumentParser, add_flash_arguments, add_model_arguments, flash_options, positive_int,
+                         run_main)
 from .errors import UserError
 from .openai_api import (ApiError, GenerationParams, Limits, chat_chunk, chat_response, completion_chunk,
                          completion_response, model_list, model_object, new_id, parse_chat, parse_completion,
@@ -145,7 +146,10 @@ class Handler(BaseHTTPRequestHandler):
         return {}
 
     def _send_json(self, status: int, obj, extra: Optional[dict] = None) -> None:
-        data = json.dumps(obj).encode()
+        self._send_bytes(status, json.dumps(obj).encode(), extra)
+
+    def _send_bytes(self, status: int, data: bytes, extra: Optional[dict] = None) -> None:
+        """A JSON body already serialized (the OpenAPI document is built once)."""
         try:
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
@@ -270,13 +274,6 @@ class Handler(BaseHTTPRequestHandler):
         self._check_ready()
         self._send_json(200, {"status": "ok", "model": self.app.model_id, "active": engine.active_count,
                               "queued": engine.queued_count})
-
-    def _send_bytes(self, status: int, data: bytes) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
 
     def _generate(self, params: GenerationParams, chat: bool) -> None:
         req = Request(params.prompt, params.max_tokens, params.sampling, params.stop, params.ignore_eos)
@@ -494,7 +491,7 @@ def model_id_for(model: Optional[str]) -> str:
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog=PROG, description="Serve a local model over an OpenAI-compatible HTTP API "
                                               "(continuous batching). Default model: SmolLM2-135M-Instruct.")
-    p.add_argument("--model", default=None, help="GGUF file, model folder or HF repo id (default: embedded SmolLM2)")
+    add_model_arguments(p, "hold quantized weights as dense floats: more memory, and on CPU batches scale better")
     p.add_argument("--model-id", default=None, help="the id clients use (default: the file stem or folder name)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8080, help="TCP port (0: pick a free one)")
@@ -507,10 +504,6 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--max-body-bytes", type=positive_int, default=1 << 20, help="largest request body (413 beyond)")
     p.add_argument("--context-length", type=positive_int, default=None,
                    help="prompt + completion tokens (default: the model's max_position_embeddings)")
-    p.add_argument("--prefill-step-size", type=positive_int, default=512)
-    p.add_argument("--dequantize", action="store_true",
-                   help="hold quantized weights as dense floats: more memory, and on CPU batches scale better")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None)
     add_flash_arguments(p)
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
                    help="info logs every request")

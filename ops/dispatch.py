@@ -20,9 +20,9 @@ from . import backends, cpu_bridge, reference
 # mx.quantized_matmul by more than the run-to-run spread (4-bit g64: at best 0.134 vs 0.137 ms), so no entry
 # says "ours" and every decode case uses MLX's kernel.
 AFFINE_TABLE: dict[tuple[int, int, str, str], str] = {}
-# Affine prefill on GPU: dequantizing into an fp16 scratch and calling mx.matmul beat mx.quantized_matmul 1.5-2.1x
-# at 512 rows on all four shapes, in both runs (e.g. 14336x4096: 0.24 vs 0.45 ms). Only 512 was measured
-# (at 16 rows MLX's kernel is 2-5x faster), so the switch starts there.
+# Affine prefill on GPU: dequantizing into a scratch (fp16 in the run) and calling mx.matmul beat
+# mx.quantized_matmul 1.5-2.1x at 512 rows on all four shapes, in both runs (e.g. 14336x4096: 0.24 vs 0.45 ms).
+# Only 512 was measured (at 16 rows MLX's kernel is 2-5x faster), so the switch starts there.
 GPU_AFFINE_DEQUANT_MIN_ROWS = 512
 
 # GGUF on GPU: {(ggml_type, shape class, rows class): "matvec_r1" | "matvec_r2" | "matvec_r4" | "tiled" |

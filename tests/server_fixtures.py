@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 from contextlib import contextmanager
+from pathlib import Path
 
 from applelm.batch_engine import BatchEngine
 from conftest import build_tiny
@@ -130,9 +131,8 @@ CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-def write_tiny_gguf(path, **config_overrides) -> "Path":
+def write_tiny_gguf(path, **config_overrides) -> Path:
     """A 2-layer random Llama GGUF with a byte-level BPE vocab and a ChatML template (loads in ~1 s)."""
-    from pathlib import Path
 
     from gguf_fixtures import write_tiny_llama_gguf
 

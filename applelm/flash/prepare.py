@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import zlib
 from pathlib import Path
@@ -132,9 +131,10 @@ def _calibration_ids(out: Path, text_path: Optional[str], n_tokens: int, ids: Op
 
 def _calibration_budget(layout) -> Optional[int]:
     """Fully resident when the model fits in half of physical memory, else half of it."""
-    try:
-        phys = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
+    from ..loader import physical_memory
+
+    phys = physical_memory()
+    if not phys:
         return None
     need = layout.resident_path.stat().st_size * 2 + layout.n_layers * 3 * layout.intermediate * layout.hidden * 4
     return None if need < phys // 2 else phys // 2

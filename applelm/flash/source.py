@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -20,13 +19,12 @@ import numpy as np
 from ..errors import ModelFormatError, UnsupportedError
 from ..gguf_file import GGUFFile, gguf_or_folder
 from ..gguf_loader import gguf_config, load_gguf
+from ..mlx_folder import copy_tokenizer_files
 from ..models import get_architecture
 from .codec import bf16_to_f32
 from .layout import GGUF_TOKENIZER_FILE
 
 FFN_NAME = re.compile(r"^model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj\.(weight|scales|biases|bias)$")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
-                   "chat_template.jinja", "chat_template.json")
 
 
 def is_ffn(name: str) -> bool:
@@ -141,13 +139,7 @@ class FolderSource(Source):
         return weights, specs
 
     def write_tokenizer(self, out: Path) -> None:
-        found = False
-        for name in TOKENIZER_FILES:
-            src = self.path / name
-            if src.is_file():
-                shutil.copyfile(src, out / name)
-                found = found or name == "tokenizer.json"
-        if not found:  # still usable through load_model (token ids in, logits out), not through load()
+        if "tokenizer.json" not in copy_tokenizer_files(self.path, out):  # still usable through load_model (token ids in, logits out), not through load()
             warnings.warn(f"{self.path} has no tokenizer.json; the flash layout will have no tokenizer")
 
 
