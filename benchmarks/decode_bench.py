@@ -90,15 +90,9 @@ def write_checkpoint(shape: str, fmt: str, folder: Path) -> Path:
 
 def export_smollm2(folder: Path) -> tuple[Path, Path]:
     """The embedded GGUF and its lossless MLX export (Q4_1/Q8_0 blocks are MLX affine groups of 32)."""
-    import importlib.util
-    import sys
-
+    import generate_bench as gb  # benchmarks/generate_bench.py
     from applelm.loader import default_model_path
 
-    spec = importlib.util.spec_from_file_location("generate_bench", HERE / "generate_bench.py")
-    gb = importlib.util.module_from_spec(spec)
-    sys.modules["generate_bench"] = gb
-    spec.loader.exec_module(gb)
     gguf = default_model_path()
     if not (folder / "q4_f16" / "config.json").exists():
         folder.mkdir(parents=True, exist_ok=True)

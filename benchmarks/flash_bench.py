@@ -30,6 +30,7 @@ import platform
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import machine_info  # benchmarks/machine_info.py
@@ -48,17 +49,15 @@ SMOL_PROMPT = ("The history of astronomy spans thousands of years. Ancient obser
 def machine(device: str) -> dict:
     import mlx.core as mx
 
+    from applelm.loader import physical_memory
+
     try:
         commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True).stdout.strip()
     except OSError:
         commit = ""
     return {**machine_info.machine(), "mlx": mx.__version__, "device": device, "commit": commit,
-            "ram_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9, 1)}
-
-
-def loadavg() -> list:
-    return [round(v, 2) for v in os.getloadavg()]
+            "ram_gb": round(physical_memory() / 1e9, 1)}
 
 
 def disk_speeds(work: Path, size: int = 1 << 30) -> dict:
@@ -282,26 +281,30 @@ def perplexities(layout16: Path, layout: Path, tokens: int, tbt_tokens: int, lev
     out = {"text": str(GPL3), "tokens": len(ids), "context": 512, "token_by_token_tokens": tbt_tokens}
     ppl = lambda v: round(math.exp(v), 4)  # noqa: E731
 
-    def score(path, **options):
+    @contextmanager
+    def loaded(path, **options):
+        # One load per configuration: the scores only read weights, so they can share a model.
         m, _, _ = load_model(path, dequantize=True, **options)
-        full = round(perplexity(m, ids, context=512).perplexity, 4)
-        m.flash.close()
-        return full
+        try:
+            yield m
+        finally:
+            m.flash.close()
 
-    out["resident_float16_store"] = score(layout16)
-    out["resident"] = score(layout)
-    m, _, _ = load_model(layout, dequantize=True)
-    out["resident_first_tbt"] = ppl(nll(m, ids[:tbt_tokens], token_by_token=True))
-    m.flash.close()
+    def full(m) -> float:
+        return round(perplexity(m, ids, context=512).perplexity, 4)
+
+    with loaded(layout16) as m:
+        out["resident_float16_store"] = full(m)
+    with loaded(layout) as m:
+        out["resident"] = full(m)
+        out["resident_first_tbt"] = ppl(nll(m, ids[:tbt_tokens], token_by_token=True))
     for s in levels:
-        out[f"threshold_{s}"] = score(layout, sparsity=s)
-        m, _, _ = load_model(layout, dequantize=True, sparsity=s)
-        out[f"threshold_{s}_first_tbt"] = ppl(nll(m, ids[:tbt_tokens]))
-        m.flash.close()
-        m, _, _ = load_model(layout, dequantize=True, sparsity=s, sparsity_mode="predictor")
-        out[f"predictor_{s}_first_tbt"] = ppl(nll(m, ids[:tbt_tokens], token_by_token=True))
-        out[f"predictor_{s}_neurons_used_per_token"] = round(m.flash.report().get("neurons_used_per_token", 0))
-        m.flash.close()
+        with loaded(layout, sparsity=s) as m:
+            out[f"threshold_{s}"] = full(m)
+            out[f"threshold_{s}_first_tbt"] = ppl(nll(m, ids[:tbt_tokens]))
+        with loaded(layout, sparsity=s, sparsity_mode="predictor") as m:
+            out[f"predictor_{s}_first_tbt"] = ppl(nll(m, ids[:tbt_tokens], token_by_token=True))
+            out[f"predictor_{s}_neurons_used_per_token"] = round(m.flash.report().get("neurons_used_per_token", 0))
     return out
 
 
@@ -438,7 +441,7 @@ def main() -> int:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     result = {"command": "python " + " ".join([os.path.relpath(__file__, ROOT)] + sys.argv[1:]),
-              "machine": machine(args.device), "load_start": loadavg(), "models": {}}
+              "machine": machine(args.device), "load_start": machine_info.load_avg(), "models": {}}
     print("disk ...", file=sys.stderr, flush=True)
     result["disk_start"] = disk_speeds(work)
     base = {"device": args.device, "options": {"dtype": "float16"} if args.device == "gpu" else {},
@@ -501,7 +504,7 @@ def main() -> int:
             "goals": goals(rows, rounds), "all_rounds": rounds}
 
     result["disk_end"] = disk_speeds(work)
-    result["load_end"] = loadavg()
+    result["load_end"] = machine_info.load_avg()
     tag = f"{args.device}_{platform.system().lower()}-{platform.machine()}-{os.cpu_count()}core"
     out = Path(args.out) if args.out else HERE / "results" / f"flash_bench_{tag}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -17,9 +17,14 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def load_avg() -> list[float]:
+    """The 1/5/15-minute load averages, rounded (a shared machine's numbers move with them)."""
+    return [round(v, 2) for v in os.getloadavg()]
+
+
 def machine() -> dict:
     return {"platform": platform.platform(), "cpu": cpu_name(), "cores": os.cpu_count(),
-            "python": platform.python_version(), "load_avg": [round(v, 2) for v in os.getloadavg()]}
+            "python": platform.python_version(), "load_avg": load_avg()}
 
 
 def peak_rss_bytes():

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import os
 import statistics
 import sys
 import threading
@@ -163,13 +162,13 @@ def main() -> int:
         args.render.with_suffix(".md").write_text(markdown(json.loads(args.render.read_text())))
         return 0
     levels = [int(c) for c in args.clients.split(",")]
-    load_before = os.getloadavg()
+    load_before = machine_info.load_avg()
     report = {"benchmark": "server_load", "machine": machine_info.machine(), "model": "SmolLM2-135M-Instruct.Q4_1 (embedded)",
               "requests_per_client": args.requests, "max_tokens": args.max_tokens,
-              "load_average_before": [round(x, 2) for x in load_before], "modes": []}
+              "load_average_before": load_before, "modes": []}
     for mode in args.modes.split(","):
         report["modes"].append(bench_mode(mode, levels, args.requests, args.max_tokens, args.max_batch))
-    report["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+    report["load_average_after"] = machine_info.load_avg()
     text = json.dumps(report, indent=2)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
