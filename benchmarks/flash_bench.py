@@ -1,20 +1,24 @@
 """Flash paging benchmark: models bigger than a memory budget, streamed from the SSD.
 
 Two models, each prepared once (python -m applelm.flash prepare) into a flash layout:
-  - synthetic: a random Llama-shaped model whose FFN is ~2 GB in 16-bit, run with a 1 GB budget
-  - smollm2:   the embedded SmolLM2-135M GGUF, run with half of its fully resident footprint
+  - synthetic:  a random Llama-shaped model whose FFN is ~2 GB in 16-bit, run with a 1 GB budget
+  - smollm2:    the embedded SmolLM2-135M GGUF, run with half of its fully resident footprint
+  - smollm2-8bit: the same SmolLM2 prepared with 8-bit bundles (about half the bytes), same budget
 and, in the same run, for each:
   - resident : the same prepared weights all in memory (load(OUT) without a budget)
   - naive    : every layer's FFN read synchronously each token, page cache bypassed, then evaluated
+               (on the CPU with the same native kernel as paged, so the two differ only in I/O)
                (no pinning, no prefetch, no bundling benefit, no windowing)
-  - paged    : applelm dense paging under the budget (pinned layers, prefetch ring, async pipeline)
+  - paged    : applelm dense paging under the budget (pinned layers, prefetch ring, async pipeline;
+               on the CPU streamed units of a token go through the native kernel, flash/native.py)
+  - paged-mlx: the same on the CPU without the native kernel (MLX copies and converts each unit)
   - sparse   : neuron-level paging (predictors + windowing cache, or resident gates + thresholds)
 with decode tok/s (median per-token time), bytes read per token, achieved read GB/s and I/O overlap,
 peak RSS growth over a warmed-up runtime and MLX's peak allocation, beside the disk's own direct-I/O
 sequential and 4 KiB / 32 KiB random read speeds, measured in the same script (before and after).
 SmolLM2 also gets perplexity on GPL-3 text for each sparsity setting. Every run is a fresh process.
 
-    python benchmarks/flash_bench.py [--device cpu|gpu] [--models synthetic,smollm2] [--work DIR]
+    python benchmarks/flash_bench.py [--device cpu|gpu] [--models synthetic,smollm2,smollm2-8bit] [--work DIR]
                                      [--tokens N] [--out FILE]
 
 --device gpu runs the same plan on MLX's GPU (float16 compute); compute is then fast and reads
@@ -32,6 +36,7 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Optional
 
 import machine_info  # benchmarks/machine_info.py
 
@@ -264,7 +269,8 @@ def nll(model, ids: list[int], chunk: int = 256, token_by_token: bool = False) -
     return total / count
 
 
-def perplexities(layout16: Path, layout: Path, tokens: int, tbt_tokens: int, levels: list[float]) -> dict:
+def perplexities(layout16: Path, layout: Path, tokens: int, tbt_tokens: int, levels: list[float],
+                 other_stores: Optional[dict] = None) -> dict:
     """Perplexity on GPL-3 text: applelm.perplexity (512-token windows, prompt path) for the resident
     model and threshold sparsity (whose prompt path applies each position's mask, equal to decoding it
     token by token: tests/test_flash_paging.py); predictor sparsity only exists when decoding, so it is
@@ -295,6 +301,9 @@ def perplexities(layout16: Path, layout: Path, tokens: int, tbt_tokens: int, lev
 
     with loaded(layout16) as m:
         out["resident_float16_store"] = full(m)
+    for name, path in (other_stores or {}).items():
+        with loaded(path) as m:
+            out[f"resident_{name}_store"] = full(m)
     with loaded(layout) as m:
         out["resident"] = full(m)
         out["resident_first_tbt"] = ppl(nll(m, ids[:tbt_tokens], token_by_token=True))
@@ -362,9 +371,13 @@ def goals(rows: dict, rounds: list[dict]) -> dict:
 
 def bench_model(name: str, budget: int, spec_base: dict, sparse_runs: list[tuple[str, dict]],
                 rounds: int) -> tuple[dict, list]:
-    """Every run `rounds` times, interleaved (the machine's load and the disk change over minutes)."""
+    """Every run `rounds` times, interleaved (the machine's load and the disk change over minutes).
+    On the CPU, "paged-mlx" is paging without the native kernel (flash/native.py), for its effect."""
     runs = [("resident", {}), ("naive", {"memory_budget": budget, "naive": True}),
-            ("paged", {"memory_budget": budget})] + [(k, {"memory_budget": budget, **o}) for k, o in sparse_runs]
+            ("paged", {"memory_budget": budget})]
+    if spec_base["device"] == "cpu":
+        runs.append(("paged-mlx", {"memory_budget": budget, "native": False}))
+    runs += [(k, {"memory_budget": budget, **o}) for k, o in sparse_runs]
     all_rounds = []
     for rnd in range(rounds):
         rows = {}
@@ -414,7 +427,7 @@ def markdown(result: dict) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
-    p.add_argument("--models", default="synthetic,smollm2")
+    p.add_argument("--models", default="synthetic,smollm2,smollm2-8bit", help="smollm2-8bit needs smollm2")
     p.add_argument("--work", default=str(ROOT / ".flash_bench"), help="where models and layouts are written")
     p.add_argument("--tokens", type=int, default=None, help="decode tokens per run (default 8 synthetic, 24 smollm2)")
     p.add_argument("--synthetic", default="1024,14336,24", help="hidden,intermediate,layers")
@@ -475,9 +488,25 @@ def main() -> int:
                            f"{format_size(budget)} ({args.smollm2_budget_fraction:.0%})",
             "prepare_s": round(prep_s, 1), "resident_bytes": full_bytes, "budget_bytes": budget, "runs": rows,
             "goals": goals(rows, rounds), "all_rounds": rounds}
+        q8 = None
+        if "smollm2-8bit" in models:
+            # 8-bit bundles read about half the bfloat16 store's bytes per token. A 4-bit store re-quantizes
+            # the Q4_1 weights along another axis: only its perplexity is measured (resident_4bit_store).
+            q8, q8_prep_s = prepared(default_model_path(), work / "smollm2_q8", bits=8, train_predictors=False)
+            rows, rounds = bench_model("smollm2-8bit", budget, {**spec, "model": str(q8)}, [], args.rounds)
+            result["models"]["smollm2-8bit"] = {
+                "description": f"the same SmolLM2 prepared as 8-bit affine bundles (groups of 64 along the hidden "
+                               f"axis, float16 scale and bias); same budget {format_size(budget)}; its perplexity "
+                               f"is in the smollm2 entry (resident_8bit_store)",
+                "prepare_s": round(q8_prep_s, 1), "resident_bytes": full_bytes, "budget_bytes": budget,
+                "runs": rows, "goals": goals(rows, rounds), "all_rounds": rounds}
+        stores = {}
+        if q8:
+            q4, _ = prepared(default_model_path(), work / "smollm2_q4", bits=4, train_predictors=False)
+            stores = {"8bit": q8, "4bit": q4}
         print("perplexity ...", file=sys.stderr, flush=True)
         result["models"]["smollm2"]["perplexity"] = perplexities(t16[0], layout, args.ppl_tokens, args.tbt_tokens,
-                                                                 [0.3, 0.5, 0.7])
+                                                                 [0.3, 0.5, 0.7], stores)
 
     if "synthetic" in models:
         hidden, inter, layers = (int(v) for v in args.synthetic.split(","))

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import venv
@@ -21,6 +22,7 @@ def test_wheel_imports_in_clean_venv(tmp_path):
     wheel = next((tmp_path / "dist").glob("applelm-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert "applelm/models/llama.py" in names and "applelm/ops/dispatch.py" in names
+    assert "applelm/flash/native_ffn.c" in names  # the flash CPU kernel's source, compiled on first use
     assert not any(n.startswith(("models/", "ops/", "tests/", "benchmarks/")) for n in names)
 
     env_dir = tmp_path / "clean"
@@ -31,6 +33,10 @@ def test_wheel_imports_in_clean_venv(tmp_path):
     code = ("import applelm, applelm.models, applelm.ops, importlib.util as u;"
             "from applelm.models import get_architecture; get_architecture('gemma3');"
             "assert u.find_spec('models') is None and u.find_spec('ops') is None;"
+            "from applelm.flash import native; import shutil;"
+            "assert native.load() is not None or not (shutil.which('cc') or shutil.which('gcc'));"
             "print(applelm.models.__file__)")
-    out = subprocess.run([str(py), "-c", code], check=True, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    env = dict(os.environ, APPLELM_CACHE=str(tmp_path / "cache"))
+    out = subprocess.run([str(py), "-c", code], check=True, capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                         env=env)
     assert str(env_dir) in out.stdout

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import zlib
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -23,6 +23,7 @@ from ..ops import GGUFEmbedding, GGUFLinear
 from ..quant import dequantize_model, swap_quantized
 from .budget import Geometry, parse_size, plan_dense, plan_sparse
 from .io import AlignedBuffer, wait_all
+from .native import bundle_ffn
 from .layout import GGUF_TOKENIZER_FILE, PREDICTOR_FILE, FlashLayout, read_layout, verify_resident
 from .neuron_cache import NeuronCache
 from .paged_mlp import FlashMLP
@@ -31,16 +32,17 @@ from .runtime import FlashRuntime
 SPARSITY_MODES = ("threshold", "predictor")
 
 
-def activation_of(mlp: nn.Module):
-    """The activation of a model's gated MLP module (the FFN swap must compute the same function)."""
+def activation_of(mlp: nn.Module) -> tuple[str, Callable]:
+    """The activation of a model's gated MLP module, as (name, MLX function): the FFN swap must compute
+    the same function (the name selects it in the native CPU kernel)."""
     from ..models import gemma3, llama
 
     if "bias" in getattr(mlp, "gate_proj", {}) or "bias" in getattr(mlp, "down_proj", {}):
         raise UnsupportedError("flash paging does not support FFN biases (mlp_bias)")
     if type(mlp) is llama.MLP:
-        return nn.silu
+        return "silu", nn.silu
     if type(mlp) is gemma3.MLP:
-        return nn.gelu_approx
+        return "gelu_tanh", nn.gelu_approx
     raise UnsupportedError(f"flash paging does not know the FFN module {type(mlp).__name__}")
 
 
@@ -132,9 +134,12 @@ def _read_layers(rt: FlashRuntime, layout: FlashLayout, want: dict[int, tuple], 
 
 def load_flash_model(folder, *, dtype: Optional[str] = None, memory_budget=None, sparsity: Optional[float] = None,
                      sparsity_mode: str = "threshold", window: int = 4, dequantize: bool = False,
-                     naive: bool = False, verify: bool = True, io_threads: int = 4, ring_depth: int = 4,
-                     max_unit_bytes: int = 16 << 20, read_split: int = 8 << 20) -> tuple[nn.Module, dict, FlashLayout]:
-    """Build the model of a flash layout (see `applelm.load` for the user-facing options)."""
+                     naive: bool = False, verify: bool = True, io_threads: int = 4, ring_depth: Optional[int] = None,
+                     max_unit_bytes: int = 16 << 20, read_split: int = 8 << 20,
+                     native: Optional[bool] = None) -> tuple[nn.Module, dict, FlashLayout]:
+    """Build the model of a flash layout (see `applelm.load` for the user-facing options).
+    `native`: compute streamed units of single tokens with the compiled CPU kernel (flash/native.py);
+    None = when the default device is the CPU and the kernel builds, False = always the MLX path."""
     from ..loader import _compute_dtype  # the core loader's dtype rule (float32 on CPU)
 
     layout = read_layout(folder)
@@ -164,6 +169,12 @@ def load_flash_model(folder, *, dtype: Optional[str] = None, memory_budget=None,
         if isinstance(module, GGUFEmbedding):
             module.dtype = dtype_
     acts = [activation_of(block.mlp) for block in model.layers]
+    kernel = None
+    if native or (native is None and mx.default_device() == mx.cpu):
+        kernel = bundle_ffn(layout.codec, acts[0][0]) if len({a for a, _ in acts}) == 1 else None
+        if native and kernel is None:
+            raise UserError("native=True, but the native flash kernel is unavailable (no C compiler, "
+                            "APPLELM_NATIVE=off, or an activation it does not implement)")
     for block in model.layers:  # the FFN's zero-initialized placeholders are never materialized
         block.mlp = nn.Module()
     itemsize = mx.zeros((), dtype_).itemsize
@@ -182,15 +193,19 @@ def load_flash_model(folder, *, dtype: Optional[str] = None, memory_budget=None,
             selector = sum(a.nbytes + b.nbytes + c.nbytes for a, b, c, _ in predictors)
         plan = plan_sparse(geom, resident, budget, selector, 2 if sparsity_mode == "threshold" else 3)
     else:
-        plan = plan_dense(geom, resident, budget, depth=ring_depth, naive=naive)
+        # The native kernel reads units where they land: no MLX copy per unit in flight, so the buffers
+        # freed go to a deeper ring (prompts still take the MLX path, one unit at a time).
+        depth = ring_depth or (8 if kernel else 4)
+        plan = plan_dense(geom, resident, budget, depth=depth, inflight=1 if kernel else 2, naive=naive)
 
     rt = FlashRuntime(layout, plan, dtype_, io_threads=io_threads, max_unit_bytes=max_unit_bytes,
                       read_split=read_split)
     rt.thresholds = thresholds
+    rt.native = kernel
     pinned = set(plan.pinned)
     for i, block in enumerate(model.layers):
         mode = {"naive": "naive", "sparse": "sparse"}.get(plan.mode) or ("pinned" if i in pinned else "stream")
-        block.mlp = FlashMLP(i, rt, acts[i], mode)
+        block.mlp = FlashMLP(i, rt, acts[i][1], mode)
     try:
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as e:

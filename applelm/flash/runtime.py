@@ -61,6 +61,7 @@ class FlashRuntime:
         self.stats = FlashStats()
         self.thresholds: Optional[np.ndarray] = None  # per layer, sparse modes
         self.recorder = None  # sparsity.Recorder during calibration
+        self.native = None  # native.BundleFFN: single-token streamed units on the CPU (set by the loader)
         # Sparse reads merge runs separated by at most this many pages. Measured on SmolLM2 at 1/3 of
         # neurons missing: 0 reads 12% fewer bytes in 74% more requests and was slower on this disk.
         self.gap_pages = 1

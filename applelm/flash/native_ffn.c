@@ -1,0 +1,199 @@
+/* One streamed FFN unit for one token, straight from the bundles as read (CPU).
+ *
+ * For each neuron i of the unit, its bundle holds three parts of H values: up row, down column,
+ * gate row (applelm/flash/codec.py). This computes, in one pass over the bundles,
+ *     out += sum_i act(gate_i . x) * (up_i . x) * down_i
+ * decoding each part in registers (no float copy of the weights is ever written), so a streamed unit
+ * costs about one read of its bytes from memory. Parts are stored as float32, float16, bfloat16 or
+ * affine 8/4-bit groups (value = scale * q + bias, float16 scale and bias per group, 4-bit codes packed
+ * two per byte, element 2k in the low nibble).
+ *
+ * Threads split the neurons into contiguous ranges; each keeps its own accumulator and the
+ * accumulators are summed in thread order, so a result depends only on the thread count.
+ * Built at run time by applelm/flash/native.py (cc -O3 -march=native -ffast-math [-fopenmp]).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__F16C__) && defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define HAVE_F16C_AVX2 1 /* float16 -> float32 eight at a time (the compiler does not vectorize it) */
+#endif
+
+enum { FMT_F32 = 0, FMT_F16 = 1, FMT_BF16 = 2, FMT_Q8 = 3, FMT_Q4 = 4 };
+enum { ACT_SILU = 0, ACT_GELU_TANH = 1 };
+
+static inline float half_to_float(uint16_t h) {
+#if defined(__FLT16_MAX__)
+    _Float16 v;
+    memcpy(&v, &h, 2);
+    return (float)v;
+#else
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, u;
+    if (exp == 0x1f) {
+        u = sign | 0x7f800000u | (man << 13);
+    } else if (exp == 0) {
+        float f = ldexpf((float)man, -24);
+        memcpy(&u, &f, 4);
+        u |= sign;
+    } else {
+        u = sign | ((exp + 112) << 23) | (man << 13);
+    }
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+#endif
+}
+
+static inline float bf16_to_float(uint16_t b) {
+    uint32_t u = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline float activation(float g, int act) {
+    if (act == ACT_GELU_TANH) {
+        const float k = 0.7978845608028654f; /* sqrt(2 / pi) */
+        return 0.5f * g * (1.0f + tanhf(k * (g + 0.044715f * g * g * g)));
+    }
+    return g / (1.0f + expf(-g));
+}
+
+/* part . x for one stored part; xsum[g] = sum of x over group g (affine formats only). */
+static float dot_part(const uint8_t *p, const float *x, const float *xsum, int64_t H, int fmt, int group) {
+    float acc = 0.0f;
+    if (fmt == FMT_F32) {
+        const float *w = (const float *)p;
+        for (int64_t j = 0; j < H; j++) acc += w[j] * x[j];
+    } else if (fmt == FMT_BF16) {
+        const uint16_t *w = (const uint16_t *)p;
+        for (int64_t j = 0; j < H; j++) acc += bf16_to_float(w[j]) * x[j];
+    } else if (fmt == FMT_F16) {
+        const uint16_t *w = (const uint16_t *)p;
+        int64_t j = 0;
+#ifdef HAVE_F16C_AVX2
+        __m256 v = _mm256_setzero_ps();
+        for (; j + 8 <= H; j += 8)
+            v = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + j))), _mm256_loadu_ps(x + j), v);
+        float lanes[8];
+        _mm256_storeu_ps(lanes, v);
+        for (int k = 0; k < 8; k++) acc += lanes[k];
+#endif
+        for (; j < H; j++) acc += half_to_float(w[j]) * x[j];
+    } else {
+        int64_t ng = H / group, code_bytes = fmt == FMT_Q8 ? H : H / 2;
+        const uint16_t *scale = (const uint16_t *)(p + code_bytes), *bias = scale + ng;
+        for (int64_t g = 0; g < ng; g++) {
+            const float *xg = x + g * group;
+            float s = 0.0f;
+            if (fmt == FMT_Q8) {
+                const uint8_t *q = p + g * group;
+                for (int j = 0; j < group; j++) s += (float)q[j] * xg[j];
+            } else {
+                const uint8_t *q = p + g * group / 2;
+                for (int j = 0; j < group / 2; j++)
+                    s += (float)(q[j] & 15) * xg[2 * j] + (float)(q[j] >> 4) * xg[2 * j + 1];
+            }
+            acc += half_to_float(scale[g]) * s + half_to_float(bias[g]) * xsum[g];
+        }
+    }
+    return acc;
+}
+
+/* out += a * part (the down column of one neuron). */
+static void axpy_part(float a, const uint8_t *p, float *out, int64_t H, int fmt, int group) {
+    if (fmt == FMT_F32) {
+        const float *w = (const float *)p;
+        for (int64_t j = 0; j < H; j++) out[j] += a * w[j];
+    } else if (fmt == FMT_BF16) {
+        const uint16_t *w = (const uint16_t *)p;
+        for (int64_t j = 0; j < H; j++) out[j] += a * bf16_to_float(w[j]);
+    } else if (fmt == FMT_F16) {
+        const uint16_t *w = (const uint16_t *)p;
+        int64_t j = 0;
+#ifdef HAVE_F16C_AVX2
+        __m256 va = _mm256_set1_ps(a);
+        for (; j + 8 <= H; j += 8) {
+            __m256 wv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + j)));
+            _mm256_storeu_ps(out + j, _mm256_fmadd_ps(va, wv, _mm256_loadu_ps(out + j)));
+        }
+#endif
+        for (; j < H; j++) out[j] += a * half_to_float(w[j]);
+    } else {
+        int64_t ng = H / group, code_bytes = fmt == FMT_Q8 ? H : H / 2;
+        const uint16_t *scale = (const uint16_t *)(p + code_bytes), *bias = scale + ng;
+        for (int64_t g = 0; g < ng; g++) {
+            float as = a * half_to_float(scale[g]), ab = a * half_to_float(bias[g]);
+            float *og = out + g * group;
+            if (fmt == FMT_Q8) {
+                const uint8_t *q = p + g * group;
+                for (int j = 0; j < group; j++) og[j] += as * (float)q[j] + ab;
+            } else {
+                const uint8_t *q = p + g * group / 2;
+                for (int j = 0; j < group / 2; j++) {
+                    og[2 * j] += as * (float)(q[j] & 15) + ab;
+                    og[2 * j + 1] += as * (float)(q[j] >> 4) + ab;
+                }
+            }
+        }
+    }
+}
+
+static void neuron_range(const float *x, const float *xsum, const uint8_t *bundles, int64_t lo, int64_t hi,
+                         int64_t H, int64_t part_bytes, int fmt, int group, int act, float *acc) {
+    for (int64_t i = lo; i < hi; i++) {
+        const uint8_t *b = bundles + i * 3 * part_bytes;
+        float up = dot_part(b, x, xsum, H, fmt, group);
+        float gate = dot_part(b + 2 * part_bytes, x, xsum, H, fmt, group);
+        axpy_part(activation(gate, act) * up, b + part_bytes, acc, H, fmt, group);
+    }
+}
+
+/* Returns 0, or -1 for an argument it cannot handle (the caller then uses the MLX path). */
+int applelm_bundle_ffn(const float *x, const uint8_t *bundles, int64_t n, int64_t H, int64_t part_bytes,
+                       int fmt, int group, int act, int threads, float *out) {
+    if (n < 0 || H <= 0 || fmt < FMT_F32 || fmt > FMT_Q4 || threads < 1) return -1;
+    if ((fmt == FMT_Q8 || fmt == FMT_Q4) && (group <= 0 || group % 2 || H % group)) return -1;
+    float *xsum = NULL;
+    if (fmt == FMT_Q8 || fmt == FMT_Q4) {
+        xsum = (float *)malloc(sizeof(float) * (size_t)(H / group));
+        if (!xsum) return -1;
+        for (int64_t g = 0; g < H / group; g++) {
+            float s = 0.0f;
+            for (int j = 0; j < group; j++) s += x[g * group + j];
+            xsum[g] = s;
+        }
+    }
+    if (threads > n) threads = n > 0 ? (int)n : 1;
+#ifndef _OPENMP
+    threads = 1;
+#endif
+    if (threads == 1) {
+        neuron_range(x, xsum, bundles, 0, n, H, part_bytes, fmt, group, act, out);
+        free(xsum);
+        return 0;
+    }
+    float *acc = (float *)calloc((size_t)threads * (size_t)H, sizeof(float));
+    if (!acc) {
+        free(xsum);
+        return -1;
+    }
+#ifdef _OPENMP
+#pragma omp parallel num_threads(threads)
+    {
+        int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        int64_t lo = n * t / nt, hi = n * (t + 1) / nt;
+        neuron_range(x, xsum, bundles, lo, hi, H, part_bytes, fmt, group, act, acc + (int64_t)t * H);
+    }
+#endif
+    for (int t = 0; t < threads; t++)
+        for (int64_t j = 0; j < H; j++) out[j] += acc[(int64_t)t * H + j];
+    free(acc);
+    free(xsum);
+    return 0;
+}

@@ -1,0 +1,131 @@
+"""The native CPU kernel for streamed FFN units (applelm/flash/native_ffn.c) against a float64 numpy
+reference over every store format, group size, activation and thread count, and end to end: paging with
+the kernel decodes the same tokens as the MLX path and as the fully resident model."""
+
+from __future__ import annotations
+
+import shutil
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from applelm.errors import UserError
+from applelm.flash import native
+from applelm.flash.codec import BundleCodec
+from applelm.loader import load_model
+from flash_fixtures import greedy, tiny_flash
+
+pytestmark = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                                reason="needs a C compiler")
+
+STORES = [(32, "float32", None), (16, "float16", None), (16, "bfloat16", None),
+          (8, "affine", 32), (8, "affine", 64), (4, "affine", 32), (4, "affine", 64)]
+MLX_ACT = {"silu": nn.silu, "gelu_tanh": nn.gelu_approx}
+
+
+def codec_for(hidden, bits, dtype, group):
+    return BundleCodec(hidden, bits, dtype, group)
+
+
+def reference(codec, raw, x, act):
+    """out = sum_i act(gate_i . x) (up_i . x) down_i in float64 from the numpy decoder, with the model's
+    own MLX activation (so the kernel's activation is checked against what the resident model uses)."""
+    v = codec.decode_np(raw, 3).astype(np.float64)
+    up, gate = v[:, 0] @ x, v[:, 2] @ x
+    a = np.array(MLX_ACT[act](mx.array(gate.astype(np.float32))), np.float64) * up
+    return a @ v[:, 1]
+
+
+@pytest.fixture(scope="module")
+def lib():
+    lib = native.load()
+    if lib is None:
+        pytest.fail("a C compiler is present but the native kernel did not build")
+    return lib
+
+
+@pytest.mark.parametrize("bits,dtype,group", STORES, ids=[f"{b}-{d}-{g}" for b, d, g in STORES])
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize("n,hidden", [(1, 64), (37, 192), (300, 128)])
+def test_kernel_matches_reference(lib, bits, dtype, group, act, n, hidden):
+    rng = np.random.default_rng(n + hidden + bits)
+    codec = codec_for(hidden, bits, dtype, group)
+    raw = codec.encode((rng.standard_normal((n, 3, hidden)) * 0.3).astype(np.float32))
+    x = rng.standard_normal(hidden).astype(np.float32)
+    want = reference(codec, raw, x, act)
+    for threads in (1, 3):
+        out = np.full(hidden, 0.25, np.float32)  # the kernel accumulates into out
+        native.BundleFFN(lib, codec, act, threads)(x, raw, out)
+        np.testing.assert_allclose(out - 0.25, want, rtol=2e-4, atol=2e-4 * np.abs(want).max())
+
+
+def test_kernel_rejects_what_it_cannot_read(lib):
+    codec = codec_for(64, 16, "bfloat16", None)
+    k = native.BundleFFN(lib, codec, "silu", 1)
+    raw = codec.encode(np.zeros((4, 3, 64), np.float32))
+    out = np.zeros(64, np.float32)
+    with pytest.raises(ValueError, match="float32"):
+        k(np.zeros(64, np.float64), raw, out)
+    with pytest.raises(ValueError, match="bundles"):
+        k(np.zeros(64, np.float32), raw[:, :-2], out)
+    with pytest.raises(ValueError, match="activation"):
+        native.BundleFFN(lib, codec, "relu", 1)
+    assert native.bundle_ffn(codec, "relu") is None  # the loader then keeps the MLX path
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("bits", [32, 16, 4])
+def test_native_paging_decodes_like_mlx_and_resident(tmp_path, lib, arch, bits):
+    _, _, out = tiny_flash(tmp_path, arch, bits=bits, predictors=False)
+    resident, _, _ = load_model(out)
+    budget = resident.flash.plan.total_bytes - 1
+    fast, _, _ = load_model(out, memory_budget=budget, max_unit_bytes=8192, native=True)
+    slow, _, _ = load_model(out, memory_budget=budget, max_unit_bytes=8192, native=False)
+    naive, _, _ = load_model(out, memory_budget=10**9, naive=True, max_unit_bytes=8192, native=True)
+    assert fast.flash.native is not None and slow.flash.native is None
+    assert fast.flash.plan.streamed and len(fast.flash.units[0]) > 1  # several units per layer
+    want = greedy(resident, [1, 5, 9, 33], 10)
+    for m in (fast, slow, naive):
+        assert greedy(m, [1, 5, 9, 33], 10) == want
+    assert fast.flash.report()["bytes_read"] > 0
+    # Without in-flight MLX copies the same budget buys at least as deep a ring.
+    assert fast.flash.plan.ring_depth >= slow.flash.plan.ring_depth
+
+
+def test_native_logits_match_mlx_path(tmp_path, lib):
+    from applelm.cache import make_prompt_cache
+
+    _, _, out = tiny_flash(tmp_path, "llama", bits=16, predictors=False)
+    resident, _, _ = load_model(out)
+    budget = resident.flash.plan.total_bytes - 1
+    logits = []
+    for flag in (True, False):
+        m, _, _ = load_model(out, memory_budget=budget, max_unit_bytes=8192, native=flag)
+        cache = make_prompt_cache(m)
+        m(mx.array([[1, 5, 9, 33]]), cache=cache)
+        logits.append(np.array(m(mx.array([[7]]), cache=cache)))
+    np.testing.assert_allclose(logits[0], logits[1], rtol=1e-4, atol=1e-4)
+
+
+def test_native_required_but_disabled_is_a_clear_error(tmp_path, monkeypatch):
+    _, _, out = tiny_flash(tmp_path, "llama", bits=16, predictors=False)
+    monkeypatch.setattr(native, "_tried", True)
+    monkeypatch.setattr(native, "_lib", None)  # as after APPLELM_NATIVE=off or a failed build
+    with pytest.raises(UserError, match="native flash kernel is unavailable"):
+        load_model(out, memory_budget=10**9, native=True)
+    m, _, _ = load_model(out, memory_budget=10**9)  # auto: quietly the MLX path
+    assert m.flash.native is None
+
+
+def test_build_failure_warns_and_falls_back(tmp_path, monkeypatch):
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setenv("APPLELM_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    (tmp_path / "no-such-compiler").write_text("#!/bin/sh\necho 'cc: broken' >&2\nexit 1\n")
+    (tmp_path / "no-such-compiler").chmod(0o755)
+    with pytest.warns(UserWarning, match="could not build the native flash kernel"):
+        assert native.load() is None
+    assert not list((tmp_path / "native").glob("*.so"))  # no half-written library left behind
