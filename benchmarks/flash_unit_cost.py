@@ -4,6 +4,8 @@ The SmolLM2 layer shape (1536 neurons x [up, down, gate] x 576) stored as bfloat
 the pinned float32 gemv, the gemv in 16-bit (MLX's CPU half-precision matmul), and the conversions a
 streamed unit needs before a float32 gemv (MLX astype, numpy shift into a buffer, the copy into MLX).
 Median of --iters calls each, after a warm-up. Decides where the paged path's CPU time goes (docs/flash.md).
+The native kernel's row computes the whole FFN of the unit (both gemvs, the activation, the down sum),
+the MLX rows only the first gemv; the weights here are the same bytes, in cache after the warm-up.
 
     python benchmarks/flash_unit_cost.py [--out benchmarks/results/flash_unit_cost_cpu.json]
 """
@@ -21,7 +23,8 @@ import mlx.core as mx
 import numpy as np
 
 import machine_info  # benchmarks/machine_info.py
-from applelm.flash.codec import bf16_to_f32
+from applelm.flash import native
+from applelm.flash.codec import BundleCodec, bf16_to_f32
 
 
 def median_ms(fn, iters: int) -> float:
@@ -58,8 +61,13 @@ def main() -> None:
         "MLX astype + float32 gemv": lambda: x @ w16.astype(mx.float32).T,
         "numpy shift into a buffer (no MLX)": lambda: (bf16_to_f32(bits, buf), mx.array(0))[1],
         "numpy shift + copy into MLX": lambda: mx.array(bf16_to_f32(bits, buf)),
-        "streamed today: copy + astype + gemv": lambda: x @ mx.array(bits).view(mx.bfloat16).astype(mx.float32).T,
+        "streamed, MLX path: copy + astype + gemv": lambda: x @ mx.array(bits).view(mx.bfloat16).astype(mx.float32).T,
     }
+    kernel = native.bundle_ffn(BundleCodec(h, 16, "bfloat16"), "silu")
+    if kernel is not None:  # the whole unit (up, gate, act, down) straight from the bytes, as paging runs it
+        xn, out = np.array(x).reshape(-1), np.zeros(h, np.float32)
+        bundles = bits.reshape(n, 3 * h).view(np.uint8)
+        steps["streamed, native kernel (whole FFN of the unit)"] = lambda: (kernel(xn, bundles, out), mx.array(0))[1]
     results = {name: median_ms(fn, args.iters) for name, fn in steps.items()}
     for name, ms in results.items():
         print(f"{name:40s} {ms:8.3f} ms")

@@ -4,6 +4,8 @@ Pipelining without a per-layer `mx.eval`: a streamed layer's output is queued wi
 soon as its graph is built, and the forward pass goes on building the next layers while MLX computes
 and the reader threads fetch ahead. Only when more than `max_inflight` streamed units are still queued
 does the builder wait, on the oldest one, which bounds the MLX copies of streamed data in memory.
+On the CPU with the native kernel (`native`), a streamed layer instead evaluates its input once and
+computes its units from the staging slots; the reads stay ahead either way.
 """
 
 from __future__ import annotations
