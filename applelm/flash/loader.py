@@ -139,7 +139,8 @@ def load_flash_model(folder, *, dtype: Optional[str] = None, memory_budget=None,
                      native: Optional[bool] = None) -> tuple[nn.Module, dict, FlashLayout]:
     """Build the model of a flash layout (see `applelm.load` for the user-facing options).
     `native`: compute streamed units of single tokens with the compiled CPU kernel (flash/native.py);
-    None = when the default device is the CPU and the kernel builds, False = always the MLX path."""
+    None = for dense paging under a budget on the CPU when the kernel builds, False = always the MLX path,
+    True = required (an error without it)."""
     from ..loader import _compute_dtype  # the core loader's dtype rule (float32 on CPU)
 
     layout = read_layout(folder)
@@ -170,7 +171,9 @@ def load_flash_model(folder, *, dtype: Optional[str] = None, memory_budget=None,
             module.dtype = dtype_
     acts = [activation_of(block.mlp) for block in model.layers]
     kernel = None
-    if native or (native is None and mx.default_device() == mx.cpu):
+    # Only dense paging under a budget streams units (no budget: every layer pinned), so only it builds
+    # or loads the kernel unless asked to.
+    if native or (native is None and budget is not None and sparsity is None and mx.default_device() == mx.cpu):
         kernel = bundle_ffn(layout.codec, acts[0][0]) if len({a for a, _ in acts}) == 1 else None
         if native and kernel is None:
             raise UserError("native=True, but the native flash kernel is unavailable (no C compiler, "

@@ -98,23 +98,32 @@ class FlashMLP(nn.Module):
     def _native_ready(self, x: mx.array) -> bool:
         return self._rt.native is not None and x.shape[0] * x.shape[1] == 1 and self._rt.recorder is None
 
-    def _native_input(self, x: mx.array) -> tuple[np.ndarray, np.ndarray]:
-        """x as float32 numpy (an evaluation: the kernel needs values) and a zeroed output."""
+    def _native_ffn(self, x: mx.array, units) -> mx.array:
+        """One token's FFN from the native kernel over `units` (an iterable of bundle arrays). The kernel
+        needs x's values: one evaluation."""
         xf = x.reshape(-1).astype(mx.float32)
         mx.eval(xf)
         self._rt.stats.forced_evals += 1
-        return np.array(xf), np.zeros(x.shape[-1], np.float32)
+        xn, out = np.array(xf), np.zeros(x.shape[-1], np.float32)
+        for bundles in units:
+            self._rt.native(xn, bundles, out)
+        return mx.array(out).reshape(x.shape).astype(x.dtype)
+
+    def _ring_bundles(self):
+        """This layer's streamed units in their staging slots, each released once it has been used."""
+        rt = self._rt
+        for k in self._units:
+            bundles, slot = rt.take_unit(k)
+            try:
+                yield bundles
+            finally:
+                rt.ring.release(slot)
 
     def _stream(self, x: mx.array) -> mx.array:
         rt, y = self._rt, None
         if self._native_ready(x):
             # The kernel reads each unit in its staging slot (no copy into MLX) while the ring reads ahead.
-            xn, out = self._native_input(x)
-            for k in self._units:
-                bundles, slot = rt.take_unit(k)
-                rt.native(xn, bundles, out)
-                rt.ring.release(slot)
-            return mx.array(out).reshape(x.shape).astype(x.dtype)
+            return self._native_ffn(x, self._ring_bundles())
         for k in self._units:
             bundles, slot = rt.take_unit(k)
             rt.bound_inflight()
@@ -127,10 +136,7 @@ class FlashMLP(nn.Module):
     def _naive(self, x: mx.array) -> mx.array:
         rt, y = self._rt, None
         if self._native_ready(x):  # the same compute as paging, so the comparison measures the I/O
-            xn, out = self._native_input(x)
-            for unit in rt.units[self.layer]:
-                rt.native(xn, rt.read_unit_now(unit), out)
-            return mx.array(out).reshape(x.shape).astype(x.dtype)
+            return self._native_ffn(x, (rt.read_unit_now(unit) for unit in rt.units[self.layer]))
         for unit in rt.units[self.layer]:
             part = self._unit_ffn(x, rt.read_unit_now(unit), unit.start)
             y = part if y is None else y + part
