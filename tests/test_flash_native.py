@@ -15,7 +15,7 @@ from applelm.errors import UserError
 from applelm.flash import native
 from applelm.flash.codec import BundleCodec
 from applelm.loader import load_model
-from flash_fixtures import greedy, tiny_flash
+from flash_fixtures import greedy, streaming_budget, tiny_flash
 
 pytestmark = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
                                 reason="needs a C compiler")
@@ -78,28 +78,30 @@ def test_kernel_rejects_what_it_cannot_read(lib):
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 @pytest.mark.parametrize("bits", [32, 16, 4])
 def test_native_paging_decodes_like_mlx_and_resident(tmp_path, lib, arch, bits):
-    _, _, out = tiny_flash(tmp_path, arch, bits=bits, predictors=False)
+    _, _, out = tiny_flash(tmp_path, arch, bits=bits, predictors=False, num_hidden_layers=4, intermediate_size=512)
     resident, _, _ = load_model(out)
-    budget = resident.flash.plan.total_bytes - 1
+    budget = streaming_budget(out, max_unit_bytes=8192, native=True)
     fast, _, _ = load_model(out, memory_budget=budget, max_unit_bytes=8192, native=True)
     slow, _, _ = load_model(out, memory_budget=budget, max_unit_bytes=8192, native=False)
     naive, _, _ = load_model(out, memory_budget=10**9, naive=True, max_unit_bytes=8192, native=True)
     assert fast.flash.native is not None and slow.flash.native is None
-    assert fast.flash.plan.streamed and len(fast.flash.units[0]) > 1  # several units per layer
+    # Streamed layers in several units each, and pinned ones held as stored bundles.
+    assert fast.flash.plan.streamed and len(fast.flash.units[0]) > 1
+    assert fast.flash.plan.pinned_stored and all(fast.layers[i].mlp._stored is not None for i in fast.flash.plan.pinned)
+    assert slow.flash.plan.streamed and not slow.flash.plan.pinned_stored
     want = greedy(resident, [1, 5, 9, 33], 10)
     for m in (fast, slow, naive):
         assert greedy(m, [1, 5, 9, 33], 10) == want
     assert fast.flash.report()["bytes_read"] > 0
-    # Without in-flight MLX copies the same budget buys at least as deep a ring.
-    assert fast.flash.plan.ring_depth >= slow.flash.plan.ring_depth
+    # Stored bundles are smaller than float copies (or equal, for a float32 store): at least as many pins.
+    assert len(fast.flash.plan.pinned) >= len(slow.flash.plan.pinned)
 
 
 def test_native_logits_match_mlx_path(tmp_path, lib):
     from applelm.cache import make_prompt_cache
 
     _, _, out = tiny_flash(tmp_path, "llama", bits=16, predictors=False)
-    resident, _, _ = load_model(out)
-    budget = resident.flash.plan.total_bytes - 1
+    budget = streaming_budget(out, max_unit_bytes=8192, native=True)
     logits = []
     for flag in (True, False):
         m, _, _ = load_model(out, memory_budget=budget, max_unit_bytes=8192, native=flag)
@@ -107,6 +109,38 @@ def test_native_logits_match_mlx_path(tmp_path, lib):
         m(mx.array([[1, 5, 9, 33]]), cache=cache)
         logits.append(np.array(m(mx.array([[7]]), cache=cache)))
     np.testing.assert_allclose(logits[0], logits[1], rtol=1e-4, atol=1e-4)
+
+
+def test_stored_pins_plan():
+    """With the kernel, a pinned layer costs its stored bytes: more layers fit, and a budget that holds
+    every layer as stored bundles streams nothing."""
+    from applelm.flash.budget import Geometry, plan_dense
+
+    floats = Geometry(8, 64, 256, 3 * 128, 128, 4, 256)  # bfloat16 store, float32 compute
+    stored = Geometry(8, 64, 256, 3 * 128, 128, 4, 256, stored_layer=3 * 128 * 256, decode_neurons=32)
+    budget = 1000 + 4 * floats.unit_raw + floats.decode_bytes + 3 * floats.layer_mem
+    a, b = plan_dense(floats, 1000, budget, inflight=1), plan_dense(stored, 1000, budget, inflight=1)
+    assert len(a.pinned) == 3 and not a.pinned_stored
+    assert len(b.pinned) > len(a.pinned) and b.pinned_stored and b.total_bytes <= budget
+    assert "as stored bundles" in b.describe()
+    every = plan_dense(stored, 1000, 1000 + 8 * stored.pin_bytes + stored.decode_bytes)
+    assert every.mode == "dense" and len(every.pinned) == 8 and not every.streamed and every.ring_depth == 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_every_layer_stored_decodes_like_resident(tmp_path, lib, arch):
+    """A budget that holds all layers as stored bundles: no reads after loading, tokens as resident; a
+    prompt decoded a few neurons at a time gives the resident logits."""
+    _, _, out = tiny_flash(tmp_path, arch, bits=4, predictors=False)
+    resident, _, _ = load_model(out)
+    m, _, _ = load_model(out, memory_budget=resident.flash.plan.total_bytes - 1)
+    assert m.flash.plan.pinned_stored and not m.flash.plan.streamed
+    m.flash.decode_neurons = 5  # several decode steps per unit (the real size is ~2 MB of floats)
+    x = mx.array([[1, 5, 9, 33, 2, 70]])
+    np.testing.assert_allclose(np.array(m(x)), np.array(resident(x)), rtol=1e-4, atol=1e-4)
+    m.flash.reset_stats()
+    assert greedy(m, [1, 5, 9, 33], 10) == greedy(resident, [1, 5, 9, 33], 10)
+    assert m.flash.report()["bytes_read"] == 0
 
 
 def test_native_required_but_disabled_is_a_clear_error(tmp_path, monkeypatch):

@@ -61,6 +61,7 @@ class Plan:
     fixed_bytes: int = 0  # resident gates or predictors (sparse)
     cache_capacity: int = 0  # neurons per layer (sparse)
     pinned_bytes: int = 0
+    pinned_stored: bool = False  # pinned layers held as their stored bundles (native kernel) or as floats
     buffer_bytes: int = 0  # staging + in-flight copies + decoded floats
     cache_bytes: int = 0
 
@@ -71,7 +72,8 @@ class Plan:
     def describe(self) -> str:
         parts = [f"mode {self.mode}", f"resident {format_size(self.resident_bytes)}"]
         if self.pinned:
-            parts.append(f"{len(self.pinned)} FFN layers pinned ({format_size(self.pinned_bytes)})")
+            held = " as stored bundles" if self.pinned_stored else ""
+            parts.append(f"{len(self.pinned)} FFN layers pinned{held} ({format_size(self.pinned_bytes)})")
         if self.streamed:
             parts.append(f"{len(self.streamed)} streamed (ring {self.ring_depth} x {format_size(self.unit_bytes)})")
         if self.fixed_bytes:
@@ -97,10 +99,20 @@ class Geometry:
     part_bytes: int
     compute_itemsize: int
     unit_neurons: int  # neurons per streamed unit
+    # One layer's bundles as stored (aligned), when the native kernel computes pinned layers from them:
+    # a 16-bit or 8-bit store then pins 2x or ~4x more layers than float32 copies would.
+    stored_layer: Optional[int] = None
+    # Prompts decode a unit this many neurons at a time (None: whole units). With the kernel, floats are
+    # only ever decoded for prompts, so small steps shrink the reserve and leave room to pin more layers.
+    decode_neurons: Optional[int] = None
 
     @property
     def layer_mem(self) -> int:  # one pinned layer: up, down, gate in the compute dtype
         return 3 * self.intermediate * self.hidden * self.compute_itemsize
+
+    @property
+    def pin_bytes(self) -> int:  # one pinned layer under a dense plan
+        return self.stored_layer or self.layer_mem
 
     @property
     def unit_raw(self) -> int:  # one unit's bytes as read (aligned) and as copied into MLX
@@ -109,6 +121,11 @@ class Geometry:
     @property
     def unit_decoded(self) -> int:  # one unit's decoded floats while MLX computes with them
         return 3 * self.unit_neurons * self.hidden * self.compute_itemsize
+
+    @property
+    def decode_bytes(self) -> int:  # one decode step in MLX: its copy of the bundles and their floats
+        n = self.decode_neurons or self.unit_neurons
+        return n * self.bundle_bytes + 8192 + 3 * n * self.hidden * self.compute_itemsize
 
 
 def plan_dense(g: Geometry, resident: int, budget: Optional[int], depth: int = 4, inflight: int = 2,
@@ -119,7 +136,7 @@ def plan_dense(g: Geometry, resident: int, budget: Optional[int], depth: int = 4
     every = list(range(g.n_layers))
     all_pinned = resident + g.n_layers * g.layer_mem
     if naive:
-        buffers = g.unit_raw * 2 + g.unit_decoded
+        buffers = g.unit_raw + g.decode_bytes
         if budget is not None and budget < resident + buffers:
             raise _too_small(budget, resident + buffers, "naive streaming (resident part + one layer's buffers)")
         return Plan("naive", budget, resident, [], every, g.unit_raw, 1, 1, buffer_bytes=buffers)
@@ -127,8 +144,13 @@ def plan_dense(g: Geometry, resident: int, budget: Optional[int], depth: int = 4
         return Plan("resident", budget, resident, every, [], pinned_bytes=g.n_layers * g.layer_mem)
 
     def buffers(d: int, q: int) -> int:
-        return d * g.unit_raw + q * (g.unit_raw + g.unit_decoded)
+        return d * g.unit_raw + q * g.decode_bytes
 
+    stored = g.stored_layer is not None
+    if stored and budget >= resident + g.n_layers * g.pin_bytes + buffers(0, 1):
+        # Every layer fits as stored bundles: nothing streams (prompts still decode one unit at a time).
+        return Plan("dense", budget, resident, every, [], g.unit_raw, 0, 1, pinned_bytes=g.n_layers * g.pin_bytes,
+                    pinned_stored=True, buffer_bytes=buffers(0, 1))
     minimum = resident + buffers(2, 1)
     if budget < minimum:
         raise _too_small(budget, minimum, "the resident part plus the minimum streaming buffers")
@@ -136,13 +158,14 @@ def plan_dense(g: Geometry, resident: int, budget: Optional[int], depth: int = 4
         depth -= 1
     while inflight > 1 and resident + buffers(depth, inflight) > budget:
         inflight -= 1
-    n_pinned = min(g.n_layers - 1, max(0, (budget - resident - buffers(depth, inflight)) // g.layer_mem))
+    n_pinned = min(g.n_layers - 1, max(0, (budget - resident - buffers(depth, inflight)) // g.pin_bytes))
     # Pin the last layers: the ring then streams the first ones, whose reads for the next token start
     # while the pinned tail of this token computes.
     pinned = every[g.n_layers - n_pinned:] if n_pinned else []
     streamed = every[: g.n_layers - n_pinned]
     return Plan("dense", budget, resident, pinned, streamed, g.unit_raw, depth, inflight,
-                pinned_bytes=n_pinned * g.layer_mem, buffer_bytes=buffers(depth, inflight))
+                pinned_bytes=n_pinned * g.pin_bytes, pinned_stored=stored and n_pinned > 0,
+                buffer_bytes=buffers(depth, inflight))
 
 
 def plan_sparse(g: Geometry, resident: int, budget: Optional[int], selector_bytes: int, n_parts: int) -> Plan:

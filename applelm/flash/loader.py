@@ -24,7 +24,7 @@ from ..quant import dequantize_model, swap_quantized
 from .budget import Geometry, parse_size, plan_dense, plan_sparse
 from .io import AlignedBuffer, wait_all
 from .native import bundle_ffn
-from .layout import GGUF_TOKENIZER_FILE, PREDICTOR_FILE, FlashLayout, read_layout, verify_resident
+from .layout import GGUF_TOKENIZER_FILE, PREDICTOR_FILE, FlashLayout, aligned, read_layout, verify_resident
 from .neuron_cache import NeuronCache
 from .paged_mlp import FlashMLP
 from .runtime import FlashRuntime
@@ -100,21 +100,27 @@ def _predictors(layout: FlashLayout, dtype) -> tuple[list, dict]:
     return out, info
 
 
-def _read_layers(rt: FlashRuntime, layout: FlashLayout, want: dict[int, tuple], verify: bool) -> dict:
-    """One pass over the layer files with direct I/O: check CRCs and decode the parts layers keep.
-    want[i] lists part indices to keep for layer i; returns {i: [array per wanted part]}."""
+def _read_layers(rt: FlashRuntime, layout: FlashLayout, want: dict[int, tuple], verify: bool,
+                 stored: frozenset = frozenset()) -> tuple[dict, dict]:
+    """One pass over the layer files with direct I/O: check CRCs and keep what layers hold.
+    want[i] lists part indices to decode for layer i; layers in `stored` keep their bundles as read.
+    Returns ({i: [array per wanted part]}, {i: (intermediate, bundle_bytes) uint8 numpy array})."""
     buf = AlignedBuffer(max(u.read_bytes for us in rt.units.values() for u in us))
-    out = {}
+    out, raw = {}, {}
     try:
         for i in range(layout.n_layers):
             parts = want.get(i, ())
-            if not verify and not parts:
+            if not verify and not parts and i not in stored:
                 continue
             crc, pieces = 0, [[] for _ in parts]
+            if i in stored:
+                raw[i] = np.empty((layout.intermediate, rt.codec.bundle_bytes), np.uint8)
             for u in rt.units[i]:
                 wait_all(rt.reader.read(u.path, u.file_offset, u.read_bytes, buf))
                 bundles = u.bundles(buf.array)
                 crc = zlib.crc32(bundles, crc)
+                if i in stored:
+                    raw[i][u.start: u.stop] = bundles
                 if parts:
                     decoded = rt.codec.decode_mx(mx.array(bundles), 3, rt.dtype)
                     for slot, p in zip(pieces, parts):
@@ -129,7 +135,7 @@ def _read_layers(rt: FlashRuntime, layout: FlashLayout, want: dict[int, tuple], 
                 mx.eval(out[i])
     finally:
         buf.close()
-    return out
+    return out, raw
 
 
 def load_flash_model(folder, *, dtype: Optional[str] = None, memory_budget=None, sparsity: Optional[float] = None,
@@ -184,8 +190,15 @@ def load_flash_model(folder, *, dtype: Optional[str] = None, memory_budget=None,
     resident = resident_bytes(model, dequantize, itemsize)
 
     codec = layout.codec
+    # With the kernel, pinned layers stay in the store's format (no float copies) and go through it too.
+    # Prompts then decode ~2 MB of floats at a time (at least 64 neurons).
+    unit_neurons = max(1, min(layout.intermediate, max_unit_bytes // codec.bundle_bytes))
+    stored_layer = decode_neurons = None
+    if kernel is not None:
+        stored_layer = aligned(layout.intermediate * codec.bundle_bytes)
+        decode_neurons = min(unit_neurons, max(64, (2 << 20) // (3 * layout.hidden * itemsize)))
     geom = Geometry(layout.n_layers, layout.hidden, layout.intermediate, codec.bundle_bytes, codec.part_bytes,
-                    itemsize, max(1, min(layout.intermediate, max_unit_bytes // codec.bundle_bytes)))
+                    itemsize, unit_neurons, stored_layer, decode_neurons)
     thresholds = predictors = None
     if sparsity is not None:
         thresholds = _thresholds(layout, float(sparsity))
@@ -196,13 +209,15 @@ def load_flash_model(folder, *, dtype: Optional[str] = None, memory_budget=None,
             selector = sum(a.nbytes + b.nbytes + c.nbytes for a, b, c, _ in predictors)
         plan = plan_sparse(geom, resident, budget, selector, 2 if sparsity_mode == "threshold" else 3)
     else:
-        # The native kernel reads units where they land: no MLX copy per unit in flight, so the buffers
-        # freed go to a deeper ring (prompts still take the MLX path, one unit at a time).
-        depth = ring_depth or (8 if kernel else 4)
+        # A ring of 4 units keeps several reads queued (the disk probe reaches its sequential speed with
+        # 2); a deeper ring holds bytes that could pin whole layers instead. The native kernel reads units
+        # where they land, so it needs no in-flight MLX copies beyond one prompt decode step.
+        depth = ring_depth or 4
         plan = plan_dense(geom, resident, budget, depth=depth, inflight=1 if kernel else 2, naive=naive)
 
     rt = FlashRuntime(layout, plan, dtype_, io_threads=io_threads, max_unit_bytes=max_unit_bytes,
                       read_split=read_split)
+    rt.geometry, rt.decode_neurons = geom, geom.decode_neurons or rt.unit_neurons
     rt.thresholds = thresholds
     rt.native = kernel
     pinned = set(plan.pinned)
@@ -218,13 +233,16 @@ def load_flash_model(folder, *, dtype: Optional[str] = None, memory_budget=None,
         dequantize_model(model)
     mx.eval(model.parameters())
 
-    want = {i: (0, 1, 2) for i in pinned}
+    stored = frozenset(pinned) if plan.pinned_stored else frozenset()
+    want = {i: (0, 1, 2) for i in pinned - stored}
     if plan.mode == "sparse" and sparsity_mode == "threshold":
         want = {i: (2,) for i in range(layout.n_layers)}
-    data = _read_layers(rt, layout, want, verify)
+    data, raw = _read_layers(rt, layout, want, verify, stored)
     for i, block in enumerate(model.layers):
         mlp = block.mlp
-        if mlp.mode == "pinned":
+        if i in raw:
+            mlp._stored = raw[i]
+        elif mlp.mode == "pinned":
             mlp._pinned = tuple(data[i])
         elif mlp.mode == "sparse":
             if sparsity_mode == "threshold":
@@ -236,8 +254,8 @@ def load_flash_model(folder, *, dtype: Optional[str] = None, memory_budget=None,
     if budget is not None:
         # MLX keeps freed buffers for reuse; paging frees buffers of many sizes, so without a limit that
         # pool alone would grow past the budget. Keep it to the paging buffers' size (process-wide).
-        # MLX buffers of paging are one unit's copy and decoded floats at a time (host staging is not MLX's).
-        pool = max(geom.unit_raw + geom.unit_decoded, 4 << 20)
+        # MLX buffers of paging are one decode step's copy and floats at a time (host staging is not MLX's).
+        pool = max(geom.decode_bytes, 4 << 20)
         mx.set_cache_limit(min(mx.set_cache_limit(0) or pool, pool))
     rt.sparsity, rt.sparsity_mode, rt.window = sparsity, sparsity_mode if sparsity is not None else None, window
     rt.reset_stats()

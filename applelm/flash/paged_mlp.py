@@ -3,7 +3,8 @@
 It computes the gated FFN the model defines, down(act(gate(x)) * up(x)), from weights held in one of
 four ways (the runtime's plan decides per layer):
 
-- pinned:  up, down^T, gate in memory (also how `load(OUT)` without a budget holds every layer)
+- pinned:  up, down^T, gate in memory (also how `load(OUT)` without a budget holds every layer); with
+           the native CPU kernel under a budget, the layer's bundles as stored instead (2-4x smaller)
 - stream:  whole layer (or neuron slices of it) read each token through the prefetch ring
 - naive:   whole layer read synchronously each token, then evaluated (the baseline the paper beats)
 - sparse:  neuron-level paging: a selector picks the active neurons (resident gate with calibrated
@@ -53,6 +54,7 @@ class FlashMLP(nn.Module):
         self.layer, self.mode = layer, mode
         self._rt, self._act = runtime, act
         self._pinned: Optional[tuple] = None  # (up, down_t, gate) in the compute dtype
+        self._stored: Optional[np.ndarray] = None  # or the layer's bundles as stored (native kernel)
         self._gate: Optional[mx.array] = None  # resident gate (threshold sparsity)
         self._predictor: Optional[tuple] = None  # (A, B, bias, logit threshold)
         self._cache: Optional[NeuronCache] = None
@@ -66,6 +68,8 @@ class FlashMLP(nn.Module):
         rt = self._rt
         if self.layer == 0:
             rt.start_token(x.shape[0] * x.shape[1])
+        if self.mode == "pinned" and self._stored is not None:
+            return self._stored_ffn(x)
         if self.mode == "pinned":
             if rt.recorder is not None:
                 rt.recorder.record(self.layer, 0, x, self._act(x @ self._pinned[GATE].T))
@@ -85,15 +89,22 @@ class FlashMLP(nn.Module):
         return self._rt.codec.decode_mx(raw, n_parts, self._rt.dtype)
 
     def _unit_ffn(self, x: mx.array, bundles: np.ndarray, start: int) -> mx.array:
-        """One streamed unit's contribution (copies the bundles out of the staging buffer first)."""
+        """One unit's contribution through MLX (copies the bundles out of the staging buffer first), in
+        steps of rt.decode_neurons: each step but the last is evaluated before the next is decoded."""
         rt = self._rt
-        raw = mx.array(bundles)  # the one copy out of the staging buffer, which can then be reused
         if x.shape[0] * x.shape[1] == 1 and not rt.codec.quantized and rt.recorder is None:
+            raw = mx.array(bundles)  # the one copy out of the staging buffer, which can then be reused
             return interleaved_ffn(x, rt.codec.decode_interleaved_mx(raw, rt.dtype), self._act)
-        up, down_t, gate = rt.codec.decode_mx(raw, 3, rt.dtype)
-        if rt.recorder is not None:
-            rt.recorder.record(self.layer, start, x, self._act(x @ gate.T))
-        return gated_ffn(x, up, down_t, gate, self._act)
+        y, step = None, rt.decode_neurons
+        for s in range(0, len(bundles), step):
+            up, down_t, gate = rt.codec.decode_mx(mx.array(bundles[s: s + step]), 3, rt.dtype)
+            if rt.recorder is not None:
+                rt.recorder.record(self.layer, start + s, x, self._act(x @ gate.T))
+            part = gated_ffn(x, up, down_t, gate, self._act)
+            y = part if y is None else y + part
+            if s + step < len(bundles):
+                mx.eval(y)
+        return y
 
     def _native_ready(self, x: mx.array) -> bool:
         return self._rt.native is not None and x.shape[0] * x.shape[1] == 1 and self._rt.recorder is None
@@ -131,6 +142,19 @@ class FlashMLP(nn.Module):
             rt.ring.release(slot)
             y = part if y is None else y + part
             rt.queue(y)  # compute starts now; the forward pass goes on building the next layers
+        return y
+
+    def _stored_ffn(self, x: mx.array) -> mx.array:
+        """A pinned layer held as stored bundles: the kernel for a token; prompts decode it one unit at a
+        time through MLX, like a streamed layer (the decoded floats stay within the budgeted buffers)."""
+        rt, y = self._rt, None
+        if self._native_ready(x):
+            return self._native_ffn(x, (self._stored,))
+        for unit in rt.units[self.layer]:
+            rt.bound_inflight()
+            y_part = self._unit_ffn(x, self._stored[unit.start: unit.stop], unit.start)
+            y = y_part if y is None else y + y_part
+            rt.queue(y)
         return y
 
     def _naive(self, x: mx.array) -> mx.array:

@@ -50,6 +50,8 @@ class FlashRuntime:
         self.units = {i: split_layer(i, inter, bundle, str(layout.layers[i].path), max_unit_bytes)
                       for i in range(layout.n_layers)}
         self.unit_neurons = max(u.stop - u.start for us in self.units.values() for u in us)
+        self.decode_neurons = self.unit_neurons  # neurons decoded into MLX at a time (the loader may lower it)
+        self.geometry = None  # budget.Geometry the plan was made from (set by the loader)
         self.ring: Optional[StreamRing] = None
         if plan.mode == "dense" and plan.streamed:
             order = [u for i in plan.streamed for u in self.units[i]]
