@@ -10,12 +10,15 @@ and, in the same run, for each:
                (on the CPU with the same native kernel as paged, so the two differ only in I/O)
                (no pinning, no prefetch, no bundling benefit, no windowing)
   - paged    : applelm dense paging under the budget (pinned layers, prefetch ring, async pipeline;
-               on the CPU streamed units of a token go through the native kernel, flash/native.py)
+               on the CPU a token's streamed units and pinned layers, held as stored bundles, go
+               through the native kernel, flash/native.py)
   - paged-mlx: the same on the CPU without the native kernel (MLX copies and converts each unit)
   - sparse   : neuron-level paging (predictors + windowing cache, or resident gates + thresholds)
 with decode tok/s (median per-token time), bytes read per token, achieved read GB/s and I/O overlap,
 peak RSS growth over a warmed-up runtime and MLX's peak allocation, beside the disk's own direct-I/O
-sequential and 4 KiB / 32 KiB random read speeds, measured in the same script (before and after).
+sequential and 4 KiB / 32 KiB random read speeds, measured in the same script (before and after), and
+in each run just before it decodes: the probe file, and a read of the run's own streamed units alone
+(the I/O bound of the dense goal).
 SmolLM2 also gets perplexity on GPL-3 text for each sparsity setting. Every run is a fresh process.
 
     python benchmarks/flash_bench.py [--device cpu|gpu] [--models synthetic,smollm2,smollm2-8bit] [--work DIR]
@@ -178,6 +181,39 @@ def _peak_rss() -> int:
     return r if sys.platform == "darwin" else r * 1024
 
 
+def layout_read_speed(rt, seconds: float = 1.0, in_flight: int = 4) -> float:
+    """Direct-I/O read speed (bytes/s) of the very bytes this run streams: its units in forward order,
+    `in_flight` reads kept queued, for about `seconds`. The probe file can be cached by the host in ways
+    the layer files are not (or the reverse); this bound compares like with like."""
+    from collections import deque
+
+    from applelm.flash.io import AlignedBuffer, DirectReader
+
+    units = list(rt.ring.units) if rt.ring is not None else [u for i in sorted(rt.units) for u in rt.units[i]]
+    reader = DirectReader(threads=in_flight, split=8 << 20)
+    buffers = [AlignedBuffer(max(u.read_bytes for u in units)) for _ in range(in_flight)]
+    queue, done, k = deque(), 0, 0
+    t0 = time.perf_counter()
+    for b in buffers:
+        u = units[k % len(units)]
+        queue.append((b, u, reader.read(u.path, u.file_offset, u.read_bytes, b)))
+        k += 1
+    while queue:
+        b, u, futures = queue.popleft()
+        for f in futures:
+            f.result()
+        done += u.read_bytes
+        if time.perf_counter() - t0 < seconds:
+            u = units[k % len(units)]
+            queue.append((b, u, reader.read(u.path, u.file_offset, u.read_bytes, b)))
+            k += 1
+    elapsed = time.perf_counter() - t0
+    reader.close()
+    for b in buffers:
+        b.close()
+    return done / elapsed
+
+
 def run_one(spec: dict) -> dict:
     """Load spec["model"] with spec["options"], decode spec["tokens"] tokens after spec["prompt"]."""
     import applelm  # noqa: F401  (BLAS preload before mlx)
@@ -204,6 +240,8 @@ def run_one(spec: dict) -> dict:
         size = Path(spec["probe"]).stat().st_size
         disk = {"seq_4MiB": measure_disk(spec["probe"], size, 4 << 20, seconds=1.0, threads=1, sequential=True) / 1e9,
                 "rand_32KiB_qd8": measure_disk(spec["probe"], size, 32768, seconds=1.0, threads=8) / 1e9}
+        if rt is not None and (rt.ring is not None or rt.plan.mode == "naive"):
+            disk["layout_seq"] = layout_read_speed(rt) / 1e9
     prompt = mx.array(spec["prompt"], dtype=mx.int32)
     times, tokens, stamp = [], [], time.perf_counter()
     first = None
@@ -341,26 +379,32 @@ def summarize(rounds: list[dict]) -> dict:
 
 def goals(rows: dict, rounds: list[dict]) -> dict:
     """Goal per paged run: tok/s >= 80% of min(resident tok/s, disk speed / bytes read per token), with the
-    disk speed measured inside the same run just before it decoded (the disk here varies a lot)."""
+    disk speed measured inside the same run just before it decoded (the disk here varies a lot). For dense
+    paging that speed is a read of the run's own streamed units alone (layout_seq); the probe file's
+    sequential speed is kept beside it (probe_bound_tok_s): in-run probes of that file swung between 0.9
+    and 4.7 GB/s from one run to the next, apart from what the run's own files read at."""
     res = rows.get("resident", {}).get("decode_tok_s_median")
     naive = rows.get("naive", {}).get("decode_tok_s_median")
     out = {}
     for label, r in rows.items():
         if label in ("resident", "naive") or "error" in r or not r.get("bytes_per_token"):
             continue
-        kind = "seq_4MiB" if label.startswith("paged") else "rand_32KiB_qd8"
+        kind = "layout_seq" if label.startswith("paged") else "rand_32KiB_qd8"
         per_round = []
         for rd in rounds:
             run = rd.get(label, {})
             if "error" in run or not run.get("bytes_per_token"):
                 continue
-            bound = run["disk_GBps_in_run"][kind] * 1e9 / run["bytes_per_token"]
+            speeds = run["disk_GBps_in_run"]
+            bound = speeds.get(kind, speeds["seq_4MiB"] if label.startswith("paged") else 0) * 1e9 / run["bytes_per_token"]
             target = 0.8 * min(x for x in (res, bound) if x)
             per_round.append({"tok_s": run["decode_tok_s_median"], "io_bound_tok_s": round(bound, 3),
-                              "disk_GBps": round(run["disk_GBps_in_run"][kind], 3), "target_tok_s": round(target, 3),
-                              "met": run["decode_tok_s_median"] >= target})
+                              "probe_bound_tok_s": round(speeds["seq_4MiB"] * 1e9 / run["bytes_per_token"], 3),
+                              "disk_GBps": round(speeds.get(kind, speeds["seq_4MiB"]), 3),
+                              "target_tok_s": round(target, 3), "met": run["decode_tok_s_median"] >= target})
         g = {"tok_s": r["decode_tok_s_median"], "resident_tok_s": res, "disk_measure": kind,
              "io_bound_tok_s": median([p["io_bound_tok_s"] for p in per_round]),
+             "probe_bound_tok_s": median([p["probe_bound_tok_s"] for p in per_round]),
              "target_tok_s": median([p["target_tok_s"] for p in per_round]),
              "met_rounds": f"{sum(p['met'] for p in per_round)}/{len(per_round)}", "rounds": per_round,
              "vs_naive": round(r["decode_tok_s_median"] / naive, 2) if naive else None}
@@ -411,12 +455,12 @@ def markdown(result: dict) -> str:
                          f"{100 * r.get('io_overlap', 0):.0f}% | {r['peak_rss_growth_bytes'] / 1e6:.0f} | "
                          f"{r['mlx_peak_bytes'] / 1e6:.0f} |")
         lines += ["", "| goal check (medians over rounds) | tok/s | resident tok/s | I/O bound tok/s (disk measured "
-                      "in the run) | target = 80% of min | met (rounds met) | vs naive |",
-                  "|---|---:|---:|---:|---:|---|---:|"]
+                      "in the run) | target = 80% of min | met (rounds met) | vs naive | I/O bound from the probe file |",
+                  "|---|---:|---:|---:|---:|---|---:|---:|"]
         for label, g in model["goals"].items():
             lines.append(f"| {label} | {g['tok_s']:.2f} | {g['resident_tok_s']} | {g['io_bound_tok_s']} "
                          f"({g['disk_measure']}) | {g['target_tok_s']} | {'yes' if g['met'] else 'no'} "
-                         f"({g['met_rounds']}) | {g['vs_naive']}x |")
+                         f"({g['met_rounds']}) | {g['vs_naive']}x | {g.get('probe_bound_tok_s')} |")
         lines += ["", "tok/s of every round: " + ", ".join(f"{k} {v.get('rounds_tok_s')}" for k, v in model["runs"].items())]
         if model.get("perplexity"):
             lines += ["", f"Perplexity: `{json.dumps(model['perplexity'])}`"]
