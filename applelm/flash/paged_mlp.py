@@ -68,9 +68,9 @@ class FlashMLP(nn.Module):
         rt = self._rt
         if self.layer == 0:
             rt.start_token(x.shape[0] * x.shape[1])
-        if self.mode == "pinned" and self._stored is not None:
-            return self._stored_ffn(x)
         if self.mode == "pinned":
+            if self._stored is not None:
+                return self._stored_ffn(x)
             if rt.recorder is not None:
                 rt.recorder.record(self.layer, 0, x, self._act(x @ self._pinned[GATE].T))
             return gated_ffn(x, *self._pinned, self._act)
@@ -110,57 +110,54 @@ class FlashMLP(nn.Module):
         return self._rt.native is not None and x.shape[0] * x.shape[1] == 1 and self._rt.recorder is None
 
     def _native_ffn(self, x: mx.array, units) -> mx.array:
-        """One token's FFN from the native kernel over `units` (an iterable of bundle arrays). The kernel
+        """One token's FFN from the native kernel over `units` ((bundles, first neuron) pairs). The kernel
         needs x's values: one evaluation."""
         xf = x.reshape(-1).astype(mx.float32)
         mx.eval(xf)
         self._rt.stats.forced_evals += 1
         xn, out = np.array(xf), np.zeros(x.shape[-1], np.float32)
-        for bundles in units:
+        for bundles, _ in units:
             self._rt.native(xn, bundles, out)
         return mx.array(out).reshape(x.shape).astype(x.dtype)
 
-    def _ring_bundles(self):
-        """This layer's streamed units in their staging slots, each released once it has been used."""
-        rt = self._rt
-        for k in self._units:
-            bundles, slot = rt.take_unit(k)
-            try:
-                yield bundles
-            finally:
-                rt.ring.release(slot)
-
-    def _stream(self, x: mx.array) -> mx.array:
+    def _mlx_ffn(self, x: mx.array, units) -> mx.array:
+        """The FFN through MLX over `units` ((bundles, first neuron) pairs): each unit's output is queued,
+        not waited for, within the runtime's in-flight bound."""
         rt, y = self._rt, None
-        if self._native_ready(x):
-            # The kernel reads each unit in its staging slot (no copy into MLX) while the ring reads ahead.
-            return self._native_ffn(x, self._ring_bundles())
-        for k in self._units:
-            bundles, slot = rt.take_unit(k)
+        for bundles, start in units:
             rt.bound_inflight()
-            part = self._unit_ffn(x, bundles, rt.ring.units[k].start)
-            rt.ring.release(slot)
+            part = self._unit_ffn(x, bundles, start)
             y = part if y is None else y + part
             rt.queue(y)  # compute starts now; the forward pass goes on building the next layers
         return y
 
+    def _ring_units(self):
+        """This layer's streamed units in their staging slots, as (bundles, first neuron), each slot
+        released once the unit has been used (also when the consumer raises)."""
+        rt = self._rt
+        for k in self._units:
+            bundles, slot = rt.take_unit(k)
+            try:
+                yield bundles, rt.ring.units[k].start
+            finally:
+                rt.ring.release(slot)
+
+    def _stream(self, x: mx.array) -> mx.array:
+        # With the kernel, each unit is read in its staging slot (no copy into MLX) while the ring reads ahead.
+        ffn = self._native_ffn if self._native_ready(x) else self._mlx_ffn
+        return ffn(x, self._ring_units())
+
     def _stored_ffn(self, x: mx.array) -> mx.array:
         """A pinned layer held as stored bundles: the kernel for a token; prompts decode it one unit at a
         time through MLX, like a streamed layer (the decoded floats stay within the budgeted buffers)."""
-        rt, y = self._rt, None
         if self._native_ready(x):
-            return self._native_ffn(x, (self._stored,))
-        for unit in rt.units[self.layer]:
-            rt.bound_inflight()
-            y_part = self._unit_ffn(x, self._stored[unit.start: unit.stop], unit.start)
-            y = y_part if y is None else y + y_part
-            rt.queue(y)
-        return y
+            return self._native_ffn(x, ((self._stored, 0),))
+        return self._mlx_ffn(x, ((self._stored[u.start: u.stop], u.start) for u in self._rt.units[self.layer]))
 
     def _naive(self, x: mx.array) -> mx.array:
         rt, y = self._rt, None
         if self._native_ready(x):  # the same compute as paging, so the comparison measures the I/O
-            return self._native_ffn(x, (rt.read_unit_now(unit) for unit in rt.units[self.layer]))
+            return self._native_ffn(x, ((rt.read_unit_now(u), u.start) for u in rt.units[self.layer]))
         for unit in rt.units[self.layer]:
             part = self._unit_ffn(x, rt.read_unit_now(unit), unit.start)
             y = part if y is None else y + part
