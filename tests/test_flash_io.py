@@ -68,3 +68,32 @@ def test_filesystem_without_direct_io_falls_back_with_a_warning():
         reader.close()
     finally:
         os.unlink(path)
+
+
+@pytest.mark.parametrize("refuse", [False, True])
+def test_macos_branch_sets_f_nocache(tmp_path, monkeypatch, refuse):
+    """No Mac is reachable: run open_uncached's darwin branch with a stand-in fcntl module, checking that
+    it asks for F_NOCACHE (48 in <sys/fcntl.h>) on the opened file, and reports a refusal as not direct."""
+    import sys
+    import types
+
+    from applelm.flash import io
+
+    path = tmp_path / "data.bin"
+    path.write_bytes(b"y" * 4096)
+    calls = []
+
+    def fake_fcntl(fd, cmd, arg):
+        calls.append((fd, cmd, arg))
+        if refuse:
+            raise OSError("not supported")
+        return 0
+
+    monkeypatch.setattr(io.sys, "platform", "darwin")
+    monkeypatch.setitem(sys.modules, "fcntl", types.SimpleNamespace(fcntl=fake_fcntl))  # no F_NOCACHE name
+    fd, direct = io.open_uncached(str(path))
+    try:
+        assert calls == [(fd, 48, 1)] and direct is (not refuse)
+        assert os.pread(fd, 4, 0) == b"yyyy"
+    finally:
+        os.close(fd)

@@ -1,0 +1,97 @@
+"""The native flash kernel built for arm64 (what a Mac compiles) and run under qemu, against the same
+float64 reference as tests/test_flash_native.py. No Mac is reachable; this checks that clang builds
+native_ffn.c for aarch64 with Apple-M1 features (float16 in hardware, no x86 intrinsics) and that that
+build computes every store format correctly, with and without OpenMP (Apple's clang has no OpenMP by
+default, so native.py's fallback build without it is the usual one on a Mac).
+
+Needs clang, an aarch64 sysroot and qemu-aarch64 (Debian: apt-get install libc6-dev-arm64-cross
+libgcc-12-dev-arm64-cross qemu-user); skipped without them."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from applelm.flash.codec import BundleCodec
+from applelm.flash.native import ACTIVATIONS, FORMATS, SOURCE
+from test_flash_native import STORES, reference
+
+CLANG = shutil.which("clang")
+QEMU = shutil.which("qemu-aarch64")
+SYSROOT = Path("/usr/aarch64-linux-gnu")
+pytestmark = pytest.mark.skipif(not (CLANG and QEMU and SYSROOT.is_dir()),
+                                reason="needs clang, qemu-aarch64 and an aarch64 sysroot")
+
+DRIVER = r"""
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+int applelm_bundle_ffn(const float *x, const uint8_t *bundles, int64_t n, int64_t H, int64_t part_bytes,
+                       int fmt, int group, int act, int threads, float *out);
+int main(void) { /* stdin: n H part_bytes fmt group act threads (int64), x, out (float32), bundles */
+    int64_t h[7];
+    if (fread(h, 8, 7, stdin) != 7) return 2;
+    size_t H = (size_t)h[1], nb = (size_t)(h[0] * 3 * h[2]);
+    float *x = malloc(H * 4), *out = malloc(H * 4);
+    uint8_t *b = malloc(nb + 1);
+    if (fread(x, 4, H, stdin) != H || fread(out, 4, H, stdin) != H || fread(b, 1, nb, stdin) != nb) return 3;
+    if (applelm_bundle_ffn(x, b, h[0], h[1], h[2], (int)h[3], (int)h[4], (int)h[5], (int)h[6], out)) return 4;
+    fwrite(out, 4, H, stdout);
+    return 0;
+}
+"""
+
+
+@pytest.fixture(scope="module", params=["openmp", "no-openmp"])
+def arm64_driver(request, tmp_path_factory):
+    out = tmp_path_factory.mktemp(f"arm64-{request.param}")
+    (out / "driver.c").write_text(DRIVER)
+    # native.py's flags (-O3 -ffast-math -std=c11, -mcpu=native on arm64) with an M1 as the native CPU.
+    cmd = [CLANG, "--target=aarch64-linux-gnu", f"--sysroot={SYSROOT}", "--gcc-toolchain=/usr", "-fuse-ld=lld",
+           "-static", "-O3", "-ffast-math", "-std=c11", "-mcpu=apple-m1", str(SOURCE), str(out / "driver.c"),
+           "-o", str(out / "driver"), "-lm"]
+    if request.param == "openmp":
+        cmd[1:1] = ["-fopenmp=libgomp"]
+        cmd += ["-lpthread"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out / "driver", request.param
+
+
+def run_arm64(driver: Path, x, raw, codec, act: str, threads: int, out0) -> np.ndarray:
+    fmt = FORMATS[codec.bits if codec.quantized else codec.dtype]
+    header = np.array([raw.shape[0], codec.hidden, codec.part_bytes, fmt, codec.group_size or 0, ACTIVATIONS[act],
+                       threads], np.int64)
+    stdin = header.tobytes() + x.tobytes() + out0.tobytes() + np.ascontiguousarray(raw).tobytes()
+    proc = subprocess.run([QEMU, str(driver)], input=stdin, capture_output=True)
+    assert proc.returncode == 0, f"driver exit {proc.returncode}: {proc.stderr[-500:]!r}"
+    return np.frombuffer(proc.stdout, np.float32)
+
+
+@pytest.mark.parametrize("bits,dtype,group", STORES, ids=[f"{b}-{d}-{g}" for b, d, g in STORES])
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize("n,hidden", [(1, 64), (37, 192), (300, 128)])
+def test_arm64_kernel_matches_reference(arm64_driver, bits, dtype, group, act, n, hidden):
+    driver, flavour = arm64_driver
+    rng = np.random.default_rng(n + hidden + bits)
+    codec = BundleCodec(hidden, bits, dtype, group)
+    raw = codec.encode((rng.standard_normal((n, 3, hidden)) * 0.3).astype(np.float32))
+    x = rng.standard_normal(hidden).astype(np.float32)
+    want = reference(codec, raw, x, act)
+    for threads in (1, 3) if flavour == "openmp" else (1,):
+        out0 = np.full(hidden, 0.25, np.float32)  # the kernel accumulates into out
+        got = run_arm64(driver, x, raw, codec, act, threads, out0)
+        np.testing.assert_allclose(got - 0.25, want, rtol=2e-4, atol=2e-4 * np.abs(want).max())
+
+
+def test_arm64_kernel_refuses_bad_geometry(arm64_driver):
+    """An affine group that does not divide the hidden size is refused (rc -1: the caller keeps MLX)."""
+    driver, _ = arm64_driver
+    header = np.array([1, 96, 96 + 4, FORMATS[8], 64, 0, 1], np.int64)
+    stdin = header.tobytes() + np.zeros(96 * 2, np.float32).tobytes() + bytes(3 * 100)
+    proc = subprocess.run([QEMU, str(driver)], input=stdin, capture_output=True)
+    assert proc.returncode == 4
