@@ -216,8 +216,7 @@ def load_flash_model(folder, *, dtype: Optional[str] = None, memory_budget=None,
         plan = plan_dense(geom, resident, budget, depth=depth, inflight=1 if kernel else 2, naive=naive)
 
     rt = FlashRuntime(layout, plan, dtype_, io_threads=io_threads, max_unit_bytes=max_unit_bytes,
-                      read_split=read_split)
-    rt.geometry, rt.decode_neurons = geom, geom.decode_neurons or rt.unit_neurons
+                      read_split=read_split, geometry=geom)
     rt.thresholds = thresholds
     rt.native = kernel
     pinned = set(plan.pinned)

@@ -17,7 +17,7 @@ from typing import Optional
 
 import numpy as np
 
-from .budget import Plan
+from .budget import Geometry, Plan
 from .io import AlignedBuffer, DirectReader, page_runs, wait_all
 from .layout import FlashLayout
 from .ring import StreamRing, Unit, split_layer
@@ -40,7 +40,7 @@ class FlashRuntime:
     """One per loaded flash model; reachable as `model.flash` and from each paged layer."""
 
     def __init__(self, layout: FlashLayout, plan: Plan, dtype, io_threads: int = 4,
-                 max_unit_bytes: int = 16 << 20, read_split: int = 8 << 20):
+                 max_unit_bytes: int = 16 << 20, read_split: int = 8 << 20, geometry: Optional[Geometry] = None):
         self.layout, self.plan, self.dtype, self.codec = layout, plan, dtype, layout.codec
         # Naive: one synchronous request per unit. Sparse: many small random reads, which need queue depth
         # (32 KiB random reads measured 1.5-3x faster at 8 in flight than at 1 on this machine's disk).
@@ -50,8 +50,9 @@ class FlashRuntime:
         self.units = {i: split_layer(i, inter, bundle, str(layout.layers[i].path), max_unit_bytes)
                       for i in range(layout.n_layers)}
         self.unit_neurons = max(u.stop - u.start for us in self.units.values() for u in us)
-        self.decode_neurons = self.unit_neurons  # neurons decoded into MLX at a time (the loader may lower it)
-        self.geometry = None  # budget.Geometry the plan was made from (set by the loader)
+        self.geometry = geometry  # what the plan was made from
+        # Neurons decoded into MLX at a time: the geometry's step (~2 MB of floats with the kernel), else a unit.
+        self.decode_neurons = (geometry.decode_neurons if geometry else None) or self.unit_neurons
         self.ring: Optional[StreamRing] = None
         if plan.mode == "dense" and plan.streamed:
             order = [u for i in plan.streamed for u in self.units[i]]
