@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -579,12 +578,7 @@ def main() -> int:
 
     result["disk_end"] = disk_speeds(work)
     result["load_end"] = machine_info.load_avg()
-    tag = f"{args.device}_{platform.system().lower()}-{platform.machine()}-{os.cpu_count()}core"
-    out = Path(args.out) if args.out else HERE / "results" / f"flash_bench_{tag}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    out.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
+    machine_info.write_results(result, markdown(result), args.out, "flash_bench", args.device)
     return 0
 
 

@@ -20,7 +20,6 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import platform
 import signal
 import statistics
 import subprocess
@@ -196,12 +195,7 @@ def main() -> int:
         "read_left_cpu_busy": {mib: round(med[f"read_cpu_busy_{mib}MiB_GBps"] / med["read_alone_GBps"], 3)
                                for mib in blocks},
     }
-    tag = f"cpu_{platform.system().lower()}-{platform.machine()}-{os.cpu_count()}core"
-    out = Path(args.out) if args.out else HERE / "results" / f"io_contention_{tag}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    out.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
+    machine_info.write_results(result, markdown(result), args.out, "io_contention")
     return 0
 
 

@@ -38,3 +38,19 @@ def peak_rss_bytes():
     except OSError:
         pass
     return None
+
+
+def write_results(result: dict, markdown: str, out, name: str, device: str = "cpu") -> None:
+    """Write `result` as JSON and `markdown` beside it (same name, .md), then print the markdown. Without
+    `out`, the file is benchmarks/results/{name}_{device}_{os}-{arch}-{cores}core.json (names its machine)."""
+    import json
+    from pathlib import Path
+
+    if out is None:
+        tag = f"{device}_{platform.system().lower()}-{platform.machine()}-{os.cpu_count()}core"
+        out = Path(__file__).resolve().parent / "results" / f"{name}_{tag}.json"
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    out.with_suffix(".md").write_text(markdown)
+    print(markdown)
