@@ -214,25 +214,6 @@ def layout_read_speed(rt, seconds: float = 1.0, in_flight: int = 4) -> float:
     return done / elapsed
 
 
-def cpu_times() -> Optional[list[int]]:
-    """The machine's CPU time counters (/proc/stat), or None where there are none."""
-    try:
-        with open("/proc/stat") as fh:
-            return [int(v) for v in fh.readline().split()[1:9]]
-    except OSError:
-        return None
-
-
-def cpu_shares(before, after) -> Optional[dict]:
-    """Shares of all CPU time between two readings: busy in the guest, and stolen by the hypervisor
-    (on this VM, reads cost steal: benchmarks/io_contention.py)."""
-    if not before or not after:
-        return None
-    d = [b - a for a, b in zip(before, after)]  # user nice system idle iowait irq softirq steal
-    total = max(1, sum(d))
-    return {"busy": round((d[0] + d[1] + d[2] + d[5] + d[6]) / total, 3), "steal": round(d[7] / total, 3)}
-
-
 def run_one(spec: dict) -> dict:
     """Load spec["model"] with spec["options"], decode spec["tokens"] tokens after spec["prompt"]."""
     import applelm  # noqa: F401  (BLAS preload before mlx)
@@ -270,12 +251,13 @@ def run_one(spec: dict) -> dict:
             first = now - stamp
             if rt is not None:
                 rt.reset_stats()
-            cpu0 = cpu_times()
+            cpu0 = machine_info.cpu_times()
         else:
             times.append(now - stamp)
         tokens.append(tok)
         stamp = now
-    cpu = cpu_shares(cpu0, cpu_times())
+    cpu = machine_info.cpu_shares(cpu0, machine_info.cpu_times())
+    cpu = {k: round(v, 3) for k, v in cpu.items()} if cpu else None
     report = rt.report() if rt is not None else {}
     if disk and rt is not None:  # the same speed again right after decoding: the bound uses the mean of both
         if "layout_seq" in disk:

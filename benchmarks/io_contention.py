@@ -40,15 +40,15 @@ def read_forever(path: str, streams: int, block: int) -> None:
     sys.path.insert(0, str(ROOT))
     from applelm.flash.io import measure_disk
 
-    size, done, t0, cpu0 = os.path.getsize(path), [0.0], time.perf_counter(), sum(os.times()[:2])
+    size, done, t0, cpu0 = os.path.getsize(path), 0.0, time.perf_counter(), sum(os.times()[:2])
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     while not stop:  # 0.25 s slices: measure_disk returns bytes/s of its slice
         t = time.perf_counter()
-        done[0] += measure_disk(path, size, block, seconds=0.25, threads=streams, sequential=True) * \
+        done += measure_disk(path, size, block, seconds=0.25, threads=streams, sequential=True) * \
             (time.perf_counter() - t)
     wall, cpu = time.perf_counter() - t0, sum(os.times()[:2]) - cpu0  # user + system seconds while reading
-    print(json.dumps({"GBps": done[0] / wall / 1e9, "cpu_share": cpu / wall}), flush=True)
+    print(json.dumps({"GBps": done / wall / 1e9, "cpu_share": cpu / wall}), flush=True)
 
 
 class Reader:
@@ -113,18 +113,6 @@ def cpu_work(workers: int, seconds: float) -> float:
     return busy.rate
 
 
-def cpu_times() -> list[int]:
-    """The machine's CPU time counters (/proc/stat: user nice system idle iowait irq softirq steal ...)."""
-    with open("/proc/stat") as fh:
-        return [int(v) for v in fh.readline().split()[1:]]
-
-
-def steal_share(before: list[int], after: list[int]) -> float:
-    """Share of all CPU time between two counter readings that the hypervisor reports as stolen."""
-    delta = [b - a for a, b in zip(before, after)]
-    return delta[7] / max(1, sum(delta[:8]))
-
-
 def disk_alone(path: str, streams: int, seconds: float) -> float:
     with Reader(path, streams) as r:
         time.sleep(seconds)
@@ -174,12 +162,13 @@ def main() -> int:
         rounds["read_alone_GBps"].append(disk_alone(probe, args.streams, args.seconds))
         rounds["cpu_alone"].append(cpu_work(args.workers, args.seconds))
         for mib in blocks:  # does the cost follow the bytes read, or the time spent reading?
-            before = cpu_times()
+            before = machine_info.cpu_times()
             with Reader(probe, args.streams, mib << 20) as rd:
                 rounds[f"cpu_with_read_{mib}MiB"].append(cpu_work(args.workers, args.seconds))
             rounds[f"read_cpu_busy_{mib}MiB_GBps"].append(rd.GBps)
             rounds[f"reader_cpu_share_{mib}MiB"].append(rd.cpu_share)  # of one core
-            rounds[f"steal_share_{mib}MiB"].append(steal_share(before, cpu_times()))  # of all cores
+            steal = machine_info.cpu_shares(before, machine_info.cpu_times())["steal"]
+            rounds[f"steal_share_{mib}MiB"].append(steal)  # of all cores
         rounds["decode_alone_tok_s"].append(decode())
         with Reader(probe, args.streams) as rd:
             rounds["decode_with_read_tok_s"].append(decode())
@@ -212,13 +201,13 @@ def markdown(r: dict) -> str:
     lines += [f"| the reader's own CPU use (share of one core) and the steal the guest saw (share of all cores) "
               f"during those tests | | {', '.join(str(med[f'reader_cpu_share_{mib}MiB']) for mib in r['blocks_MiB'])}; "
               f"steal {', '.join(str(med[f'steal_share_{mib}MiB']) for mib in r['blocks_MiB'])} | |"]
-    lines += [f"| direct read GB/s, 4 MiB reads, vs {r['workers']} busy workers | {med['read_alone_GBps']} | "
-              f"{med['read_cpu_busy_4MiB_GBps']} | {r['read_left_cpu_busy'][4]:.0%} |"
-              if 4 in r["blocks_MiB"] else "",
-              f"| applelm SmolLM2 decode tok/s, vs the reader (it read {med['read_during_decode_GBps']} GB/s) | "
+    if 4 in r["blocks_MiB"]:
+        lines += [f"| direct read GB/s, 4 MiB reads, vs {r['workers']} busy workers | {med['read_alone_GBps']} | "
+                  f"{med['read_cpu_busy_4MiB_GBps']} | {r['read_left_cpu_busy'][4]:.0%} |"]
+    lines += [f"| applelm SmolLM2 decode tok/s, vs the reader (it read {med['read_during_decode_GBps']} GB/s) | "
               f"{med['decode_alone_tok_s']} | {med['decode_with_read_tok_s']} | {r['decode_left_with_read']:.0%} |",
               "", "Every round: " + ", ".join(f"{k} {v}" for k, v in r["rounds"].items()), ""]
-    return "\n".join(line for line in lines if line is not None)
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

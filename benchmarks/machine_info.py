@@ -54,3 +54,23 @@ def write_results(result: dict, markdown: str, out, name: str, device: str = "cp
     out.write_text(json.dumps(result, indent=1))
     out.with_suffix(".md").write_text(markdown)
     print(markdown)
+
+
+def cpu_times():
+    """The machine's CPU time counters from /proc/stat (user nice system idle iowait irq softirq steal),
+    or None where there are none."""
+    try:
+        with open("/proc/stat") as fh:
+            return [int(v) for v in fh.readline().split()[1:9]]
+    except OSError:
+        return None
+
+
+def cpu_shares(before, after):
+    """Shares of all CPU time between two `cpu_times()` readings: busy in the guest, and stolen by the
+    hypervisor (on this VM, reads cost steal: benchmarks/io_contention.py). None without both readings."""
+    if not before or not after:
+        return None
+    d = [b - a for a, b in zip(before, after)]
+    total = max(1, sum(d))
+    return {"busy": (d[0] + d[1] + d[2] + d[5] + d[6]) / total, "steal": d[7] / total}
