@@ -13,7 +13,8 @@ and, in the same run, for each:
                on the CPU a token's streamed units and pinned layers, held as stored bundles, go
                through the native kernel, flash/native.py)
   - paged-mlx: the same on the CPU without the native kernel (MLX copies and converts each unit)
-  - sparse   : neuron-level paging (predictors + windowing cache, or resident gates + thresholds)
+  - sparse   : neuron-level paging (predictors + windowing cache, or resident gates + thresholds);
+               on the CPU through the native kernel (cache of stored bundles), "-mlx" without it
 with decode tok/s (median per-token time), bytes read per token, achieved read GB/s and I/O overlap,
 peak RSS growth over a warmed-up runtime and MLX's peak allocation, beside the disk's own direct-I/O
 sequential and 4 KiB / 32 KiB random read speeds, measured in the same script (before and after), and
@@ -428,7 +429,8 @@ def goals(rows: dict, rounds: list[dict]) -> dict:
 def bench_model(name: str, budget: int, spec_base: dict, sparse_runs: list[tuple[str, dict]],
                 rounds: int) -> tuple[dict, list]:
     """Every run `rounds` times, interleaved (the machine's load and the disk change over minutes).
-    On the CPU, "paged-mlx" is paging without the native kernel (flash/native.py), for its effect."""
+    On the CPU, "paged-mlx" (and "sparse-...-mlx") is paging without the native kernel (flash/native.py),
+    for its effect."""
     runs = [("resident", {}), ("naive", {"memory_budget": budget, "naive": True}),
             ("paged", {"memory_budget": budget})]
     if spec_base["device"] == "cpu":
@@ -543,6 +545,7 @@ def main() -> int:
         big = int(full_bytes * 0.75)
         rows, rounds = bench_model("smollm2", budget, spec, [
             ("sparse-predictor-0.5", {"sparsity": 0.5, "sparsity_mode": "predictor"}),
+            ("sparse-predictor-0.5-mlx", {"sparsity": 0.5, "sparsity_mode": "predictor", "native": False}),
             ("sparse-threshold-0.5", {"sparsity": 0.5}),
             ("sparse-threshold-0.5@75%", {"sparsity": 0.5, "memory_budget": big}),
             ("sparse-threshold-0.3@75%", {"sparsity": 0.3, "memory_budget": big}),
@@ -586,6 +589,7 @@ def main() -> int:
                 "options": dict(base["options"])}
         rows, rounds = bench_model("synthetic", budget, spec, [
             ("sparse-predictor-0.5", {"sparsity": 0.5, "sparsity_mode": "predictor"}),
+            ("sparse-predictor-0.5-mlx", {"sparsity": 0.5, "sparsity_mode": "predictor", "native": False}),
             ("sparse-threshold-0.5", {"sparsity": 0.5})], args.rounds)
         from applelm.flash.layout import read_layout
 

@@ -75,6 +75,92 @@ def test_kernel_rejects_what_it_cannot_read(lib):
     assert native.bundle_ffn(codec, "relu") is None  # the loader then keeps the MLX path
 
 
+def sparse_reference(codec, raw, x, act, coef, threshold):
+    """sum_i a_i (up_i . x) down_i in float64: a_i = coef[i], else act(gate_i . x) masked at threshold."""
+    v = codec.decode_np(raw, 2 if coef is not None else 3).astype(np.float64)
+    if coef is None:
+        a = np.array(MLX_ACT[act](mx.array((v[:, 2] @ x).astype(np.float32))), np.float64)
+        a = np.where(np.abs(a) > threshold, a, 0)
+    else:
+        a = coef.astype(np.float64)
+    return (a * (v[:, 0] @ x)) @ v[:, 1]
+
+
+@pytest.mark.parametrize("bits,dtype,group", STORES, ids=[f"{b}-{d}-{g}" for b, d, g in STORES])
+@pytest.mark.parametrize("how", ["rows-gate-masked", "offsets-gate", "offsets-coef", "rows-coef"])
+def test_sparse_kernel_matches_reference(lib, bits, dtype, group, how):
+    """Selected bundles at byte offsets in a read buffer (as coalesced reads leave them) or in cache rows,
+    weighed by given coefficients (2-part bundles, resident gate) or by their own masked gate."""
+    rng = np.random.default_rng(bits + len(how))
+    hidden, n = 128, 53
+    codec = codec_for(hidden, bits, dtype, group)
+    use_coef = how.endswith("coef")
+    parts = 2 if use_coef else 3
+    raw = codec.encode((rng.standard_normal((n, 3, hidden)) * 0.3).astype(np.float32))[:, : parts * codec.part_bytes]
+    x = rng.standard_normal(hidden).astype(np.float32)
+    coef = np.where(rng.random(n) < 0.3, 0, rng.standard_normal(n)).astype(np.float32) if use_coef else None
+    threshold = 0.05 if how == "rows-gate-masked" else -1.0
+    want = sparse_reference(codec, raw, x, "silu", coef, threshold)
+    k = native.BundleFFN(lib, codec, "silu", 2)
+    out = np.zeros(hidden, np.float32)
+    if how.startswith("offsets"):  # scatter the bundles into a buffer with gaps, in another order
+        order = rng.permutation(n)
+        stride = raw.shape[1] + 37
+        buf = np.zeros(n * stride + 11, np.uint8)
+        offsets = (np.arange(n) * stride + 11).astype(np.int64)
+        for slot, i in enumerate(order):
+            buf[offsets[slot]: offsets[slot] + raw.shape[1]] = raw[i]
+        k.sparse(x, buf, out, offsets=offsets, coef=None if coef is None else coef[order], threshold=threshold)
+    else:
+        k.sparse(x, np.ascontiguousarray(raw), out, coef=coef, threshold=threshold)
+    np.testing.assert_allclose(out, want, rtol=2e-4, atol=2e-4 * np.abs(want).max())
+    if threshold > 0:  # the mask dropped something, and dropping is not the same as keeping
+        unmasked = sparse_reference(codec, raw, x, "silu", None, -1.0)
+        assert np.abs(unmasked - want).max() > 1e-3 * np.abs(want).max()
+
+
+def test_sparse_kernel_rejects_what_it_cannot_read(lib):
+    codec = codec_for(64, 16, "bfloat16", None)
+    k = native.BundleFFN(lib, codec, "silu", 1)
+    raw = codec.encode(np.zeros((4, 3, 64), np.float32))
+    x, out = np.zeros(64, np.float32), np.zeros(64, np.float32)
+    with pytest.raises(ValueError, match="every part"):
+        k.sparse(x, raw[:, : 2 * codec.part_bytes].copy(), out)  # no gate part and no coefficients
+    with pytest.raises(ValueError, match="inside the buffer"):
+        k.sparse(x, raw.reshape(-1), out, offsets=np.array([raw.size - 10], np.int64))
+    with pytest.raises(ValueError, match="one per bundle"):
+        k.sparse(x, raw, out, coef=np.ones(3, np.float32))
+
+
+@pytest.mark.parametrize("mode", ["threshold", "predictor"])
+@pytest.mark.parametrize("bits", [16, 8])
+def test_native_sparse_paging_matches_mlx_path(tmp_path, lib, mode, bits):
+    """Sparse decoding with the kernel (cache of stored bundles) gives the MLX path's logits, under a
+    budget small enough that the window's cache evicts and overflows."""
+    from applelm.cache import make_prompt_cache
+
+    _, _, out = tiny_flash(tmp_path, "llama", bits=bits, num_hidden_layers=3, intermediate_size=256)
+    probe, _, _ = load_model(out, sparsity=0.5, sparsity_mode=mode, native=False)
+    plan = probe.flash.plan
+    budget = plan.total_bytes - plan.cache_bytes + plan.cache_bytes // 8
+    runs = {}
+    for flag in (True, False):
+        m, _, _ = load_model(out, sparsity=0.5, sparsity_mode=mode, window=2, memory_budget=budget, native=flag)
+        assert (m.flash.native is not None) == flag
+        assert m.flash.plan.cache_capacity < 256
+        cache = make_prompt_cache(m)
+        m(mx.array([[1, 5, 9, 33]]), cache=cache)
+        logits = [np.array(m(mx.array([[t]]), cache=cache))[0, 0] for t in (7, 3, 25, 12, 19, 41)]
+        runs[flag] = (np.stack(logits), m)
+    np.testing.assert_allclose(runs[True][0], runs[False][0], rtol=1e-3, atol=1e-3)
+    fast, slow = runs[True][1], runs[False][1]
+    row = fast.layers[0].mlp._cache.parts[0]
+    assert row.dtype == mx.uint8 and row.shape[1] == fast.layers[0].mlp._n_parts * fast.flash.codec.part_bytes
+    # Bundles as stored are smaller than float32 rows: the same budget caches more neurons.
+    assert fast.flash.plan.cache_capacity > slow.flash.plan.cache_capacity
+    assert fast.flash.report()["neurons_read_per_token"] > 0
+
+
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 @pytest.mark.parametrize("bits", [32, 16, 4])
 def test_native_paging_decodes_like_mlx_and_resident(tmp_path, lib, arch, bits):

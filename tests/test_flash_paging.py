@@ -8,6 +8,7 @@ import pytest
 
 import mlx.core as mx
 from applelm.errors import UserError
+from applelm.flash import native as native_kernel
 from applelm.loader import load_model
 from flash_fixtures import greedy, streaming_budget, tiny_flash
 
@@ -73,16 +74,18 @@ def test_budget_needs_a_flash_layout(layouts, tmp_path):
         load_model(folder, memory_budget="1GB")
 
 
+@pytest.mark.parametrize("native", [False, None], ids=["mlx", "native-if-built"])
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
-def test_sparse_decode_equals_masked_prompt(layouts, arch):
+def test_sparse_decode_equals_masked_prompt(layouts, arch, native):
     """Token-by-token decoding (selection, windowed cache with evictions, reads of misses) gives the same
     logits as one forward pass over the sequence applying every position's threshold mask densely."""
     _, _, out = layouts[arch]
-    full, _, _ = load_model(out, sparsity=0.5, max_unit_bytes=4096)
+    full, _, _ = load_model(out, sparsity=0.5, max_unit_bytes=4096, native=False)
     minimum_cache = full.flash.plan.total_bytes - full.flash.plan.cache_bytes
     small, _, _ = load_model(out, sparsity=0.5, window=2, max_unit_bytes=4096,  # misses decoded in chunks
-                             memory_budget=minimum_cache + full.flash.plan.cache_bytes // 3)
+                             memory_budget=minimum_cache + full.flash.plan.cache_bytes // 3, native=native)
     assert small.flash.plan.cache_capacity < 96
+    assert (small.flash.native is None) == (native is False or native_kernel.load() is None)
     dense = np.array(full(X))[0]  # prompt path: whole layers, per-position masks
     from applelm.cache import make_prompt_cache
 

@@ -144,8 +144,8 @@ def load_flash_model(folder, *, dtype: Optional[str] = None, memory_budget=None,
                      max_unit_bytes: int = 16 << 20, read_split: int = 8 << 20,
                      native: Optional[bool] = None) -> tuple[nn.Module, dict, FlashLayout]:
     """Build the model of a flash layout (see `applelm.load` for the user-facing options).
-    `native`: compute streamed units of single tokens with the compiled CPU kernel (flash/native.py);
-    None = for dense paging under a budget on the CPU when the kernel builds, False = always the MLX path,
+    `native`: compute paged FFN neurons of single tokens with the compiled CPU kernel (flash/native.py);
+    None = under a budget on the CPU when the kernel builds (dense or sparse), False = always the MLX path,
     True = required (an error without it)."""
     from ..loader import _compute_dtype  # the core loader's dtype rule (float32 on CPU)
 
@@ -177,9 +177,9 @@ def load_flash_model(folder, *, dtype: Optional[str] = None, memory_budget=None,
             module.dtype = dtype_
     acts = [activation_of(block.mlp) for block in model.layers]
     kernel = None
-    # Only dense paging under a budget streams units (no budget: every layer pinned), so only it builds
-    # or loads the kernel unless asked to.
-    if native or (native is None and budget is not None and sparsity is None and mx.default_device() == mx.cpu):
+    # Only paging under a budget reads bundles (no budget: every layer pinned, or every neuron cached),
+    # so only it builds or loads the kernel unless asked to.
+    if native or (native is None and budget is not None and mx.default_device() == mx.cpu):
         kernel = bundle_ffn(layout.codec, acts[0][0]) if len({a for a, _ in acts}) == 1 else None
         if native and kernel is None:
             raise UserError("native=True, but the native flash kernel is unavailable (no C compiler, "
@@ -248,8 +248,12 @@ def load_flash_model(folder, *, dtype: Optional[str] = None, memory_budget=None,
                 mlp._gate = data[i][0]
             else:
                 mlp._predictor = predictors[i]
-            mlp._cache = NeuronCache(layout.intermediate, plan.cache_capacity, mlp._n_parts, layout.hidden,
-                                     dtype_, window)
+            if kernel is not None:  # bundles as stored, one byte row per neuron
+                mlp._cache = NeuronCache(layout.intermediate, plan.cache_capacity, 1,
+                                         mlp._n_parts * codec.part_bytes, mx.uint8, window)
+            else:
+                mlp._cache = NeuronCache(layout.intermediate, plan.cache_capacity, mlp._n_parts, layout.hidden,
+                                         dtype_, window)
     if budget is not None:
         # MLX keeps freed buffers for reuse; paging frees buffers of many sizes, so without a limit that
         # pool alone would grow past the budget. Keep it to the paging buffers' size (process-wide).

@@ -1,4 +1,4 @@
-"""The CPU kernel for streamed FFN units (native_ffn.c), compiled on first use and called with ctypes.
+"""The CPU kernel for paged FFN neurons (native_ffn.c), compiled on first use and called with ctypes.
 
 On MLX's CPU backend a streamed unit used to cost a copy into MLX, a 16-bit -> float32 conversion and a
 float32 gemv; this kernel reads the bundles where they landed (the staging buffer) and decodes them in
@@ -96,6 +96,11 @@ def load() -> Optional[ctypes.CDLL]:
         fn.restype = ctypes.c_int
         fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                        ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+        fn = lib.applelm_sparse_ffn
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                       ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+                       ctypes.c_float, ctypes.c_int, ctypes.c_void_p]
         _lib = lib
         return _lib
 
@@ -113,12 +118,13 @@ def default_threads() -> int:
 
 
 class BundleFFN:
-    """`ffn(x, bundles, out)`: out += the gated FFN of one token over the given bundles (numpy, in place)."""
+    """`ffn(x, bundles, out)`: out += the gated FFN of one token over the given bundles (numpy, in place);
+    `ffn.sparse(...)`: the same over selected neurons (sparse paging)."""
 
     def __init__(self, lib: ctypes.CDLL, codec, act: str, threads: Optional[int] = None):
         if act not in ACTIVATIONS:
             raise ValueError(f"native kernel: unknown activation {act!r}")
-        self._fn = lib.applelm_bundle_ffn
+        self._fn, self._sparse = lib.applelm_bundle_ffn, lib.applelm_sparse_ffn
         self.hidden, self.part_bytes = codec.hidden, codec.part_bytes
         self.fmt = FORMATS[codec.bits if codec.quantized else codec.dtype]
         self.group = codec.group_size or 0
@@ -132,6 +138,34 @@ class BundleFFN:
             raise ValueError("native kernel: bundles must be contiguous (n, bundle_bytes) bytes")
         rc = self._fn(x.ctypes.data, bundles.ctypes.data, bundles.shape[0], self.hidden, self.part_bytes,
                       self.fmt, self.group, self.act, self.threads, out.ctypes.data)
+        if rc:
+            raise ValueError("native kernel: unsupported store geometry")
+
+    def sparse(self, x: np.ndarray, base: np.ndarray, out: np.ndarray, offsets: Optional[np.ndarray] = None,
+               coef: Optional[np.ndarray] = None, threshold: float = -1.0) -> None:
+        """out += sum_i a_i (up_i . x) down_i over bundles in `base`: rows of a contiguous (n, stride) byte
+        matrix, or, with `offsets` (int64), the bundles starting at those byte offsets of a flat `base`.
+        a_i = coef[i] (float32; bundles may then hold only up and down), else act(gate_i . x), counted as 0
+        where |a_i| <= threshold (threshold < 0: no mask)."""
+        if x.dtype != np.float32 or out.dtype != np.float32 or not (x.flags.c_contiguous and out.flags.c_contiguous):
+            raise ValueError("native kernel: x and out must be contiguous float32")
+        if not base.flags.c_contiguous or base.dtype != np.uint8:
+            raise ValueError("native kernel: bundles must be contiguous bytes")
+        parts = 2 if coef is not None else 3
+        if offsets is None:
+            if base.ndim != 2 or base.shape[1] < parts * self.part_bytes:
+                raise ValueError("native kernel: bundles must be (n, stride) bytes holding every part used")
+            n, stride, off = base.shape[0], base.shape[1], None
+        else:
+            if offsets.dtype != np.int64 or not offsets.flags.c_contiguous or (
+                    len(offsets) and (offsets.min() < 0 or offsets.max() + parts * self.part_bytes > base.size)):
+                raise ValueError("native kernel: offsets must be int64 and inside the buffer")
+            n, stride, off = len(offsets), parts * self.part_bytes, offsets.ctypes.data
+        if coef is not None and (coef.dtype != np.float32 or not coef.flags.c_contiguous or len(coef) != n):
+            raise ValueError("native kernel: coef must be contiguous float32, one per bundle")
+        rc = self._sparse(x.ctypes.data, base.ctypes.data, off, n, stride, self.hidden, self.part_bytes, self.fmt,
+                          self.group, self.act, None if coef is None else coef.ctypes.data, float(threshold),
+                          self.threads, out.ctypes.data)
         if rc:
             raise ValueError("native kernel: unsupported store geometry")
 

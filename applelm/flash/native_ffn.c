@@ -1,12 +1,16 @@
-/* One streamed FFN unit for one token, straight from the bundles as read (CPU).
+/* Gated FFN contributions of one token, straight from neuron bundles as they were read (CPU).
  *
- * For each neuron i of the unit, its bundle holds three parts of H values: up row, down column,
- * gate row (applelm/flash/codec.py). This computes, in one pass over the bundles,
- *     out += sum_i act(gate_i . x) * (up_i . x) * down_i
- * decoding each part in registers (no float copy of the weights is ever written), so a streamed unit
- * costs about one read of its bytes from memory. Parts are stored as float32, float16, bfloat16 or
- * affine 8/4-bit groups (value = scale * q + bias, float16 scale and bias per group, 4-bit codes packed
- * two per byte, element 2k in the low nibble).
+ * For each neuron i, its bundle holds parts of H values: up row, down column, and (when it is stored
+ * with them) gate row (applelm/flash/codec.py). This computes, in one pass over the bundles,
+ *     out += sum_i a_i * (up_i . x) * down_i,   a_i = act(gate_i . x)  or a given coefficient,
+ * decoding each part in registers (no float copy of the weights is ever written), so a unit costs about
+ * one read of its bytes from memory. Parts are stored as float32, float16, bfloat16 or affine 8/4-bit
+ * groups (value = scale * q + bias, float16 scale and bias per group, 4-bit codes packed two per byte,
+ * element 2k in the low nibble).
+ *
+ * Sparse paging (applelm_sparse_ffn) adds: bundles at arbitrary byte offsets (where coalesced reads put
+ * them, or cache slots), 2-part bundles with the caller's coefficients (resident gate), and the
+ * threshold mask |a_i| > thr; neurons whose coefficient is 0 cost nothing.
  *
  * Threads split the neurons into contiguous ranges; each keeps its own accumulator and the
  * accumulators are summed in thread order, so a result depends only on the thread count.
@@ -144,19 +148,35 @@ static void axpy_part(float a, const uint8_t *p, float *out, int64_t H, int fmt,
     }
 }
 
-static void neuron_range(const float *x, const float *xsum, const uint8_t *bundles, int64_t lo, int64_t hi,
-                         int64_t H, int64_t part_bytes, int fmt, int group, int act, float *acc) {
+/* Where the bundles are and how to weigh them (one call of applelm_sparse_ffn). */
+typedef struct {
+    const uint8_t *base;
+    const int64_t *offsets; /* bundle i at base + offsets[i], or at base + i * stride when NULL */
+    int64_t stride, H, part_bytes;
+    int fmt, group, act;
+    const float *coef; /* a_i given (2-part bundles: up, down), or NULL: computed from the gate part */
+    float thr;         /* a_i with |a_i| <= thr counts as 0 (thr < 0: no mask) */
+} Bundles;
+
+static void neuron_range(const Bundles *B, const float *x, const float *xsum, int64_t lo, int64_t hi, float *acc) {
     for (int64_t i = lo; i < hi; i++) {
-        const uint8_t *b = bundles + i * 3 * part_bytes;
-        float up = dot_part(b, x, xsum, H, fmt, group);
-        float gate = dot_part(b + 2 * part_bytes, x, xsum, H, fmt, group);
-        axpy_part(activation(gate, act) * up, b + part_bytes, acc, H, fmt, group);
+        const uint8_t *b = B->base + (B->offsets ? B->offsets[i] : i * B->stride);
+        float a;
+        if (B->coef) {
+            a = B->coef[i];
+        } else {
+            a = activation(dot_part(b + 2 * B->part_bytes, x, xsum, B->H, B->fmt, B->group), B->act);
+            if (!(fabsf(a) > B->thr)) a = 0.0f;
+        }
+        if (a == 0.0f) continue;
+        a *= dot_part(b, x, xsum, B->H, B->fmt, B->group);
+        axpy_part(a, b + B->part_bytes, acc, B->H, B->fmt, B->group);
     }
 }
 
-/* Returns 0, or -1 for an argument it cannot handle (the caller then uses the MLX path). */
-int applelm_bundle_ffn(const float *x, const uint8_t *bundles, int64_t n, int64_t H, int64_t part_bytes,
-                       int fmt, int group, int act, int threads, float *out) {
+static int run(const Bundles *B, const float *x, int64_t n, int threads, float *out) {
+    int64_t H = B->H;
+    int fmt = B->fmt, group = B->group;
     if (n < 0 || H <= 0 || fmt < FMT_F32 || fmt > FMT_Q4 || threads < 1) return -1;
     if ((fmt == FMT_Q8 || fmt == FMT_Q4) && (group <= 0 || group % 2 || H % group)) return -1;
     float *xsum = NULL;
@@ -174,7 +194,7 @@ int applelm_bundle_ffn(const float *x, const uint8_t *bundles, int64_t n, int64_
     threads = 1;
 #endif
     if (threads == 1) {
-        neuron_range(x, xsum, bundles, 0, n, H, part_bytes, fmt, group, act, out);
+        neuron_range(B, x, xsum, 0, n, out);
         free(xsum);
         return 0;
     }
@@ -188,7 +208,7 @@ int applelm_bundle_ffn(const float *x, const uint8_t *bundles, int64_t n, int64_
     {
         int t = omp_get_thread_num(), nt = omp_get_num_threads();
         int64_t lo = n * t / nt, hi = n * (t + 1) / nt;
-        neuron_range(x, xsum, bundles, lo, hi, H, part_bytes, fmt, group, act, acc + (int64_t)t * H);
+        neuron_range(B, x, xsum, lo, hi, acc + (int64_t)t * H);
     }
 #endif
     for (int t = 0; t < threads; t++)
@@ -196,4 +216,23 @@ int applelm_bundle_ffn(const float *x, const uint8_t *bundles, int64_t n, int64_
     free(acc);
     free(xsum);
     return 0;
+}
+
+/* Every neuron of n contiguous 3-part bundles (dense paging). Returns 0, or -1 for an argument it
+ * cannot handle (the caller then uses the MLX path). */
+int applelm_bundle_ffn(const float *x, const uint8_t *bundles, int64_t n, int64_t H, int64_t part_bytes,
+                       int fmt, int group, int act, int threads, float *out) {
+    Bundles B = {bundles, NULL, 3 * part_bytes, H, part_bytes, fmt, group, act, NULL, -1.0f};
+    return run(&B, x, n, threads, out);
+}
+
+/* Selected neurons (sparse paging): bundles at base + offsets[i] (or i * stride), weighed by coef[i]
+ * when given, else by their gate's activation masked at thr. Returns 0, or -1 as above. */
+int applelm_sparse_ffn(const float *x, const uint8_t *base, const int64_t *offsets, int64_t n, int64_t stride,
+                       int64_t H, int64_t part_bytes, int fmt, int group, int act, const float *coef, float thr,
+                       int threads, float *out) {
+    if (!coef && stride < 3 * part_bytes) return -1;
+    if (stride < 2 * part_bytes) return -1;
+    Bundles B = {base, offsets, stride, H, part_bytes, fmt, group, act, coef, thr};
+    return run(&B, x, n, threads, out);
 }

@@ -78,6 +78,8 @@ class FlashMLP(nn.Module):
             return self._stream(x)
         if self.mode == "naive":
             return self._naive(x)
+        if self._native_ready(x):
+            return self._sparse_token_native(x)
         if x.shape[0] * x.shape[1] == 1:
             return self._sparse_token(x)
         return self._sparse_prompt(x)
@@ -170,18 +172,19 @@ class FlashMLP(nn.Module):
     def _n_parts(self) -> int:
         return 2 if self._gate is not None else 3  # a resident gate means bundles are read without it
 
-    def _select(self, xf: mx.array):
-        """(selected neuron ids, gate activations as numpy or None) for one token's FFN input xf (1, H)."""
+    def _select(self, xf: mx.array, *also: mx.array):
+        """(selected neuron ids, gate activations as numpy or None) for one token's FFN input xf (1, H);
+        `also` are evaluated in the same synchronization."""
         rt = self._rt
         if self._gate is not None:
             g = self._act(xf @ self._gate.T)
-            mx.eval(g)  # the selection needs values: this token's reads depend on them
+            mx.eval(g, *also)  # the selection needs values: this token's reads depend on them
             rt.stats.forced_evals += 1
             gn = np.array(g, copy=False)[0]
             return np.flatnonzero(np.abs(gn) > rt.thresholds[self.layer]), gn
         a, b, bias, tau = self._predictor
         logits = (xf @ a) @ b + bias
-        mx.eval(logits)
+        mx.eval(logits, *also)
         rt.stats.forced_evals += 1
         return np.flatnonzero(np.array(logits, copy=False)[0] > tau), None
 
@@ -240,16 +243,52 @@ class FlashMLP(nn.Module):
             return mx.zeros_like(x)
         return y.reshape(x.shape)
 
+    def _sparse_token_native(self, x: mx.array) -> mx.array:
+        """One token through the native kernel: the cache holds bundles as stored (no float copies), the
+        cached neurons are computed while the misses are read, and the misses straight from the read buffer."""
+        rt, cache, kernel = self._rt, self._cache, self._rt.native
+        xf = x.reshape(1, -1)
+        x32 = xf.reshape(-1).astype(mx.float32)
+        selected, gn = self._select(xf, x32)
+        xn, out = np.array(x32), np.zeros(x.shape[-1], np.float32)
+        thr = float(rt.thresholds[self.layer])
+        to_insert, overflow = cache.plan(selected)
+        misses = np.sort(np.concatenate([to_insert, overflow]))
+        n_bytes = self._n_parts * rt.codec.part_bytes
+        if len(misses):
+            futures, where = rt.submit_neurons(self.layer, misses, n_bytes)
+
+        def coef(ids):  # resident gate: its masked activations; predictor: the kernel computes the gate
+            return None if gn is None else np.where(np.abs(gn[ids]) > thr, gn[ids], 0).astype(np.float32)
+
+        n0 = cache.count
+        if n0:  # the reads run on the reader threads meanwhile (ctypes releases the GIL)
+            kernel.sparse(xn, cache.rows[0][:n0], out, coef=coef(cache.cached()), threshold=thr)
+        if len(misses):
+            rt.wait(futures)
+            kernel.sparse(xn, rt.scratch.array, out, offsets=where.astype(np.int64), coef=coef(misses),
+                          threshold=thr)
+            keep = np.isin(misses, to_insert, assume_unique=True)
+            ids, at = misses[keep], where[keep]
+            step = rt.decode_neurons  # transient copies within the budget's decode-step reserve
+            for s in range(0, len(ids), step):
+                cache.insert(ids[s: s + step], [rt.gather(at[s: s + step], n_bytes)])
+        rt.stats.neurons_used += len(selected)
+        rt.stats.neurons_read += len(misses)
+        return mx.array(out).reshape(x.shape).astype(x.dtype)
+
     def _sparse_prompt(self, x: mx.array) -> mx.array:
         """A prompt chunk: every neuron is needed by some position, so read the layer whole and apply
         each position's threshold mask (the same sparsity a token-by-token run would use)."""
         rt, y = self._rt, None
         thr = float(rt.thresholds[self.layer])
         for unit in rt.units[self.layer]:
-            rt.bound_inflight()
-            up, down_t, gate = self._decode(rt.read_unit_now(unit))
-            g = self._act(x @ gate.T)
-            part = (mx.where(mx.abs(g) > thr, g, 0) * (x @ up.T)) @ down_t
-            y = part if y is None else y + part
-            rt.queue(y)
+            bundles = rt.read_unit_now(unit)
+            for s in range(0, len(bundles), rt.decode_neurons):  # the budget holds one step's floats
+                rt.bound_inflight()
+                up, down_t, gate = self._decode(bundles[s: s + rt.decode_neurons])
+                g = self._act(x @ gate.T)
+                part = (mx.where(mx.abs(g) > thr, g, 0) * (x @ up.T)) @ down_t
+                y = part if y is None else y + part
+                rt.queue(y)
         return y
