@@ -231,8 +231,7 @@ int applelm_bundle_ffn(const float *x, const uint8_t *bundles, int64_t n, int64_
 int applelm_sparse_ffn(const float *x, const uint8_t *base, const int64_t *offsets, int64_t n, int64_t stride,
                        int64_t H, int64_t part_bytes, int fmt, int group, int act, const float *coef, float thr,
                        int threads, float *out) {
-    if (!coef && stride < 3 * part_bytes) return -1;
-    if (stride < 2 * part_bytes) return -1;
+    if (!offsets && stride < (coef ? 2 : 3) * part_bytes) return -1; /* rows must hold every part used */
     Bundles B = {base, offsets, stride, H, part_bytes, fmt, group, act, coef, thr};
     return run(&B, x, n, threads, out);
 }
