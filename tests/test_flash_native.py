@@ -153,6 +153,14 @@ def test_native_sparse_paging_matches_mlx_path(tmp_path, lib, mode, bits):
         logits = [np.array(m(mx.array([[t]]), cache=cache))[0, 0] for t in (7, 3, 25, 12, 19, 41)]
         runs[flag] = (np.stack(logits), m)
     np.testing.assert_allclose(runs[True][0], runs[False][0], rtol=1e-3, atol=1e-3)
+    # Without host views of the cache (CUDA arrays), slots are written through MLX and read back as copies.
+    m, _, _ = load_model(out, sparsity=0.5, sparsity_mode=mode, window=2, memory_budget=budget, native=True)
+    for block in m.layers:
+        block.mlp._cache.rows = None
+    cache = make_prompt_cache(m)
+    m(mx.array([[1, 5, 9, 33]]), cache=cache)
+    no_view = [np.array(m(mx.array([[t]]), cache=cache))[0, 0] for t in (7, 3, 25, 12, 19, 41)]
+    np.testing.assert_allclose(np.stack(no_view), runs[True][0], rtol=1e-5, atol=1e-5)
     fast, slow = runs[True][1], runs[False][1]
     row = fast.layers[0].mlp._cache.parts[0]
     assert row.dtype == mx.uint8 and row.shape[1] == fast.layers[0].mlp._n_parts * fast.flash.codec.part_bytes

@@ -9,7 +9,8 @@ four ways (the runtime's plan decides per layer):
 - naive:   whole layer read synchronously each token, then evaluated (the baseline the paper beats)
 - sparse:  neuron-level paging: a selector picks the active neurons (resident gate with calibrated
            magnitude thresholds, or a low-rank predictor), a windowing NeuronCache keeps recently active
-           neurons, and only the bundles of active neurons that are not cached are read
+           neurons (as stored bundles with the native kernel), and only the bundles of active neurons
+           that are not cached are read
 
 Rows are neurons throughout: up and gate are (I, H) like nn.Linear weights, down is stored transposed
 (I, H), so a neuron's three vectors are rows of three matrices and a bundle fills one row of each.
@@ -263,7 +264,9 @@ class FlashMLP(nn.Module):
 
         n0 = cache.count
         if n0:  # the reads run on the reader threads meanwhile (ctypes releases the GIL)
-            kernel.sparse(xn, cache.rows[0][:n0], out, coef=coef(cache.cached()), threshold=thr)
+            # No host view (native=True forced on a GPU): a host copy of the occupied slots.
+            rows = cache.rows[0][:n0] if cache.rows is not None else np.array(cache.parts[0][:n0])
+            kernel.sparse(xn, rows, out, coef=coef(cache.cached()), threshold=thr)
         if len(misses):
             rt.wait(futures)
             kernel.sparse(xn, rt.scratch.array, out, offsets=where.astype(np.int64), coef=coef(misses),
