@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import applelm  # noqa: F401  (preloads the fast BLAS before mlx)
+import flash_bench
 import machine_info
 import mlx.core as mx
 import numpy as np
@@ -59,11 +59,6 @@ class _Hook:
         return self.fn(x)
 
 
-def commit() -> str:
-    proc = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    return proc.stdout.strip()
-
-
 def pages_of(neurons: np.ndarray, bundle: int, n_bytes: int) -> np.ndarray:
     """The 4 KiB pages of the layer file that reading the first n_bytes of each neuron's bundle touches."""
     first = neurons * bundle // PAGE
@@ -79,13 +74,13 @@ def compare(guess: np.ndarray, need: np.ndarray, bundle: int, n_bytes: int) -> d
             "pages_needed": len(npg), "pages_guessed": len(gp), "pages_hit": len(np.intersect1d(gp, npg))}
 
 
-def summarize(rows: list[dict]) -> dict:
+def summarize(rows: list[dict], layer_pages: int) -> dict:
     t = {k: sum(r[k] for r in rows) for k in rows[0]}
     return {"neuron_recall": round(t["hit"] / max(1, t["needed"]), 3),
             "guess_over_needed": round(t["guessed"] / max(1, t["needed"]), 3),
             "page_recall": round(t["pages_hit"] / max(1, t["pages_needed"]), 3),
             "pages_guess_over_needed": round(t["pages_guessed"] / max(1, t["pages_needed"]), 3),
-            "pages_needed_share_of_layer": None}
+            "pages_needed_share_of_layer": round(t["pages_needed"] / len(rows) / layer_pages, 3)}
 
 
 def main() -> int:
@@ -106,9 +101,8 @@ def main() -> int:
         sys.exit(f"{GPL3} not found (Debian's base-files ships it)")
     if args.layout is None:  # the very layout flash_bench measures (prepared the same way, once)
         from applelm.loader import default_model_path
-        from flash_bench import prepared
 
-        args.layout = str(prepared(default_model_path(), ROOT / ".flash_bench" / "smollm2_bf16", bits=16,
+        args.layout = str(flash_bench.prepared(default_model_path(), ROOT / ".flash_bench" / "smollm2_bf16", bits=16,
                                    dtype="bfloat16", train_predictors=True)[0])
     layout = read_layout(args.layout)
     model, _, _ = load_model(args.layout)  # no budget: every layer pinned as float32 (up, down^T, gate)
@@ -121,7 +115,7 @@ def main() -> int:
     codec = layout.codec
     bundle = codec.bundle_bytes
     result = {"command": "python " + " ".join(["benchmarks/sparse_lookahead.py"] + sys.argv[1:]),
-              "machine": {**machine_info.machine(), "mlx": mx.__version__, "commit": commit()},
+              "machine": flash_bench.machine("cpu"),
               "layout": os.path.relpath(args.layout, ROOT), "tokens": len(ids), "sparsity": args.sparsity,
               "bundle_bytes": bundle, "part_bytes": codec.part_bytes, "selectors": {}}
     n_layers = len(xs)
@@ -141,8 +135,7 @@ def main() -> int:
                 need = np.array((mx.array(xs[nxt]) @ a) @ b + bias) > tau
                 guess = np.array((mx.array(xs[layer]) @ a) @ b + bias) > tau - loosen
             rows += [compare(guess[pos], need[pos], bundle, n_bytes) for pos in range(need.shape[0])]
-        s = summarize(rows)
-        s["pages_needed_share_of_layer"] = round(sum(r["pages_needed"] for r in rows) / len(rows) / layer_pages, 3)
+        s = summarize(rows, layer_pages)
         label = f"threshold x{loosen}" if mode == "threshold" else f"predictor, logit cut -{loosen}"
         result["selectors"][label] = s
         print(label, s, file=sys.stderr, flush=True)

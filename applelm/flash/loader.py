@@ -248,12 +248,10 @@ def load_flash_model(folder, *, dtype: Optional[str] = None, memory_budget=None,
                 mlp._gate = data[i][0]
             else:
                 mlp._predictor = predictors[i]
-            if kernel is not None:  # bundles as stored, one byte row per neuron
-                mlp._cache = NeuronCache(layout.intermediate, plan.cache_capacity, 1,
-                                         mlp._n_parts * codec.part_bytes, mx.uint8, window)
-            else:
-                mlp._cache = NeuronCache(layout.intermediate, plan.cache_capacity, mlp._n_parts, layout.hidden,
-                                         dtype_, window)
+            # With the kernel: bundles as stored, one byte row per neuron; else a float row per part.
+            parts, width, cache_dtype = ((1, mlp._n_parts * codec.part_bytes, mx.uint8) if kernel is not None
+                                         else (mlp._n_parts, layout.hidden, dtype_))
+            mlp._cache = NeuronCache(layout.intermediate, plan.cache_capacity, parts, width, cache_dtype, window)
     if budget is not None:
         # MLX keeps freed buffers for reuse; paging frees buffers of many sizes, so without a limit that
         # pool alone would grow past the budget. Keep it to the paging buffers' size (process-wide).

@@ -117,6 +117,11 @@ def default_threads() -> int:
     return max(1, min(8, n))
 
 
+def _check_vectors(x: np.ndarray, out: np.ndarray) -> None:
+    if x.dtype != np.float32 or out.dtype != np.float32 or not (x.flags.c_contiguous and out.flags.c_contiguous):
+        raise ValueError("native kernel: x and out must be contiguous float32")
+
+
 class BundleFFN:
     """`ffn(x, bundles, out)`: out += the gated FFN of one token over the given bundles (numpy, in place);
     `ffn.sparse(...)`: the same over selected neurons (sparse paging)."""
@@ -132,8 +137,7 @@ class BundleFFN:
         self.threads = threads or default_threads()
 
     def __call__(self, x: np.ndarray, bundles: np.ndarray, out: np.ndarray) -> None:
-        if x.dtype != np.float32 or out.dtype != np.float32 or not (x.flags.c_contiguous and out.flags.c_contiguous):
-            raise ValueError("native kernel: x and out must be contiguous float32")
+        _check_vectors(x, out)
         if not bundles.flags.c_contiguous or bundles.shape[-1] != 3 * self.part_bytes:
             raise ValueError("native kernel: bundles must be contiguous (n, bundle_bytes) bytes")
         rc = self._fn(x.ctypes.data, bundles.ctypes.data, bundles.shape[0], self.hidden, self.part_bytes,
@@ -147,8 +151,7 @@ class BundleFFN:
         matrix, or, with `offsets` (int64), the bundles starting at those byte offsets of a flat `base`.
         a_i = coef[i] (float32; bundles may then hold only up and down), else act(gate_i . x), counted as 0
         where |a_i| <= threshold (threshold < 0: no mask)."""
-        if x.dtype != np.float32 or out.dtype != np.float32 or not (x.flags.c_contiguous and out.flags.c_contiguous):
-            raise ValueError("native kernel: x and out must be contiguous float32")
+        _check_vectors(x, out)
         if not base.flags.c_contiguous or base.dtype != np.uint8:
             raise ValueError("native kernel: bundles must be contiguous bytes")
         parts = 2 if coef is not None else 3

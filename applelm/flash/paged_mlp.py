@@ -189,33 +189,43 @@ class FlashMLP(nn.Module):
         rt.stats.forced_evals += 1
         return np.flatnonzero(np.array(logits, copy=False)[0] > tau), None
 
+    def _masked(self, gn: np.ndarray, neurons: np.ndarray) -> np.ndarray:
+        """The resident gate's activations of `neurons`, 0 where below the layer's threshold (float32)."""
+        g = gn[neurons]
+        return np.where(np.abs(g) > self._rt.thresholds[self.layer], g, 0).astype(np.float32)
+
+    def _plan_reads(self, selected: np.ndarray):
+        """Plan this token's cache and queue the reads of its misses: (to_insert, misses (sorted), bytes read
+        per neuron, (futures, buffer offsets) or None when nothing is missing)."""
+        to_insert, overflow = self._cache.plan(selected)
+        misses = np.sort(np.concatenate([to_insert, overflow]))
+        n_bytes = self._n_parts * self._rt.codec.part_bytes
+        pending = self._rt.submit_neurons(self.layer, misses, n_bytes) if len(misses) else None
+        return to_insert, misses, n_bytes, pending
+
     def _partial(self, xf: mx.array, up, down_t, gate, neurons: np.ndarray, gn) -> mx.array:
         """Contribution of the given rows, with activations below the layer's threshold dropped."""
-        thr = float(self._rt.thresholds[self.layer])
         if gn is not None:
-            g = gn[neurons]
-            coef = mx.array(np.where(np.abs(g) > thr, g, 0).astype(np.float32)).astype(xf.dtype)
+            coef = mx.array(self._masked(gn, neurons)).astype(xf.dtype)
         else:
+            thr = float(self._rt.thresholds[self.layer])
             g = self._act(xf @ gate.T)
             coef = mx.where(mx.abs(g) > thr, g, 0)
         return ((xf @ up.T) * coef) @ down_t
 
     def _sparse_token(self, x: mx.array) -> mx.array:
-        rt, cache, P = self._rt, self._cache, self._rt.codec.part_bytes
+        rt, cache = self._rt, self._cache
         xf = x.reshape(1, -1)
         selected, gn = self._select(xf)
-        to_insert, overflow = cache.plan(selected)
-        misses = np.sort(np.concatenate([to_insert, overflow]))
-        n_bytes = self._n_parts * P
-        if len(misses):
-            futures, where = rt.submit_neurons(self.layer, misses, n_bytes)
+        to_insert, misses, n_bytes, pending = self._plan_reads(selected)
         y, n0 = None, cache.count
         if n0:
             # While the misses are read, compute what the cache already holds.
             y = self._partial(xf, cache.parts[UP][:n0], cache.parts[DOWN][:n0],
                               cache.parts[GATE][:n0] if self._gate is None else None, cache.cached(), gn)
             mx.async_eval(y)
-        if len(misses):
+        if pending:
+            futures, where = pending
             rt.wait(futures)
             keep = np.isin(misses, to_insert, assume_unique=True)
             # Decode in unit-sized chunks: the transient floats stay within the budgeted buffers.
@@ -253,24 +263,20 @@ class FlashMLP(nn.Module):
         selected, gn = self._select(xf, x32)
         xn, out = np.array(x32), np.zeros(x.shape[-1], np.float32)
         thr = float(rt.thresholds[self.layer])
-        to_insert, overflow = cache.plan(selected)
-        misses = np.sort(np.concatenate([to_insert, overflow]))
-        n_bytes = self._n_parts * rt.codec.part_bytes
-        if len(misses):
-            futures, where = rt.submit_neurons(self.layer, misses, n_bytes)
+        to_insert, misses, n_bytes, pending = self._plan_reads(selected)
 
         def coef(ids):  # resident gate: its masked activations; predictor: the kernel computes the gate
-            return None if gn is None else np.where(np.abs(gn[ids]) > thr, gn[ids], 0).astype(np.float32)
+            return None if gn is None else self._masked(gn, ids)
 
         n0 = cache.count
         if n0:  # the reads run on the reader threads meanwhile (ctypes releases the GIL)
             # No host view (native=True forced on a GPU): a host copy of the occupied slots.
             rows = cache.rows[0][:n0] if cache.rows is not None else np.array(cache.parts[0][:n0])
             kernel.sparse(xn, rows, out, coef=coef(cache.cached()), threshold=thr)
-        if len(misses):
+        if pending:
+            futures, where = pending
             rt.wait(futures)
-            kernel.sparse(xn, rt.scratch.array, out, offsets=where.astype(np.int64), coef=coef(misses),
-                          threshold=thr)
+            kernel.sparse(xn, rt.scratch.array, out, offsets=where, coef=coef(misses), threshold=thr)
             keep = np.isin(misses, to_insert, assume_unique=True)
             ids, at = misses[keep], where[keep]
             step = rt.decode_neurons  # transient copies within the budget's decode-step reserve
