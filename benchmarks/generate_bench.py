@@ -2,7 +2,9 @@
 
 The weights are SmolLM2-135M-Instruct's Q4_1 GGUF (the embedded default model). Q4_1 blocks are exactly MLX
 affine 4-bit groups of 32, so mlx-lm gets the very same quantized tensors, written as an MLX folder:
-  - applelm      : the GGUF file itself, blocks kept packed (float32 compute on CPU)
+  - applelm      : the GGUF file itself, blocks kept packed (float32 compute on CPU), products through our
+                   compiled CPU kernel (ops/gguf_cpu.c)
+  - applelm MLX paths: the same with APPLELM_NATIVE=off (the kernel unused: MLX's quantized matmul)
   - applelm --dequantize: the GGUF's weights held dense in float32 (more memory, faster on CPU)
   - mlx-lm q4    : the same tensors with float16 scales, as an MLX checkpoint stores them (mlx-lm default)
   - mlx-lm q4/f32: the same tensors with float32 scales (what applelm computes with on CPU)
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -127,7 +130,8 @@ def run_engine(engine: str, path: str, prompt_ids: list[int], gen_tokens: int) -
 def markdown(report: dict) -> str:
     m = report["machine"]
     lines = [f"# generate_bench ({m['device']}, {m['cpu']}, {m['cores']} cores)", "",
-             f"Command: `python benchmarks/generate_bench.py`; {report['date']}; MLX {m['mlx']}; {m['platform']}; "
+             f"Command: `{report.get('command', 'python benchmarks/generate_bench.py')}`; commit "
+             f"{report.get('commit')}; {report['date']}; MLX {m['mlx']}; {m['platform']}; "
              f"load average at the end {m.get('load_avg')}  ",
              f"Model: {report['model']}; prompt {report['prompt_tokens']} tokens, {report['gen_tokens']} generated, "
              f"greedy; same tokens from every engine: {report['all_engines_same_tokens']}", "",
@@ -172,20 +176,25 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         folders = export_folders(gguf, Path(tmp))
-        runs = [("applelm", "applelm", gguf), ("applelm --dequantize", "applelm-dense", gguf),
-                ("mlx-lm q4 (f16 scales)", "mlx-lm", folders["q4_f16"]),
-                ("mlx-lm q4 (f32 scales)", "mlx-lm", folders["q4_f32"]), ("mlx-lm dense f32", "mlx-lm", folders["dense_f32"])]
-        for label, engine, path in runs:
+        runs = [("applelm", "applelm", gguf, {}), ("applelm MLX paths (APPLELM_NATIVE=off)", "applelm", gguf,
+                                                    {"APPLELM_NATIVE": "off"}),
+                ("applelm --dequantize", "applelm-dense", gguf, {}),
+                ("mlx-lm q4 (f16 scales)", "mlx-lm", folders["q4_f16"], {}),
+                ("mlx-lm q4 (f32 scales)", "mlx-lm", folders["q4_f32"], {}),
+                ("mlx-lm dense f32", "mlx-lm", folders["dense_f32"], {})]
+        for label, engine, path, env in runs:
             cmd = [sys.executable, __file__, "--worker", engine, str(path), "--prompt-ids", json.dumps(prompt_ids),
                    "--gen-tokens", str(args.gen_tokens)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ, **env})
             result = json.loads(proc.stdout.split("RESULT ", 1)[1])
             result["label"] = label
             rows.append(result)
             print(f"{label:24s} load {result['load_s']:6.2f} s  prompt {result['prompt_tps']:8.1f} tok/s  "
                   f"decode {result['decode_tps']:6.1f} tok/s  peak {result['peak_memory_gb']:.3f} GB", flush=True)
     same = all(r["tokens"] == rows[0]["tokens"] for r in rows)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout
     report = {"benchmark": "generate_bench", "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(),
+              "commit": commit.strip() or None, "command": "python " + " ".join([Path(__file__).name] + sys.argv[1:]),
               "model": str(gguf.name), "prompt_tokens": len(prompt_ids), "gen_tokens": args.gen_tokens,
               "all_engines_same_tokens": same, "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

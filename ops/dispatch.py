@@ -1,7 +1,8 @@
 """One entry point per op that picks the implementation for the current device and problem shape.
 
-Metal GPU -> the Metal form of our kernels, CUDA GPU -> the CUDA form, CPU -> the plain-MLX reference
-path (or the CPU bridge to mx.quantized_matmul where it was measured faster). Model code never sees
+Metal GPU -> the Metal form of our kernels, CUDA GPU -> the CUDA form, CPU -> our compiled C kernel for GGUF
+rows (cpu_native) where it builds, else the plain-MLX reference path (or the CPU bridge to
+mx.quantized_matmul where it was measured faster). Model code never sees
 this choice: it calls GGUFLinear / GGUFEmbedding / AffineQuantizedLinear, which call these.
 """
 
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from . import backends, cpu_bridge, reference
+from . import backends, cpu_bridge, cpu_native, reference
 
 # --- tables: every entry comes from a benchmark run, never a guess ----------------------------------
 # GPU entries: NVIDIA H100 (MLX 0.32.4 CUDA), benchmarks/results/qmatmul_bench_gpu_h100.json plus the earlier
@@ -46,6 +47,9 @@ GGUF_GPU_TABLE: dict[tuple[str, str, str], str] = {
 # 1 row it wins on some shapes (2048x640: 0.44-0.6x the time) and loses on others (640x2048: 1.3-1.6x).
 # Largest activation row count that takes the bridge:
 CPU_BRIDGE_MAX_ROWS = 1
+# The compiled C kernel (cpu_native) beat both at every row count measured (1-256 rows), e.g. 2048x640 Q5_0
+# at 1 row: 0.41 ms against 5.6 (bridge) and 4.9 (reference); so it takes every CPU GGUF product it
+# handles (Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q6_K), outside mx.compile.
 
 # Affine on CPU: MLX's quantized matmul costs time in proportion to the activation rows, while dequantizing
 # once and calling the (preloaded, fast) BLAS GEMM costs a fixed dequantization plus a cheap product.
@@ -90,6 +94,11 @@ def gguf_matmul(x: mx.array, packed: mx.array, ggml_type: str, n_cols: int) -> m
     x2 = x.reshape(-1, n_cols)
     m = x2.shape[0]
     be = backend()
+    if be == "cpu" and ggml_type in cpu_native.TYPES and cpu_native.load() is not None:
+        try:
+            return cpu_native.gguf_matmul(x, packed, ggml_type, n_cols)
+        except cpu_native.Tracing:  # inside mx.compile: MLX ops only
+            pass
     if be == "cpu" or not _kernel_ok(x2, packed):
         if m <= CPU_BRIDGE_MAX_ROWS and ggml_type in cpu_bridge.BRIDGEABLE:
             return cpu_bridge.bridge_matmul(x, packed, ggml_type, n_cols)

@@ -11,6 +11,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
+from applelm import native_build
 from applelm.errors import UserError
 from applelm.flash import native
 from applelm.flash.codec import BundleCodec
@@ -239,8 +240,7 @@ def test_every_layer_stored_decodes_like_resident(tmp_path, lib, arch):
 
 def test_native_required_but_disabled_is_a_clear_error(tmp_path, monkeypatch):
     _, _, out = tiny_flash(tmp_path, "llama", bits=16, predictors=False)
-    monkeypatch.setattr(native, "_tried", True)
-    monkeypatch.setattr(native, "_lib", None)  # as after APPLELM_NATIVE=off or a failed build
+    monkeypatch.setitem(native_build._built, native.SOURCE, None)  # as after APPLELM_NATIVE=off or a failed build
     with pytest.raises(UserError, match="native flash kernel is unavailable"):
         load_model(out, memory_budget=10**9, native=True)
     m, _, _ = load_model(out, memory_budget=10**9)  # auto: quietly the MLX path
@@ -248,12 +248,11 @@ def test_native_required_but_disabled_is_a_clear_error(tmp_path, monkeypatch):
 
 
 def test_build_failure_warns_and_falls_back(tmp_path, monkeypatch):
-    monkeypatch.setattr(native, "_tried", False)
-    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native_build, "_built", {})
     monkeypatch.setenv("APPLELM_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     (tmp_path / "no-such-compiler").write_text("#!/bin/sh\necho 'cc: broken' >&2\nexit 1\n")
     (tmp_path / "no-such-compiler").chmod(0o755)
-    with pytest.warns(UserWarning, match="could not build the native flash kernel"):
+    with pytest.warns(UserWarning, match="could not build native_ffn.c"):
         assert native.load() is None
     assert not list((tmp_path / "native").glob("*.so"))  # no half-written library left behind

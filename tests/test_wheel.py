@@ -22,7 +22,8 @@ def test_wheel_imports_in_clean_venv(tmp_path):
     wheel = next((tmp_path / "dist").glob("applelm-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert "applelm/models/llama.py" in names and "applelm/ops/dispatch.py" in names
-    assert "applelm/flash/native_ffn.c" in names  # the flash CPU kernel's source, compiled on first use
+    assert "applelm/flash/native_ffn.c" in names  # the CPU kernels' sources, compiled on first use
+    assert "applelm/ops/gguf_cpu.c" in names
     assert not any(n.startswith(("models/", "ops/", "tests/", "benchmarks/")) for n in names)
 
     env_dir = tmp_path / "clean"
@@ -34,7 +35,9 @@ def test_wheel_imports_in_clean_venv(tmp_path):
             "from applelm.models import get_architecture; get_architecture('gemma3');"
             "assert u.find_spec('models') is None and u.find_spec('ops') is None;"
             "from applelm.flash import native; import shutil;"
-            "assert native.load() is not None or not (shutil.which('cc') or shutil.which('gcc'));"
+            "from applelm.ops import cpu_native;"
+            "has_cc = shutil.which('cc') or shutil.which('gcc');"
+            "assert (native.load() is not None and cpu_native.load() is not None) or not has_cc;"
             "print(applelm.models.__file__)")
     env = dict(os.environ, APPLELM_CACHE=str(tmp_path / "cache"))
     out = subprocess.run([str(py), "-c", code], check=True, capture_output=True, text=True, cwd=tmp_path, timeout=300,

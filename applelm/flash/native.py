@@ -3,118 +3,34 @@
 On MLX's CPU backend a streamed unit used to cost a copy into MLX, a 16-bit -> float32 conversion and a
 float32 gemv; this kernel reads the bundles where they landed (the staging buffer) and decodes them in
 registers. It is optional: without a C compiler, on a GPU, or with APPLELM_NATIVE=off, the MLX path runs.
-The shared library is cached per source, compiler and CPU under ~/.cache/applelm/native (or
-$APPLELM_CACHE/native), built to a temporary name and renamed, so concurrent first uses are safe.
+Building and caching: applelm/native_build.py.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import sys
-import tempfile
-import threading
-import warnings
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
+from ..native_build import build, default_threads
+
 SOURCE = Path(__file__).with_name("native_ffn.c")
 FORMATS = {"float32": 0, "float16": 1, "bfloat16": 2, 8: 3, 4: 4}
 ACTIVATIONS = {"silu": 0, "gelu_tanh": 1}
 
-_lock = threading.Lock()
-_lib: Optional[ctypes.CDLL] = None
-_tried = False
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("APPLELM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "applelm")
-    return Path(root) / "native"
-
-
-def _cpu_id() -> str:
-    """What -march=native depends on: the CPU model and flags (Linux), else the platform string."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            lines = [ln for ln in f if ln.startswith(("model name", "flags"))][:2]
-        return "".join(lines)
-    except OSError:
-        return platform.platform() + platform.processor()
-
-
-def _compile(compiler: str, out: Path) -> None:
-    base = [compiler, "-O3", "-ffast-math", "-fPIC", "-shared", "-std=c11"]
-    arch = ["-march=native"] if platform.machine() in ("x86_64", "AMD64") else ["-mcpu=native"]
-    attempts = [base + arch + ["-fopenmp"], base + arch, base]  # OpenMP and native tuning are optional
-    err = ["failed"]
-    for flags in attempts:
-        proc = subprocess.run(flags + [str(SOURCE), "-o", str(out), "-lm"], capture_output=True, text=True)
-        if proc.returncode == 0:
-            return
-        err = proc.stderr.strip().splitlines()[-1:] or ["failed"]
-    raise OSError(f"{compiler}: {err[0]}")
+_VEC, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+SIGNATURES = {
+    "applelm_bundle_ffn": [_VEC, _VEC, _I64, _I64, _I64, _INT, _INT, _INT, _INT, _VEC],
+    "applelm_sparse_ffn": [_VEC, _VEC, _VEC, _I64, _I64, _I64, _I64, _INT, _INT, _INT, _VEC, ctypes.c_float,
+                           _INT, _VEC],
+}
 
 
 def load() -> Optional[ctypes.CDLL]:
     """The compiled kernel, building it if needed; None when unavailable (reason warned once)."""
-    global _lib, _tried
-    with _lock:
-        if _tried:
-            return _lib
-        _tried = True
-        if os.environ.get("APPLELM_NATIVE", "").lower() in ("0", "off", "no", "false"):
-            return None
-        compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-        if not compiler:
-            warnings.warn("no C compiler found: flash paging on the CPU uses the slower MLX path", stacklevel=3)
-            return None
-        key = hashlib.sha256(SOURCE.read_bytes() + compiler.encode() + _cpu_id().encode()).hexdigest()[:16]
-        suffix = ".dylib" if sys.platform == "darwin" else ".so"
-        target = _cache_dir() / f"native_ffn_{key}{suffix}"
-        try:
-            if not target.exists():
-                target.parent.mkdir(parents=True, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(suffix=suffix, dir=target.parent)
-                os.close(fd)
-                try:
-                    _compile(compiler, Path(tmp))
-                    os.replace(tmp, target)
-                finally:
-                    if os.path.exists(tmp):
-                        os.unlink(tmp)
-            lib = ctypes.CDLL(str(target))
-        except OSError as e:
-            warnings.warn(f"could not build the native flash kernel ({e}); the MLX path is used", stacklevel=3)
-            return None
-        fn = lib.applelm_bundle_ffn
-        fn.restype = ctypes.c_int
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-                       ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
-        fn = lib.applelm_sparse_ffn
-        fn.restype = ctypes.c_int
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-                       ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
-                       ctypes.c_float, ctypes.c_int, ctypes.c_void_p]
-        _lib = lib
-        return _lib
-
-
-def default_threads() -> int:
-    """Threads per call: APPLELM_NATIVE_THREADS, else the CPUs this process may use (at most 8)."""
-    env = os.environ.get("APPLELM_NATIVE_THREADS")
-    if env:
-        return max(1, int(env))
-    try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:
-        n = os.cpu_count() or 1
-    return max(1, min(8, n))
+    return build(SOURCE, SIGNATURES, "flash paging on the CPU uses the slower MLX path")
 
 
 def _check_vectors(x: np.ndarray, out: np.ndarray) -> None:

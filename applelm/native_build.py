@@ -1,0 +1,108 @@
+"""Compile the CPU kernels written in C (ops/gguf_cpu.c, flash/native_ffn.c) on first use and load them.
+
+Each is optional: without a C compiler, or with APPLELM_NATIVE=off, callers take their MLX path. The shared
+library is cached per source, compiler and CPU under ~/.cache/applelm/native (or $APPLELM_CACHE/native),
+built to a temporary name and renamed, so concurrent first uses are safe.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+from typing import Optional
+
+_lock = threading.Lock()
+_built: dict[Path, Optional[ctypes.CDLL]] = {}
+
+
+def disabled() -> bool:
+    """True when APPLELM_NATIVE turns the compiled kernels off."""
+    return os.environ.get("APPLELM_NATIVE", "").lower() in ("0", "off", "no", "false")
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("APPLELM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "applelm")
+    return Path(root) / "native"
+
+
+def _cpu_id() -> str:
+    """What -march=native depends on: the CPU model and flags (Linux), else the platform string."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [ln for ln in f if ln.startswith(("model name", "flags"))][:2]
+        return "".join(lines)
+    except OSError:
+        return platform.platform() + platform.processor()
+
+
+def _compile(compiler: str, source: Path, out: Path) -> None:
+    base = [compiler, "-O3", "-ffast-math", "-fPIC", "-shared", "-std=c11"]
+    arch = ["-march=native"] if platform.machine() in ("x86_64", "AMD64") else ["-mcpu=native"]
+    attempts = [base + arch + ["-fopenmp"], base + arch, base]  # OpenMP and native tuning are optional
+    err = ["failed"]
+    for flags in attempts:
+        proc = subprocess.run(flags + [str(source), "-o", str(out), "-lm"], capture_output=True, text=True)
+        if proc.returncode == 0:
+            return
+        err = proc.stderr.strip().splitlines()[-1:] or ["failed"]
+    raise OSError(f"{compiler}: {err[0]}")
+
+
+def build(source: Path, signatures: dict[str, list], fallback: str) -> Optional[ctypes.CDLL]:
+    """The compiled `source`, building it if needed, with each function in `signatures` (name -> argtypes;
+    all return int) typed; None when unavailable (the reason is warned once, followed by `fallback`, which
+    says what runs instead). Later calls return the first answer."""
+    with _lock:
+        if source in _built:
+            return _built[source]
+        _built[source] = None
+        if disabled():
+            return None
+        compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+        if not compiler:
+            warnings.warn(f"no C compiler found: {fallback}", stacklevel=3)
+            return None
+        key = hashlib.sha256(source.read_bytes() + compiler.encode() + _cpu_id().encode()).hexdigest()[:16]
+        suffix = ".dylib" if sys.platform == "darwin" else ".so"
+        target = _cache_dir() / f"{source.stem}_{key}{suffix}"
+        try:
+            if not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(suffix=suffix, dir=target.parent)
+                os.close(fd)
+                try:
+                    _compile(compiler, source, Path(tmp))
+                    os.replace(tmp, target)
+                finally:
+                    if os.path.exists(tmp):
+                        os.unlink(tmp)
+            lib = ctypes.CDLL(str(target))
+            for name, argtypes in signatures.items():
+                fn = getattr(lib, name)
+                fn.restype, fn.argtypes = ctypes.c_int, argtypes
+        except (OSError, AttributeError) as e:
+            warnings.warn(f"could not build {source.name} ({e}): {fallback}", stacklevel=3)
+            return None
+        _built[source] = lib
+        return lib
+
+
+def default_threads() -> int:
+    """Threads per call: APPLELM_NATIVE_THREADS, else the CPUs this process may use (at most 8)."""
+    env = os.environ.get("APPLELM_NATIVE_THREADS")
+    if env:
+        return max(1, int(env))
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:
+        n = os.cpu_count() or 1
+    return max(1, min(8, n))

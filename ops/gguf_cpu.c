@@ -1,0 +1,264 @@
+/* GGUF block formats times float32 activations on the CPU: y[r][i] = sum_j x[r][j] * W[i][j].
+ *
+ * W stays as the file's packed rows (ops/reference.py says which bytes mean what; the decoders below
+ * follow ggml's block structs). Each block is decoded once into a small float buffer in L1 and used by
+ * every activation row, so a product costs about one read of the packed bytes from memory: the CPU
+ * counterpart of the Metal/CUDA matvec in kernel_source.py, for the few rows of decode and speculation.
+ * Threads split the output rows; each output is computed by one thread in a fixed order, so results do
+ * not depend on the thread count. Built at run time by ops/cpu_native.py (cc -O3 -march=native
+ * -ffast-math [-fopenmp]).
+ */
+#include <stdint.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__F16C__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+enum { T_Q4_0 = 0, T_Q4_1 = 1, T_Q5_0 = 2, T_Q5_1 = 3, T_Q8_0 = 4, T_Q4_K = 5, T_Q6_K = 6 };
+enum { MAX_ROWS = 16, MAX_BLOCK = 256 };
+
+static const int BLOCK_ELEMS[] = {32, 32, 32, 32, 32, 256, 256};
+static const int BLOCK_BYTES[] = {18, 20, 22, 24, 34, 144, 210};
+
+static inline float f16(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+#if defined(__F16C__) /* x86 compilers turn _Float16 conversions into library calls without AVX512-FP16 */
+    return _cvtsh_ss(h);
+#elif defined(__FLT16_MAX__)
+    _Float16 v;
+    memcpy(&v, &h, 2);
+    return (float)v;
+#else
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 31, mant = h & 1023, u;
+    float f;
+    if (e == 0) { /* zero or subnormal: mant * 2^-24 */
+        f = (float)mant * 5.9604644775390625e-8f;
+        return sign ? -f : f;
+    }
+    u = sign | (e == 31 ? 0x7f800000u : (e + 112) << 23) | (mant << 13);
+    memcpy(&f, &u, 4);
+    return f;
+#endif
+}
+
+static inline uint32_t u32(const uint8_t *p) {
+    uint32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+/* Eight lanes as GCC/clang vector types: AVX2 registers on x86, pairs of NEON registers on arm64. The
+ * decoders write whole vectors, and the products keep vector accumulators across blocks. */
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+typedef uint8_t v8b __attribute__((vector_size(8)));
+typedef int8_t v8s __attribute__((vector_size(8)));
+
+/* 8 bytes -> 8 int32 lanes, unsigned or signed. GCC scalarizes the generic byte conversion (one
+ * vcvtsi2ss per lane, measured 2x slower overall), so AVX2 takes the widening instructions directly. */
+static inline v8i ints8(const uint8_t *p) {
+#if defined(__AVX2__)
+    return (v8i)_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+#else
+    v8b b;
+    memcpy(&b, p, 8);
+    return __builtin_convertvector(b, v8i);
+#endif
+}
+
+static inline v8i sints8(const uint8_t *p) {
+#if defined(__AVX2__)
+    return (v8i)_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p));
+#else
+    v8s b;
+    memcpy(&b, p, 8);
+    return __builtin_convertvector(b, v8i);
+#endif
+}
+
+static inline v8f splat(float f) { return (v8f){f, f, f, f, f, f, f, f}; }
+
+static const v8i LANE = {0, 1, 2, 3, 4, 5, 6, 7};
+
+/* Q4_0 d | qs[16]; Q4_1 d m | qs[16]: element j = low nibble of qs[j], j+16 = high nibble. */
+static inline void nibbles32(const uint8_t *qs, float d, float m, v8f *v) {
+    const v8f vd = splat(d), vm = splat(m);
+    for (int h = 0; h < 2; h++) {
+        v8i q = ints8(qs + 8 * h);
+        v[h] = vd * __builtin_convertvector(q & 15, v8f) + vm;
+        v[h + 2] = vd * __builtin_convertvector(q >> 4, v8f) + vm;
+    }
+}
+
+/* Q5_0 d | qh | qs[16]; Q5_1 d m | qh | qs[16]: bit 4 of element j is bit j of the little-endian qh. */
+static inline void fives32(const uint8_t *qs, uint32_t qh, float d, float m, v8f *v) {
+    const v8f vd = splat(d), vm = splat(m);
+    const v8i bits = {(int32_t)qh, (int32_t)qh, (int32_t)qh, (int32_t)qh,
+                      (int32_t)qh, (int32_t)qh, (int32_t)qh, (int32_t)qh};
+    for (int h = 0; h < 2; h++) {
+        v8i q = ints8(qs + 8 * h);
+        v8i lo_hi = ((v8i)((uint32_t __attribute__((vector_size(32))))bits >> (LANE + 8 * h)) & 1) << 4;
+        v8i hi_hi = ((v8i)((uint32_t __attribute__((vector_size(32))))bits >> (LANE + 8 * h + 16)) & 1) << 4;
+        v[h] = vd * __builtin_convertvector((q & 15) | lo_hi, v8f) + vm;
+        v[h + 2] = vd * __builtin_convertvector((q >> 4) | hi_hi, v8f) + vm;
+    }
+}
+
+/* Q4_K's 12 bytes of six-bit scales and mins for its eight sub-blocks of 32. */
+static void k4_scale_min(const uint8_t *s, int j, float *sc, float *mn) {
+    if (j < 4) {
+        *sc = (float)(s[j] & 63);
+        *mn = (float)(s[j + 4] & 63);
+    } else {
+        *sc = (float)((s[j + 4] & 15) | ((s[j - 4] >> 6) << 4));
+        *mn = (float)((s[j + 4] >> 4) | ((s[j] >> 6) << 4));
+    }
+}
+
+/* One block into v (BLOCK_ELEMS[type] / 8 vectors). */
+static inline __attribute__((always_inline)) void decode_block(const uint8_t *b, const int type, v8f *v) {
+    switch (type) {
+    case T_Q4_0: {
+        float d = f16(b);
+        nibbles32(b + 2, d, -8.0f * d, v);
+        break;
+    }
+    case T_Q4_1:
+        nibbles32(b + 4, f16(b), f16(b + 2), v);
+        break;
+    case T_Q5_0: {
+        float d = f16(b);
+        fives32(b + 6, u32(b + 2), d, -16.0f * d, v);
+        break;
+    }
+    case T_Q5_1:
+        fives32(b + 8, u32(b + 4), f16(b), f16(b + 2), v);
+        break;
+    case T_Q8_0: {
+        const v8f vd = splat(f16(b));
+        for (int c = 0; c < 4; c++) v[c] = vd * __builtin_convertvector(sints8(b + 2 + 8 * c), v8f);
+        break;
+    }
+    case T_Q4_K: { /* d dmin | scales[12] | qs[128]: 32-byte chunk c holds sub-blocks 2c (low), 2c+1 (high) */
+        float d = f16(b), dmin = f16(b + 2);
+        const uint8_t *q = b + 16;
+        for (int c = 0; c < 4; c++) {
+            float s1, m1, s2, m2;
+            k4_scale_min(b + 4, 2 * c, &s1, &m1);
+            k4_scale_min(b + 4, 2 * c + 1, &s2, &m2);
+            const v8f d1 = splat(d * s1), o1 = splat(dmin * m1), d2 = splat(d * s2), o2 = splat(dmin * m2);
+            for (int e = 0; e < 4; e++) {
+                v8i qv = ints8(q + 32 * c + 8 * e);
+                v[8 * c + e] = d1 * __builtin_convertvector(qv & 15, v8f) - o1;
+                v[8 * c + 4 + e] = d2 * __builtin_convertvector(qv >> 4, v8f) - o2;
+            }
+        }
+        break;
+    }
+    case T_Q6_K: { /* ql[128] | qh[64] | scales[16] int8 | d: two halves of 128 elements */
+        float d = f16(b + 208);
+        for (int h = 0; h < 2; h++) {
+            const uint8_t *ql = b + 64 * h, *qh = b + 128 + 32 * h;
+            const int8_t *sc = (const int8_t *)(b + 192 + 8 * h);
+            /* quarter c (32 elements): nibble c/2 of ql[l + 32*(c%2)], bits 2c of qh[l]; a scale per 16 */
+            for (int c = 0; c < 4; c++) {
+                const uint8_t *lo = ql + 32 * (c % 2);
+                const int nib = 4 * (c / 2), hb = 2 * c;
+                for (int e = 0; e < 4; e++) {
+                    v8i q = ((ints8(lo + 8 * e) >> nib) & 15) | (((ints8(qh + 8 * e) >> hb) & 3) << 4);
+                    v[16 * h + 4 * c + e] = splat(d * (float)sc[2 * c + e / 2]) * __builtin_convertvector(q - 32, v8f);
+                }
+            }
+        }
+        break;
+    }
+    }
+}
+
+/* Inlined once per type (rows_of) so that each decoder is specialized and vectorized in its loop. */
+static inline __attribute__((always_inline)) void rows_range(const float *x, int64_t m, int64_t k,
+                                                             const uint8_t *w, int64_t n, const int type,
+                                                             int64_t lo, int64_t hi, float *y) {
+    const int be = BLOCK_ELEMS[type], bb = BLOCK_BYTES[type];
+    const int64_t nb = k / be, row_bytes = nb * bb;
+    v8f v[MAX_BLOCK / 8], acc[MAX_ROWS];
+    for (int64_t i = lo; i < hi; i++) {
+        const uint8_t *row = w + i * row_bytes;
+        for (int64_t r = 0; r < m; r++) acc[r] = splat(0.0f);
+        for (int64_t blk = 0; blk < nb; blk++) {
+            decode_block(row + blk * bb, type, v);
+            for (int64_t r = 0; r < m; r++) {
+                const float *xr = x + r * k + blk * be;
+                for (int c = 0; c < be / 8; c++) {
+                    v8f xv;
+                    memcpy(&xv, xr + 8 * c, 32);
+                    acc[r] += v[c] * xv;
+                }
+            }
+        }
+        for (int64_t r = 0; r < m; r++) {
+            float s = 0.0f;
+            for (int l = 0; l < 8; l++) s += acc[r][l];
+            y[r * n + i] = s;
+        }
+    }
+}
+
+static void rows_of(const float *x, int64_t m, int64_t k, const uint8_t *w, int64_t n, int type, int64_t lo,
+                    int64_t hi, float *y) {
+    if (m == 1) { /* decode: the row loop vanishes */
+        switch (type) {
+        case T_Q4_0: rows_range(x, 1, k, w, n, T_Q4_0, lo, hi, y); break;
+        case T_Q4_1: rows_range(x, 1, k, w, n, T_Q4_1, lo, hi, y); break;
+        case T_Q5_0: rows_range(x, 1, k, w, n, T_Q5_0, lo, hi, y); break;
+        case T_Q5_1: rows_range(x, 1, k, w, n, T_Q5_1, lo, hi, y); break;
+        case T_Q8_0: rows_range(x, 1, k, w, n, T_Q8_0, lo, hi, y); break;
+        case T_Q4_K: rows_range(x, 1, k, w, n, T_Q4_K, lo, hi, y); break;
+        case T_Q6_K: rows_range(x, 1, k, w, n, T_Q6_K, lo, hi, y); break;
+        }
+        return;
+    }
+    switch (type) {
+    case T_Q4_0: rows_range(x, m, k, w, n, T_Q4_0, lo, hi, y); break;
+    case T_Q4_1: rows_range(x, m, k, w, n, T_Q4_1, lo, hi, y); break;
+    case T_Q5_0: rows_range(x, m, k, w, n, T_Q5_0, lo, hi, y); break;
+    case T_Q5_1: rows_range(x, m, k, w, n, T_Q5_1, lo, hi, y); break;
+    case T_Q8_0: rows_range(x, m, k, w, n, T_Q8_0, lo, hi, y); break;
+    case T_Q4_K: rows_range(x, m, k, w, n, T_Q4_K, lo, hi, y); break;
+    case T_Q6_K: rows_range(x, m, k, w, n, T_Q6_K, lo, hi, y); break;
+    }
+}
+
+/* Rows [lo, hi) of W against every activation row, MAX_ROWS activation rows per pass over W. */
+static void chunks(const float *x, int64_t m, int64_t k, const uint8_t *w, int64_t n, int type, int64_t lo,
+                   int64_t hi, float *y) {
+    for (int64_t r0 = 0; r0 < m; r0 += MAX_ROWS)
+        rows_of(x + r0 * k, m - r0 < MAX_ROWS ? m - r0 : MAX_ROWS, k, w, n, type, lo, hi, y + r0 * n);
+}
+
+/* y (m, n) = x (m, k) @ W.T for n packed rows of `type`. Returns 0, or -1 for arguments it cannot handle
+ * (the caller then takes the MLX path). */
+int applelm_gguf_matmul(const float *x, int64_t m, int64_t k, const uint8_t *w, int64_t n, int type,
+                        int threads, float *y) {
+    if (type < T_Q4_0 || type > T_Q6_K || m < 1 || k <= 0 || n < 0 || threads < 1) return -1;
+    if (k % BLOCK_ELEMS[type]) return -1;
+#ifdef _OPENMP
+    /* ~64 rows per thread at least: smaller shares cost more in thread wake-up than they save */
+    int64_t most = n / 64 > 0 ? n / 64 : 1;
+    if (threads > most) threads = (int)most;
+    if (threads > 1) {
+#pragma omp parallel num_threads(threads)
+        {
+            int t = omp_get_thread_num(), nt = omp_get_num_threads();
+            chunks(x, m, k, w, n, type, n * t / nt, n * (t + 1) / nt, y);
+        }
+        return 0;
+    }
+#endif
+    chunks(x, m, k, w, n, type, 0, n, y);
+    return 0;
+}

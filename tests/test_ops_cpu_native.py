@@ -1,0 +1,108 @@
+"""The compiled GGUF CPU kernel (ops/gguf_cpu.c) against the `gguf` package's numpy dequantizers, and the
+dispatcher's use of it: every format it handles, activation row counts across its 16-row passes, thread
+counts, its argument checks, the mx.compile fallback and the fallback when it is unavailable."""
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from gguf_blocks import make_blocks, numpy_dequantize, random_blocks
+
+from applelm import native_build
+from applelm.ops import GGUFLinear, cpu_native, dispatch, gguf_matmul
+
+if cpu_native.load() is None:
+    pytest.skip("no C compiler: the GGUF CPU kernel cannot be built here", allow_module_level=True)
+
+TYPES = list(cpu_native.TYPES)
+
+
+def cols(ggml_type: str, blocks: int) -> int:
+    return (256 if ggml_type.endswith("_K") else 32) * blocks
+
+
+def expected(x: np.ndarray, packed: np.ndarray, ggml_type: str) -> np.ndarray:
+    return x.astype(np.float64) @ numpy_dequantize(packed, ggml_type).astype(np.float64).T
+
+
+@pytest.mark.parametrize("ggml_type", TYPES)
+@pytest.mark.parametrize("maker", [make_blocks, random_blocks])
+@pytest.mark.parametrize("out_features", [1, 7, 300])
+def test_kernel_equals_numpy_dequantize(ggml_type, maker, out_features):
+    n_cols = cols(ggml_type, 3)
+    packed = maker(ggml_type, out_features, n_cols, seed=out_features)
+    rng = np.random.default_rng(5)
+    for rows in (1, 3, 16, 17, 40):  # 17 and 40: more than one 16-row pass over the weights
+        x = rng.standard_normal((rows, n_cols)).astype(np.float32)
+        want = expected(x, packed, ggml_type)
+        got = cpu_native.matmul_numpy(x, packed, ggml_type)
+        assert got.shape == (rows, out_features) and got.dtype == np.float32
+        # float32 rounding of a sum is bounded relative to the sum of magnitudes, not to the result
+        scale = (np.abs(x) @ np.abs(numpy_dequantize(packed, ggml_type)).T).max() + 1e-9
+        np.testing.assert_allclose(got / scale, want / scale, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("ggml_type", ["Q4_1", "Q8_0", "Q6_K"])
+def test_result_does_not_depend_on_thread_count(ggml_type):
+    n_cols = cols(ggml_type, 2)
+    packed = make_blocks(ggml_type, 500, n_cols, seed=2)  # 500 rows: several threads get a share
+    x = np.random.default_rng(1).standard_normal((3, n_cols)).astype(np.float32)
+    one = cpu_native.matmul_numpy(x, packed, ggml_type, threads=1)
+    for threads in (2, 3, 8):
+        np.testing.assert_array_equal(cpu_native.matmul_numpy(x, packed, ggml_type, threads=threads), one)
+
+
+def test_argument_checks():
+    packed = make_blocks("Q8_0", 4, 64)
+    x = np.ones((1, 64), np.float32)
+    with pytest.raises(ValueError, match="float32"):
+        cpu_native.matmul_numpy(x.astype(np.float64), packed, "Q8_0")
+    with pytest.raises(ValueError, match="contiguous"):
+        cpu_native.matmul_numpy(np.ones((64, 2), np.float32).T, packed, "Q8_0")
+    with pytest.raises(ValueError, match="bytes"):
+        cpu_native.matmul_numpy(x, packed.astype(np.int16), "Q8_0")
+    with pytest.raises(ValueError, match="cannot multiply"):  # 48 columns: not whole Q8_0 blocks
+        cpu_native.matmul_numpy(np.ones((1, 48), np.float32), packed, "Q8_0")
+
+
+def test_dispatch_takes_the_kernel_on_cpu(monkeypatch):
+    calls = []
+    real = cpu_native.matmul_numpy
+    monkeypatch.setattr(cpu_native, "matmul_numpy", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    packed = make_blocks("Q4_1", 64, 128, seed=4)
+    x = mx.random.normal((2, 5, 128), key=mx.random.key(0))
+    got = gguf_matmul(x, mx.array(packed), "Q4_1", 128)
+    assert calls == ["Q4_1"] and got.shape == (2, 5, 64) and got.dtype == mx.float32
+    want = expected(np.array(x).reshape(10, 128), packed, "Q4_1").reshape(2, 5, 64)
+    np.testing.assert_allclose(np.array(got), want, rtol=1e-5, atol=1e-5)
+    assert gguf_matmul(x.astype(mx.bfloat16), mx.array(packed), "Q4_1", 128).dtype == mx.bfloat16
+
+
+def test_inside_mx_compile_the_mlx_path_runs():
+    packed = mx.array(make_blocks("Q8_0", 32, 64, seed=6))
+    layer = GGUFLinear(64, 32, "Q8_0")
+    layer.weight = packed
+    x = mx.random.normal((1, 64), key=mx.random.key(1))
+    eager = layer(x)
+    compiled = mx.compile(lambda v: layer(v))(x)
+    np.testing.assert_allclose(np.array(compiled), np.array(eager), rtol=1e-5, atol=1e-5)
+
+
+def test_unavailable_kernel_falls_back_to_mlx(monkeypatch):
+    monkeypatch.setitem(native_build._built, cpu_native.SOURCE, None)  # as after APPLELM_NATIVE=off
+    monkeypatch.setattr(cpu_native, "matmul_numpy", lambda *a, **k: pytest.fail("kernel used"))
+    packed = make_blocks("Q4_0", 16, 64, seed=7)
+    x = mx.random.normal((1, 64), key=mx.random.key(2))
+    got = dispatch.gguf_matmul(x, mx.array(packed), "Q4_0", 64)
+    np.testing.assert_allclose(np.array(got), expected(np.array(x), packed, "Q4_0"), rtol=1e-5, atol=1e-5)
+
+
+def test_model_layers_decode_through_the_kernel(monkeypatch):
+    """A quantized Linear inside an nn.Module tree: same output through the kernel and the MLX path."""
+    packed = mx.array(make_blocks("Q5_0", 48, 96, seed=8))
+    model = nn.Sequential(GGUFLinear(96, 48, "Q5_0"))
+    model.layers[0].weight = packed
+    x = mx.random.normal((1, 1, 96), key=mx.random.key(3))
+    fast = model(x)
+    monkeypatch.setitem(native_build._built, cpu_native.SOURCE, None)
+    np.testing.assert_allclose(np.array(model(x)), np.array(fast), rtol=1e-5, atol=1e-5)
