@@ -2,10 +2,13 @@
 
 Two models, each prepared once (python -m applelm.flash prepare) into a flash layout:
   - synthetic:  a random Llama-shaped model whose FFN is ~2 GB in 16-bit, run with a 1 GB budget
-  - smollm2:    the embedded SmolLM2-135M GGUF, run with half of its fully resident footprint
+  - smollm2:    the embedded SmolLM2-135M GGUF, run with half of its fully resident footprint (by default
+                the smallest resident form: attention and embedding as the GGUF's packed blocks through
+                ops/gguf_cpu.c, FFN as stored bundles through the native kernel; --smollm2-resident)
   - smollm2-8bit: the same SmolLM2 prepared with 8-bit bundles (about half the bytes), same budget
 and, in the same run, for each:
-  - resident : the same prepared weights all in memory (load(OUT) without a budget)
+  - resident : the same prepared weights all in memory (load(OUT) without a budget; SmolLM2 with
+               native=True, which pins the FFN as stored bundles)
   - naive    : every layer's FFN read synchronously each token, page cache bypassed, then evaluated
                (on the CPU with the same native kernel as paged, so the two differ only in I/O)
                (no pinning, no prefetch, no bundling benefit, no windowing)
@@ -427,11 +430,11 @@ def goals(rows: dict, rounds: list[dict]) -> dict:
 
 
 def bench_model(name: str, budget: int, spec_base: dict, sparse_runs: list[tuple[str, dict]],
-                rounds: int) -> tuple[dict, list]:
+                rounds: int, resident_options: Optional[dict] = None) -> tuple[dict, list]:
     """Every run `rounds` times, interleaved (the machine's load and the disk change over minutes).
     On the CPU, "paged-mlx" (and "sparse-...-mlx") is paging without the native kernel (flash/native.py),
-    for its effect."""
-    runs = [("resident", {}), ("naive", {"memory_budget": budget, "naive": True}),
+    for its effect. `resident_options`: how the fully resident run loads (default: no budget)."""
+    runs = [("resident", resident_options or {}), ("naive", {"memory_budget": budget, "naive": True}),
             ("paged", {"memory_budget": budget})]
     if spec_base["device"] == "cpu":
         runs.append(("paged-mlx", {"memory_budget": budget, "native": False}))
@@ -499,7 +502,13 @@ def main() -> int:
     p.add_argument("--synthetic", default="1024,14336,24", help="hidden,intermediate,layers")
     p.add_argument("--synthetic-budget", default="1GB")
     p.add_argument("--smollm2-budget-fraction", type=float, default=0.5)
-    p.add_argument("--ppl-tokens", type=int, default=2048)
+    p.add_argument("--smollm2-resident", choices=("packed", "float32"), default="packed",
+                   help="SmolLM2 fully resident as the GGUF's packed blocks (attention, tied embedding; computed by "
+                        "ops/gguf_cpu.c) and the FFN as stored bundles (flash/native_ffn.c): the smallest and, on "
+                        "the CPU, fastest resident form; or as float32 (the earlier runs). The budget is a "
+                        "fraction of the fully resident model held that way")
+    p.add_argument("--ppl-tokens", type=int, default=2048, help="0: no perplexity (it does not depend on "
+                                                                    "--smollm2-resident beyond float rounding)")
     p.add_argument("--tbt-tokens", type=int, default=192, help="tokens decoded one at a time for predictor ppl")
     p.add_argument("--rounds", type=int, default=2, help="interleaved repetitions of every run")
     p.add_argument("--out", default=None)
@@ -531,7 +540,9 @@ def main() -> int:
         t16 = prepared(default_model_path(), work / "smollm2_f16", bits=16, dtype="float16", train_predictors=False)
         layout, prep_s = prepared(default_model_path(), work / "smollm2_bf16", bits=16, dtype="bfloat16",
                                   train_predictors=True)
-        full, _, _ = load_model(layout, dequantize=True)
+        dequantize = args.smollm2_resident == "float32"
+        resident_options = {} if dequantize else {"native": True}
+        full, _, _ = load_model(layout, dequantize=dequantize, **resident_options)
         full_bytes = full.flash.plan.total_bytes
         full.flash.close()
         budget = int(full_bytes * args.smollm2_budget_fraction)
@@ -539,7 +550,7 @@ def main() -> int:
 
         spec = {**base, "model": str(layout), "tokens": args.tokens or 24,
                 "prompt": flash_tokenizer(layout).encode(SMOL_PROMPT),
-                "options": {**base["options"], "dequantize": True}}
+                "options": {**base["options"], "dequantize": dequantize}}
         # Resident gates (threshold mode) need more than half: also run it at 75% of the resident size.
         # Dense paging at 60% (at 75% every layer fits as stored bfloat16 bundles: nothing would stream).
         big = int(full_bytes * 0.75)
@@ -549,10 +560,12 @@ def main() -> int:
             ("sparse-threshold-0.5", {"sparsity": 0.5}),
             ("sparse-threshold-0.5@75%", {"sparsity": 0.5, "memory_budget": big}),
             ("sparse-threshold-0.3@75%", {"sparsity": 0.3, "memory_budget": big}),
-            ("paged@60%", {"memory_budget": int(full_bytes * 0.6)})], args.rounds)
+            ("paged@60%", {"memory_budget": int(full_bytes * 0.6)})], args.rounds, resident_options)
         result["models"]["smollm2"] = {
             "description": f"SmolLM2-135M-Instruct Q4_1 GGUF prepared as bfloat16 bundles; fully resident "
-                           f"{format_size(full_bytes)} (resident part dequantized to float32), budget "
+                           f"{format_size(full_bytes)} (resident part "
+                           f"{'and FFN as float32' if dequantize else 'as packed GGUF blocks, FFN as stored bundles'}"
+                           f"), budget "
                            f"{format_size(budget)} ({args.smollm2_budget_fraction:.0%})",
             "prepare_s": round(prep_s, 1), "resident_bytes": full_bytes, "budget_bytes": budget, "runs": rows,
             "goals": goals(rows, rounds), "all_rounds": rounds}
@@ -561,7 +574,8 @@ def main() -> int:
             # 8-bit bundles read about half the bfloat16 store's bytes per token. A 4-bit store re-quantizes
             # the Q4_1 weights along another axis: only its perplexity is measured (resident_4bit_store).
             q8, q8_prep_s = prepared(default_model_path(), work / "smollm2_q8", bits=8, train_predictors=False)
-            rows, rounds = bench_model("smollm2-8bit", budget, {**spec, "model": str(q8)}, [], args.rounds)
+            rows, rounds = bench_model("smollm2-8bit", budget, {**spec, "model": str(q8)}, [], args.rounds,
+                                       resident_options)
             result["models"]["smollm2-8bit"] = {
                 "description": f"the same SmolLM2 prepared as 8-bit affine bundles (groups of 64 along the hidden "
                                f"axis, float16 scale and bias); same budget {format_size(budget)}; its perplexity "
@@ -573,7 +587,7 @@ def main() -> int:
             q4, _ = prepared(default_model_path(), work / "smollm2_q4", bits=4, train_predictors=False)
             stores = {"8bit": q8, "4bit": q4}
         print("perplexity ...", file=sys.stderr, flush=True)
-        result["models"]["smollm2"]["perplexity"] = perplexities(t16[0], layout, args.ppl_tokens, args.tbt_tokens,
+        result["models"]["smollm2"]["perplexity"] = None if not args.ppl_tokens else perplexities(t16[0], layout, args.ppl_tokens, args.tbt_tokens,
                                                                  [0.3, 0.5, 0.7], stores)
 
     if "synthetic" in models:

@@ -194,7 +194,7 @@ def main() -> None:
     same = all(r["tokens"] == rows[0]["tokens"] for r in rows)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout
     report = {"benchmark": "generate_bench", "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(),
-              "commit": commit.strip() or None, "command": "python " + " ".join([Path(__file__).name] + sys.argv[1:]),
+              "commit": commit.strip() or None, "command": "python " + " ".join(["benchmarks/" + Path(__file__).name] + sys.argv[1:]),
               "model": str(gguf.name), "prompt_tokens": len(prompt_ids), "gen_tokens": args.gen_tokens,
               "all_engines_same_tokens": same, "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,7 @@
 GPU (Llama-3-8B layer shapes (out x in) 4096x4096, 4096x14336, 14336x4096, 128256x4096 at 1, 4, 16, 512
 activation rows; Q4_0, Q4_K, Q6_K, Q8_0 and MLX affine 4-bit g64):
     PYTHONUNBUFFERED=1 python3 benchmarks/qmatmul_bench.py --device-name h100 --hbm-tbps 3.35 --out-dir $OUT
-CPU (smaller shapes, reference path vs CPU bridge vs dequantize-then-matmul):
+CPU (smaller shapes, our compiled C kernel vs reference path vs CPU bridge vs dequantize-then-matmul):
     python benchmarks/qmatmul_bench.py --cpu-small --device-name <machine> --out-dir benchmarks/results
 GB/s counts the packed weight bytes read once per call (the activations are negligible at these sizes).
 The JSON lists, per (format, shape class, rows class), the fastest of our variants and whether it beat MLX:
@@ -28,16 +28,17 @@ import applelm  # noqa: E402,F401  (before mlx: preloads a fast BLAS on Linux CP
 import mlx.core as mx  # noqa: E402
 from gguf_blocks import random_blocks  # noqa: E402  (numpy only)
 
-from applelm.ops import backends, cpu_bridge, dispatch, reference  # noqa: E402
+from applelm.ops import backends, cpu_bridge, cpu_native, dispatch, reference  # noqa: E402
 from applelm.ops.ggml_types import GGML_TYPES_BY_NAME  # noqa: E402
 
 GPU_SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (128256, 4096)]
 GPU_ROWS = [1, 4, 16, 512]
 GPU_FORMATS = ["Q4_0", "Q4_K", "Q6_K", "Q8_0", "affine4_g64"]
-# CPU: the Gemma 3 270M shapes the runtime actually meets (out x in), plus the 262144x640 tied head.
-CPU_SHAPES = [(640, 2048), (2048, 640), (1024, 640), (262144, 640)]
+# CPU: the Gemma 3 270M shapes the runtime actually meets (out x in), plus the 262144x640 tied head, and
+# SmolLM2's FFN shape (Q4_1 in its file).
+CPU_SHAPES = [(640, 2048), (2048, 640), (1024, 640), (1536, 576), (262144, 640)]
 CPU_ROWS = [1, 2, 4, 16, 64]
-CPU_FORMATS = ["Q4_0", "Q5_0", "Q8_0", "Q4_K", "Q6_K", "affine4_g64"]
+CPU_FORMATS = ["Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q4_K", "Q6_K", "affine4_g64"]
 
 
 def timed(fn, iters: int, batch: int) -> float:
@@ -78,6 +79,8 @@ def variants(backend: str, fmt: str, weights, n: int, k: int, m: int, cpu_small:
     packed = weights
     if backend == "cpu":
         out["ours_dispatch"] = lambda x: dispatch.gguf_matmul(x, packed, fmt, k)
+        if fmt in cpu_native.TYPES and cpu_native.load() is not None:
+            out["cpu_native"] = lambda x: cpu_native.gguf_matmul(x, packed, fmt, k)
         out["reference_chunked"] = lambda x: reference.gguf_matmul(x, packed, fmt, k)
         if fmt in cpu_bridge.BRIDGEABLE:
             out["cpu_bridge"] = lambda x: cpu_bridge.bridge_matmul(x, packed, fmt, k)

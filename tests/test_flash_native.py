@@ -220,6 +220,11 @@ def test_stored_pins_plan():
     assert "as stored bundles" in b.describe()
     every = plan_dense(stored, 1000, 1000 + 8 * stored.pin_bytes + stored.decode_bytes)
     assert every.mode == "dense" and len(every.pinned) == 8 and not every.streamed and every.ring_depth == 0
+    # No budget: float pins without the kernel, stored ones with it (native=True asked for it)
+    assert plan_dense(floats, 1000, None).mode == "resident"
+    unbounded = plan_dense(stored, 1000, None)
+    assert unbounded.pinned_stored and len(unbounded.pinned) == 8 and not unbounded.streamed
+    assert unbounded.total_bytes == every.total_bytes
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
@@ -236,6 +241,10 @@ def test_every_layer_stored_decodes_like_resident(tmp_path, lib, arch):
     m.flash.reset_stats()
     assert greedy(m, [1, 5, 9, 33], 10) == greedy(resident, [1, 5, 9, 33], 10)
     assert m.flash.report()["bytes_read"] == 0
+    # native=True without a budget gives the same stored plan (the smallest fully resident form)
+    unbounded, _, _ = load_model(out, native=True)
+    assert unbounded.flash.plan.pinned_stored and unbounded.flash.plan.total_bytes == m.flash.plan.total_bytes
+    assert greedy(unbounded, [1, 5, 9, 33], 10) == greedy(resident, [1, 5, 9, 33], 10)
 
 
 def test_native_required_but_disabled_is_a_clear_error(tmp_path, monkeypatch):

@@ -2,6 +2,9 @@
 dispatcher's use of it: every format it handles, activation row counts across its 16-row passes, thread
 counts, its argument checks, the mx.compile fallback and the fallback when it is unavailable."""
 
+import platform
+import shutil
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -106,3 +109,27 @@ def test_model_layers_decode_through_the_kernel(monkeypatch):
     fast = model(x)
     monkeypatch.setitem(native_build._built, cpu_native.SOURCE, None)
     np.testing.assert_allclose(np.array(model(x)), np.array(fast), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64" or not shutil.which("gcc"), reason="x86-64 with gcc")
+def test_portable_build_equals_the_vectorized_one(tmp_path):
+    """The source built without AVX2 (the generic vector code other CPUs, such as arm64, compile) gives
+    the results of the AVX2 build to float32 rounding."""
+    import ctypes
+    import subprocess
+
+    lib_path = tmp_path / "generic.so"
+    subprocess.run(["gcc", "-O3", "-ffast-math", "-fPIC", "-shared", "-std=c11", "-march=x86-64", "-Wno-psabi",
+                    str(cpu_native.SOURCE), "-o", str(lib_path)], check=True, capture_output=True)
+    fn = ctypes.CDLL(str(lib_path)).applelm_gguf_matmul
+    fn.restype, fn.argtypes = ctypes.c_int, cpu_native.SIGNATURES["applelm_gguf_matmul"]
+    rng = np.random.default_rng(9)
+    for ggml_type in TYPES:
+        n_cols = cols(ggml_type, 2)
+        packed = random_blocks(ggml_type, 70, n_cols, seed=3)
+        x = rng.standard_normal((3, n_cols)).astype(np.float32)
+        out = np.empty((3, 70), np.float32)
+        assert fn(x.ctypes.data, 3, n_cols, packed.ctypes.data, 70, cpu_native.TYPES[ggml_type], 1, out.ctypes.data) == 0
+        want = cpu_native.matmul_numpy(x, packed, ggml_type)
+        scale = (np.abs(x) @ np.abs(numpy_dequantize(packed, ggml_type)).T).max()
+        np.testing.assert_allclose(out / scale, want / scale, rtol=0, atol=2e-6)

@@ -140,15 +140,16 @@ def plan_dense(g: Geometry, resident: int, budget: Optional[int], depth: int = 4
         if budget is not None and budget < resident + buffers:
             raise _too_small(budget, resident + buffers, "naive streaming (resident part + one layer's buffers)")
         return Plan("naive", budget, resident, [], every, g.unit_raw, 1, 1, buffer_bytes=buffers)
-    if budget is None or budget >= all_pinned:
+    stored = g.stored_layer is not None
+    if (budget is None and not stored) or (budget is not None and budget >= all_pinned):
         return Plan("resident", budget, resident, every, [], pinned_bytes=g.n_layers * g.layer_mem)
 
     def buffers(d: int, q: int) -> int:
         return d * g.unit_raw + q * g.decode_bytes
 
-    stored = g.stored_layer is not None
-    if stored and budget >= resident + g.n_layers * g.pin_bytes + buffers(0, 1):
-        # Every layer fits as stored bundles: nothing streams (prompts still decode one unit at a time).
+    # With the kernel and no budget (native=True asked for it), or a budget that holds them: every layer
+    # pinned as stored bundles, nothing streams (prompts still decode one unit at a time).
+    if stored and (budget is None or budget >= resident + g.n_layers * g.pin_bytes + buffers(0, 1)):
         return Plan("dense", budget, resident, every, [], g.unit_raw, 0, 1, pinned_bytes=g.n_layers * g.pin_bytes,
                     pinned_stored=True, buffer_bytes=buffers(0, 1))
     minimum = resident + buffers(2, 1)

@@ -146,7 +146,8 @@ def load_flash_model(folder, *, dtype: Optional[str] = None, memory_budget=None,
     """Build the model of a flash layout (see `applelm.load` for the user-facing options).
     `native`: compute paged FFN neurons of single tokens with the compiled CPU kernel (flash/native.py);
     None = under a budget on the CPU when the kernel builds (dense or sparse), False = always the MLX path,
-    True = required (an error without it)."""
+    True = required (an error without it); without a budget it then pins every FFN layer as stored bundles
+    (the smallest fully resident form) instead of as floats."""
     from ..loader import _compute_dtype  # the core loader's dtype rule (float32 on CPU)
 
     layout = read_layout(folder)
