@@ -47,9 +47,11 @@ GGUF_GPU_TABLE: dict[tuple[str, str, str], str] = {
 # 1 row it wins on some shapes (2048x640: 0.44-0.6x the time) and loses on others (640x2048: 1.3-1.6x).
 # Largest activation row count that takes the bridge:
 CPU_BRIDGE_MAX_ROWS = 1
-# The compiled C kernel (cpu_native) beat both at every row count measured (1-256 rows), e.g. 2048x640 Q5_0
-# at 1 row: 0.41 ms against 5.6 (bridge) and 4.9 (reference); so it takes every CPU GGUF product it
-# handles (Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q6_K), outside mx.compile.
+# Our compiled C kernel (cpu_native), same file (its run at 07fc3f6): fastest of every variant at 1-16 rows on
+# every shape and format measured, 1.4-19x (e.g. 2048x640 Q5_0, 1 row: 0.38 ms against 3.99 for the bridge;
+# the 262144x640 Q8_0 head: 13.4 against 227 ms); at 64 rows it lost on the 640x2048 shapes (0.48-0.99x)
+# and won on the others. Largest activation row count that takes it (prompts above it dequantize):
+CPU_NATIVE_MAX_ROWS = 16
 
 # Affine on CPU: MLX's quantized matmul costs time in proportion to the activation rows, while dequantizing
 # once and calling the (preloaded, fast) BLAS GEMM costs a fixed dequantization plus a cheap product.
@@ -94,7 +96,8 @@ def gguf_matmul(x: mx.array, packed: mx.array, ggml_type: str, n_cols: int) -> m
     x2 = x.reshape(-1, n_cols)
     m = x2.shape[0]
     be = backend()
-    if be == "cpu" and ggml_type in cpu_native.TYPES and cpu_native.load() is not None:
+    native = be == "cpu" and m <= CPU_NATIVE_MAX_ROWS and ggml_type in cpu_native.TYPES
+    if native and cpu_native.load() is not None:
         try:
             return cpu_native.gguf_matmul(x, packed, ggml_type, n_cols)
         except cpu_native.Tracing:  # inside mx.compile: MLX ops only

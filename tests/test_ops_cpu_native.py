@@ -79,6 +79,10 @@ def test_dispatch_takes_the_kernel_on_cpu(monkeypatch):
     want = expected(np.array(x).reshape(10, 128), packed, "Q4_1").reshape(2, 5, 64)
     np.testing.assert_allclose(np.array(got), want, rtol=1e-5, atol=1e-5)
     assert gguf_matmul(x.astype(mx.bfloat16), mx.array(packed), "Q4_1", 128).dtype == mx.bfloat16
+    calls.clear()  # prompts longer than the measured crossover dequantize instead
+    rows = dispatch.CPU_NATIVE_MAX_ROWS + 1
+    gguf_matmul(mx.zeros((rows, 128)), mx.array(packed), "Q4_1", 128)
+    assert calls == []
 
 
 def test_inside_mx_compile_the_mlx_path_runs():
