@@ -17,6 +17,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..native_build import build, default_threads
+from .ggml_types import GGML_TYPES_BY_NAME
 
 SOURCE = Path(__file__).with_name("gguf_cpu.c")
 TYPES = {"Q4_0": 0, "Q4_1": 1, "Q5_0": 2, "Q5_1": 3, "Q8_0": 4, "Q4_K": 5, "Q6_K": 6}
@@ -47,7 +48,13 @@ def matmul_numpy(x: np.ndarray, packed: np.ndarray, ggml_type: str, threads: Opt
         raise ValueError("GGUF CPU kernel: x must be a contiguous (m, k) float32 array")
     if packed.dtype != np.uint8 or packed.ndim != 2 or not packed.flags.c_contiguous:
         raise ValueError("GGUF CPU kernel: the weight must be contiguous (n, row_bytes) bytes")
+    if ggml_type not in TYPES:
+        raise ValueError(f"GGUF CPU kernel: {ggml_type} is not one of {', '.join(TYPES)}")
     m, k = x.shape
+    t = GGML_TYPES_BY_NAME[ggml_type]
+    if k % t.block_size or packed.shape[1] != t.row_bytes(k):  # the kernel trusts the row length
+        raise ValueError(f"GGUF CPU kernel: cannot multiply {m} rows of {k} by {ggml_type} rows of "
+                         f"{packed.shape[1]} bytes")
     out = np.empty((m, packed.shape[0]), np.float32)
     rc = lib.applelm_gguf_matmul(x.ctypes.data, m, k, packed.ctypes.data, packed.shape[0], TYPES[ggml_type],
                                  threads or default_threads(), out.ctypes.data)

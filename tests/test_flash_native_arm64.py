@@ -2,29 +2,21 @@
 float64 reference as tests/test_flash_native.py. No Mac is reachable; this checks that clang builds
 native_ffn.c for aarch64 with Apple-M1 features (float16 in hardware, no x86 intrinsics) and that that
 build computes every store format correctly, with and without OpenMP (Apple's clang has no OpenMP by
-default, so native.py's fallback build without it is the usual one on a Mac).
-
-Needs clang, an aarch64 sysroot and qemu-aarch64 (Debian: apt-get install libc6-dev-arm64-cross
-libgcc-12-dev-arm64-cross qemu-user); skipped without them."""
+default, so the fallback build without it is the usual one on a Mac). Tools: tests/arm64_tools.py."""
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
+from arm64_tools import FLAVOURS, build_driver, needs_arm64, run_driver
 
 from applelm.flash.codec import BundleCodec
 from applelm.flash.native import ACTIVATIONS, FORMATS, SOURCE
 from test_flash_native import STORES, reference, sparse_reference
 
-CLANG = shutil.which("clang")
-QEMU = shutil.which("qemu-aarch64")
-SYSROOT = Path("/usr/aarch64-linux-gnu")
-pytestmark = pytest.mark.skipif(not (CLANG and QEMU and SYSROOT.is_dir()),
-                                reason="needs clang, qemu-aarch64 and an aarch64 sysroot")
+pytestmark = needs_arm64
 
 DRIVER = r"""
 #include <stdint.h>
@@ -67,20 +59,10 @@ int main(void) { /* stdin: n H part_bytes fmt group act threads (int64), x, out 
 """
 
 
-@pytest.fixture(scope="module", params=["openmp", "no-openmp"])
+@pytest.fixture(scope="module", params=FLAVOURS)
 def arm64_driver(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(f"arm64-{request.param}")
-    (out / "driver.c").write_text(DRIVER)
-    # native.py's flags (-O3 -ffast-math -std=c11, -mcpu=native on arm64) with an M1 as the native CPU.
-    cmd = [CLANG, "--target=aarch64-linux-gnu", f"--sysroot={SYSROOT}", "--gcc-toolchain=/usr", "-fuse-ld=lld",
-           "-static", "-O3", "-ffast-math", "-std=c11", "-mcpu=apple-m1", str(SOURCE), str(out / "driver.c"),
-           "-o", str(out / "driver"), "-lm"]
-    if request.param == "openmp":
-        cmd[1:1] = ["-fopenmp=libgomp"]
-        cmd += ["-lpthread"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return out / "driver", request.param
+    return build_driver(SOURCE, DRIVER, out, request.param), request.param
 
 
 def run_arm64(driver: Path, x, raw, codec, act: str, threads: int, out0) -> np.ndarray:
@@ -88,7 +70,7 @@ def run_arm64(driver: Path, x, raw, codec, act: str, threads: int, out0) -> np.n
     header = np.array([raw.shape[0], codec.hidden, codec.part_bytes, fmt, codec.group_size or 0, ACTIVATIONS[act],
                        threads], np.int64)
     stdin = header.tobytes() + x.tobytes() + out0.tobytes() + np.ascontiguousarray(raw).tobytes()
-    proc = subprocess.run([QEMU, str(driver)], input=stdin, capture_output=True)
+    proc = run_driver(driver, stdin)
     assert proc.returncode == 0, f"driver exit {proc.returncode}: {proc.stderr[-500:]!r}"
     return np.frombuffer(proc.stdout, np.float32)
 
@@ -114,7 +96,7 @@ def test_arm64_kernel_refuses_bad_geometry(arm64_driver):
     driver, _ = arm64_driver
     header = np.array([1, 96, 96 + 4, FORMATS[8], 64, 0, 1], np.int64)
     stdin = header.tobytes() + np.zeros(96 * 2, np.float32).tobytes() + bytes(3 * 100)
-    proc = subprocess.run([QEMU, str(driver)], input=stdin, capture_output=True)
+    proc = run_driver(driver, stdin)
     assert proc.returncode == 4
 
 
@@ -142,7 +124,7 @@ def test_arm64_sparse_kernel_matches_reference(arm64_driver, bits, dtype, group,
                        coef is not None, buf.size], np.int64)
     stdin = (header.tobytes() + np.float32(thr).tobytes() + x.tobytes() + np.zeros(hidden, np.float32).tobytes()
              + (coef.tobytes() if coef is not None else b"") + offsets.tobytes() + buf.tobytes())
-    proc = subprocess.run([QEMU, str(driver)], input=stdin, capture_output=True)
+    proc = run_driver(driver, stdin)
     assert proc.returncode == 0, f"driver exit {proc.returncode}: {proc.stderr[-500:]!r}"
     np.testing.assert_allclose(np.frombuffer(proc.stdout, np.float32), want, rtol=2e-4,
                                atol=2e-4 * np.abs(want).max())

@@ -66,6 +66,10 @@ def test_argument_checks():
         cpu_native.matmul_numpy(x, packed.astype(np.int16), "Q8_0")
     with pytest.raises(ValueError, match="cannot multiply"):  # 48 columns: not whole Q8_0 blocks
         cpu_native.matmul_numpy(np.ones((1, 48), np.float32), packed, "Q8_0")
+    with pytest.raises(ValueError, match="cannot multiply"):  # rows shorter than 96 columns need: never read
+        cpu_native.matmul_numpy(np.ones((1, 96), np.float32), packed, "Q8_0")
+    with pytest.raises(ValueError, match="not one of"):
+        cpu_native.matmul_numpy(x, packed, "Q2_K")
 
 
 def test_dispatch_takes_the_kernel_on_cpu(monkeypatch):

@@ -1,27 +1,17 @@
 """The GGUF CPU kernel (ops/gguf_cpu.c) built for arm64 (what a Mac compiles: clang, -mcpu=apple-m1, so
 the generic vector code and hardware float16 instead of x86 intrinsics) and run under qemu, against the
-`gguf` package's numpy dequantizers, with and without OpenMP (Apple's clang has none by default).
-
-Needs clang, an aarch64 sysroot and qemu-aarch64 (Debian: apt-get install libc6-dev-arm64-cross
-libgcc-12-dev-arm64-cross qemu-user); skipped without them."""
+`gguf` package's numpy dequantizers, with and without OpenMP. Tools: tests/arm64_tools.py."""
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-from pathlib import Path
-
 import numpy as np
 import pytest
+from arm64_tools import FLAVOURS, build_driver, needs_arm64, run_driver
 from gguf_blocks import make_blocks, numpy_dequantize, random_blocks
 
 from applelm.ops.cpu_native import SOURCE, TYPES
 
-CLANG = shutil.which("clang")
-QEMU = shutil.which("qemu-aarch64")
-SYSROOT = Path("/usr/aarch64-linux-gnu")
-pytestmark = pytest.mark.skipif(not (CLANG and QEMU and SYSROOT.is_dir()),
-                                reason="needs clang, qemu-aarch64 and an aarch64 sysroot")
+pytestmark = needs_arm64
 
 DRIVER = r"""
 #include <stdint.h>
@@ -43,20 +33,10 @@ int main(void) { /* stdin: m k n type threads w_bytes (int64), x (float32, m*k),
 """
 
 
-@pytest.fixture(scope="module", params=["openmp", "no-openmp"])
+@pytest.fixture(scope="module", params=FLAVOURS)
 def arm64_driver(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(f"gguf-arm64-{request.param}")
-    (out / "driver.c").write_text(DRIVER)
-    # native_build.py's flags (-O3 -ffast-math -std=c11, -mcpu=native on arm64) with an M1 as the native CPU.
-    cmd = [CLANG, "--target=aarch64-linux-gnu", f"--sysroot={SYSROOT}", "--gcc-toolchain=/usr", "-fuse-ld=lld",
-           "-static", "-O3", "-ffast-math", "-std=c11", "-mcpu=apple-m1", str(SOURCE), str(out / "driver.c"),
-           "-o", str(out / "driver"), "-lm"]
-    if request.param == "openmp":
-        cmd[1:1] = ["-fopenmp=libgomp"]
-        cmd += ["-lpthread"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return out / "driver", request.param
+    return build_driver(SOURCE, DRIVER, out, request.param), request.param
 
 
 @pytest.mark.parametrize("ggml_type", list(TYPES))
@@ -72,8 +52,7 @@ def test_arm64_kernel_matches_numpy(arm64_driver, ggml_type, maker):
     scale = (np.abs(x) @ np.abs(w).T).max()
     for threads in (1, 2) if flavour == "openmp" else (1,):
         header = np.array([m, k, n, TYPES[ggml_type], threads, packed.size], np.int64)
-        proc = subprocess.run([QEMU, str(driver)], input=header.tobytes() + x.tobytes() + packed.tobytes(),
-                              capture_output=True)
+        proc = run_driver(driver, header.tobytes() + x.tobytes() + packed.tobytes())
         assert proc.returncode == 0, f"driver exit {proc.returncode}: {proc.stderr[-500:]!r}"
         got = np.frombuffer(proc.stdout, np.float32).reshape(m, n)
         np.testing.assert_allclose(got / scale, want / scale, rtol=0, atol=2e-6)
@@ -82,5 +61,5 @@ def test_arm64_kernel_matches_numpy(arm64_driver, ggml_type, maker):
 def test_arm64_kernel_refuses_partial_blocks(arm64_driver):
     driver, _ = arm64_driver
     header = np.array([1, 48, 2, TYPES["Q8_0"], 1, 2 * 34], np.int64)  # 48 columns: not whole blocks
-    proc = subprocess.run([QEMU, str(driver)], input=header.tobytes() + bytes(48 * 4 + 2 * 34), capture_output=True)
+    proc = run_driver(driver, header.tobytes() + bytes(48 * 4 + 2 * 34))
     assert proc.returncode == 4
