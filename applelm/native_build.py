@@ -61,6 +61,8 @@ def build(source: Path, signatures: dict[str, list], fallback: str) -> Optional[
     """The compiled `source`, building it if needed, with each function in `signatures` (name -> argtypes;
     all return int) typed; None when unavailable (the reason is warned once, followed by `fallback`, which
     says what runs instead). Later calls return the first answer."""
+    if source in _built:  # the per-product hot path: no lock once built or refused
+        return _built[source]
     with _lock:
         if source in _built:
             return _built[source]

@@ -63,12 +63,7 @@ def machine(device: str) -> dict:
 
     from applelm.loader import physical_memory
 
-    try:
-        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True).stdout.strip()
-    except OSError:
-        commit = ""
-    return {**machine_info.machine(), "mlx": mx.__version__, "device": device, "commit": commit,
+    return {**machine_info.machine(), "mlx": mx.__version__, "device": device, "commit": machine_info.commit(),
             "ram_gb": round(physical_memory() / 1e9, 1)}
 
 

@@ -192,9 +192,8 @@ def main() -> None:
             print(f"{label:24s} load {result['load_s']:6.2f} s  prompt {result['prompt_tps']:8.1f} tok/s  "
                   f"decode {result['decode_tps']:6.1f} tok/s  peak {result['peak_memory_gb']:.3f} GB", flush=True)
     same = all(r["tokens"] == rows[0]["tokens"] for r in rows)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout
     report = {"benchmark": "generate_bench", "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(),
-              "commit": commit.strip() or None, "command": "python " + " ".join(["benchmarks/" + Path(__file__).name] + sys.argv[1:]),
+              "commit": machine_info.commit() or None, "command": "python " + " ".join(["benchmarks/" + Path(__file__).name] + sys.argv[1:]),
               "model": str(gguf.name), "prompt_tokens": len(prompt_ids), "gen_tokens": args.gen_tokens,
               "all_engines_same_tokens": same, "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
+from pathlib import Path
 
 
 def cpu_name() -> str:
@@ -20,6 +22,15 @@ def cpu_name() -> str:
 def load_avg() -> list[float]:
     """The 1/5/15-minute load averages, rounded (a shared machine's numbers move with them)."""
     return [round(v, 2) for v in os.getloadavg()]
+
+
+def commit() -> str:
+    """The repository's short HEAD commit ("" outside a git checkout): results name the code they measured."""
+    try:
+        return subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return ""
 
 
 def machine() -> dict:

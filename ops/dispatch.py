@@ -2,8 +2,8 @@
 
 Metal GPU -> the Metal form of our kernels, CUDA GPU -> the CUDA form, CPU -> our compiled C kernel for GGUF
 rows (cpu_native) where it builds, else the plain-MLX reference path (or the CPU bridge to
-mx.quantized_matmul where it was measured faster). Model code never sees
-this choice: it calls GGUFLinear / GGUFEmbedding / AffineQuantizedLinear, which call these.
+mx.quantized_matmul where it was measured faster). Model code never sees this choice: it calls
+GGUFLinear / GGUFEmbedding / AffineQuantizedLinear, which call these.
 """
 
 from __future__ import annotations
