@@ -433,7 +433,9 @@ def bench_model(name: str, budget: int, spec_base: dict, sparse_runs: list[tuple
             ("paged", {"memory_budget": budget})]
     if spec_base["device"] == "cpu":
         runs.append(("paged-mlx", {"memory_budget": budget, "native": False}))
-    runs += [(k, {"memory_budget": budget, **o}) for k, o in sparse_runs]
+    # Without the native kernel (any GPU run) a "-mlx" variant is the same run again.
+    runs += [(k, {"memory_budget": budget, **o}) for k, o in sparse_runs
+             if spec_base["device"] == "cpu" or not k.endswith("-mlx")]
     all_rounds = []
     for rnd in range(rounds):
         rows = {}

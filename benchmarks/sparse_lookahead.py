@@ -111,7 +111,7 @@ def main() -> int:
     ids = text_tokens(flash_tokenizer(layout), GPL3.read_text(), max_tokens=args.tokens)
     xs = record_inputs(model, ids)
     thr = _thresholds(layout, args.sparsity)
-    preds, _ = _predictors(layout, mx.float32)
+    preds, _ = _predictors(layout, mx.float32, args.sparsity)
     codec = layout.codec
     bundle = codec.bundle_bytes
     result = {"command": "python " + " ".join(["benchmarks/sparse_lookahead.py"] + sys.argv[1:]),

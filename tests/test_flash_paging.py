@@ -74,18 +74,24 @@ def test_budget_needs_a_flash_layout(layouts, tmp_path):
         load_model(folder, memory_budget="1GB")
 
 
-@pytest.mark.parametrize("native", [False, None], ids=["mlx", "native-if-built"])
+@pytest.mark.parametrize("native", [False, None, "device-writes"], ids=["mlx", "native-if-built", "device-writes"])
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_sparse_decode_equals_masked_prompt(layouts, arch, native):
     """Token-by-token decoding (selection, windowed cache with evictions, reads of misses) gives the same
-    logits as one forward pass over the sequence applying every position's threshold mask densely."""
+    logits as one forward pass over the sequence applying every position's threshold mask densely.
+    "device-writes": the caches without host views, as under CUDA (decode and slot writes through MLX)."""
     _, _, out = layouts[arch]
+    device_writes = native == "device-writes"
+    native = False if device_writes else native
     full, _, _ = load_model(out, sparsity=0.5, max_unit_bytes=4096, native=False)
     minimum_cache = full.flash.plan.total_bytes - full.flash.plan.cache_bytes
     small, _, _ = load_model(out, sparsity=0.5, window=2, max_unit_bytes=4096,  # misses decoded in chunks
                              memory_budget=minimum_cache + full.flash.plan.cache_bytes // 3, native=native)
     assert small.flash.plan.cache_capacity < 96
     assert (small.flash.native is None) == (native is False or native_kernel.load() is None)
+    if device_writes:
+        for block in small.layers:
+            block.mlp._cache.rows = None
     dense = np.array(full(X))[0]  # prompt path: whole layers, per-position masks
     from applelm.cache import make_prompt_cache
 

@@ -176,16 +176,17 @@ class BundleCodec:
         return raw.view(store).reshape(raw.shape[0], len(PARTS), self.hidden).astype(dtype)
 
     def decode_mx(self, raw, n_parts: int, dtype):
-        """(n, bundle_bytes) uint8 mx.array -> list of n_parts (n, hidden) arrays of `dtype` (lazy)."""
+        """(n, bundle_bytes) uint8 mx.array, or its first n_parts parts (n, n_parts*part_bytes) -> list of
+        n_parts (n, hidden) arrays of `dtype` (lazy)."""
         import mlx.core as mx
 
         n = raw.shape[0]
         if not self.quantized:
             store = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}[self.dtype]
-            vals = raw.view(store).reshape(n, len(PARTS), self.hidden)
+            vals = raw.view(store).reshape(n, -1, self.hidden)
             return [vals[:, k, :].astype(dtype) for k in range(n_parts)]
         cb, ng = self.code_bytes, self.hidden // self.group_size
-        per_part = raw.reshape(n, len(PARTS), self.part_bytes)
+        per_part = raw.reshape(n, -1, self.part_bytes)
         out = []
         for k in range(n_parts):
             p = per_part[:, k, :]

@@ -8,6 +8,7 @@ memory plan) -> load_weights(strict=True) of the resident part -> eval -> one pa
 from __future__ import annotations
 
 import json
+import warnings
 import zlib
 from pathlib import Path
 from typing import Callable, Optional
@@ -81,7 +82,22 @@ def _thresholds(layout: FlashLayout, sparsity: float) -> np.ndarray:
     return np.array([np.interp(sparsity, levels, row) for row in table], np.float32)
 
 
-def _predictors(layout: FlashLayout, dtype) -> tuple[list, dict]:
+def _predictor_taus(layout: FlashLayout, info: dict, sparsity: float) -> list[float]:
+    """Per layer, the logit threshold for `sparsity`: interpolated between the calibrated levels. Layouts
+    prepared before levels existed hold one threshold for the training target; other sparsities then read
+    that target's neurons (only the masks change), which the warning says."""
+    by_level = info.get("level_logit_thresholds")
+    if by_level and all(len(row) == len(layout.index["sparsity"]["levels"]) for row in by_level):
+        levels = np.asarray(layout.index["sparsity"]["levels"], np.float64)
+        return [float(np.interp(sparsity, levels, row)) for row in by_level]
+    if abs(sparsity - float(info.get("target_sparsity", sparsity))) > 1e-6:
+        warnings.warn(f"{layout.folder}: its predictors select neurons for sparsity {info.get('target_sparsity')} "
+                      f"only (prepared before per-level thresholds); prepare again for {sparsity} to read less",
+                      stacklevel=3)
+    return [float(t) for t in info["logit_thresholds"]]
+
+
+def _predictors(layout: FlashLayout, dtype, sparsity: float) -> tuple[list, dict]:
     info = layout.index.get("predictors")
     path = layout.folder / PREDICTOR_FILE
     if not info or not path.is_file():
@@ -90,13 +106,14 @@ def _predictors(layout: FlashLayout, dtype) -> tuple[list, dict]:
     if zlib.crc32(path.read_bytes()) != info.get("crc32"):
         raise ModelFormatError(f"{path}: CRC32 mismatch; the predictor weights are corrupt")
     arrays = mx.load(str(path))
+    taus = _predictor_taus(layout, info, sparsity)
     out = []
     for i in range(layout.n_layers):
         try:
             a, b, bias = (arrays[f"layers.{i}.{k}"].astype(dtype) for k in ("a", "b", "bias"))
         except KeyError:
             raise ModelFormatError(f"{path}: predictor of layer {i} is missing") from None
-        out.append((a, b, bias, float(info["logit_thresholds"][i])))
+        out.append((a, b, bias, taus[i]))
     return out, info
 
 
@@ -206,7 +223,7 @@ def load_flash_model(folder, *, dtype: Optional[str] = None, memory_budget=None,
         if sparsity_mode == "threshold":
             selector = layout.n_layers * layout.intermediate * layout.hidden * itemsize
         else:
-            predictors, _ = _predictors(layout, dtype_)
+            predictors, _ = _predictors(layout, dtype_, float(sparsity))
             selector = sum(a.nbytes + b.nbytes + c.nbytes for a, b, c, _ in predictors)
         plan = plan_sparse(geom, resident, budget, selector, 2 if sparsity_mode == "threshold" else 3)
     else:

@@ -28,12 +28,16 @@ class NeuronCache:
         self.n_neurons, self.capacity, self.window = n_neurons, min(capacity, n_neurons), window
         self.parts = [mx.zeros((self.capacity, hidden), dtype=dtype) for _ in range(n_parts)]
         mx.eval(self.parts)
-        try:  # writable host views of the MLX buffers (CPU, and Apple GPUs' unified memory)
-            self.rows = [np.array(p, copy=False) for p in self.parts]
-            if not all(r.flags.writeable for r in self.rows):
-                raise ValueError("read-only view")
-        except (ValueError, TypeError, RuntimeError):
-            self.rows = None  # device memory without a host view: slot writes go through MLX instead
+        self.rows = None  # no host view: slot writes go through MLX (on the device) instead
+        # Writable host views of the MLX buffers where CPU and GPU share memory (the CPU, Apple GPUs).
+        # CUDA's managed memory would migrate pages back and forth on every host write.
+        if mx.default_device() == mx.cpu or mx.metal.is_available():
+            try:
+                rows = [np.array(p, copy=False) for p in self.parts]
+                if all(r.flags.writeable for r in rows):
+                    self.rows = rows
+            except (ValueError, TypeError, RuntimeError):
+                pass
         self.neuron_at = np.full(self.capacity, -1, np.int64)
         self.slot_of = np.full(n_neurons, -1, np.int64)
         self.last_used = np.zeros(self.capacity, np.int64)
@@ -69,17 +73,19 @@ class NeuronCache:
             free = self.capacity - self.count
         return missing[:free], missing[free:]
 
-    def insert(self, neurons: np.ndarray, values: list[np.ndarray]) -> np.ndarray:
-        """Put `neurons` (from plan's to_insert) with their part vectors into the next free slots."""
+    def insert(self, neurons: np.ndarray, values: list) -> np.ndarray:
+        """Put `neurons` (from plan's to_insert) with their part vectors (numpy or MLX arrays) into the
+        next free slots."""
         import mlx.core as mx
 
         m = len(neurons)
         slots = np.arange(self.count, self.count + m)
         for p, v in enumerate(values):
             if self.rows is not None:
-                self.rows[p][self.count: self.count + m] = v
+                self.rows[p][self.count: self.count + m] = np.asarray(v)
             else:
-                self.parts[p][self.count: self.count + m] = mx.array(v).astype(self.parts[p].dtype)
+                v = v if isinstance(v, mx.array) else mx.array(v)
+                self.parts[p][self.count: self.count + m] = v.astype(self.parts[p].dtype)
         self.neuron_at[slots] = neurons
         self.slot_of[neurons] = slots
         self.last_used[slots] = self.step

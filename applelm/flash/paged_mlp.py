@@ -88,7 +88,7 @@ class FlashMLP(nn.Module):
     # -- dense paging -------------------------------------------------------------------------------------
 
     def _decode(self, bundles: np.ndarray, n_parts: int = 3) -> list:
-        raw = mx.array(bundles)  # one copy out of the staging buffer, which can then be reused
+        raw = self._rt.to_mlx(bundles)  # one copy out of the staging buffer, which can then be reused
         return self._rt.codec.decode_mx(raw, n_parts, self._rt.dtype)
 
     def _unit_ffn(self, x: mx.array, bundles: np.ndarray, start: int) -> mx.array:
@@ -96,11 +96,11 @@ class FlashMLP(nn.Module):
         steps of rt.decode_neurons: each step but the last is evaluated before the next is decoded."""
         rt = self._rt
         if x.shape[0] * x.shape[1] == 1 and not rt.codec.quantized and rt.recorder is None:
-            raw = mx.array(bundles)  # the one copy out of the staging buffer, which can then be reused
+            raw = rt.to_mlx(bundles)  # the one copy out of the staging buffer, which can then be reused
             return interleaved_ffn(x, rt.codec.decode_interleaved_mx(raw, rt.dtype), self._act)
         y, step = None, rt.decode_neurons
         for s in range(0, len(bundles), step):
-            up, down_t, gate = rt.codec.decode_mx(mx.array(bundles[s: s + step]), 3, rt.dtype)
+            up, down_t, gate = rt.codec.decode_mx(rt.to_mlx(bundles[s: s + step]), 3, rt.dtype)
             if rt.recorder is not None:
                 rt.recorder.record(self.layer, start + s, x, self._act(x @ gate.T))
             part = gated_ffn(x, up, down_t, gate, self._act)
@@ -234,12 +234,11 @@ class FlashMLP(nn.Module):
                 ids, k = misses[s: s + step], keep[s: s + step]
                 raw = rt.gather(where[s: s + step], n_bytes)
                 if k.any():
-                    vals = rt.codec.decode_np(raw[k], self._n_parts)
-                    cache.insert(ids[k], [vals[:, p] for p in range(self._n_parts)])
+                    cache.insert(ids[k], self._decode_parts(raw[k], cache.rows is None))
                 if (~k).any():  # more active neurons than the cache holds: use them once, uncached
-                    vals = mx.array(rt.codec.decode_np(raw[~k], self._n_parts)).astype(xf.dtype)
-                    part = self._partial(xf, vals[:, UP], vals[:, DOWN],
-                                         vals[:, GATE] if self._gate is None else None, ids[~k], gn)
+                    vals = self._decode_parts(raw[~k], True)
+                    part = self._partial(xf, vals[UP], vals[DOWN], vals[GATE] if self._gate is None else None,
+                                         ids[~k], gn)
                     mx.eval(part)  # bound the transient before the next chunk
                     y = part if y is None else y + part
             n1 = cache.count
@@ -253,6 +252,15 @@ class FlashMLP(nn.Module):
         if y is None:
             return mx.zeros_like(x)
         return y.reshape(x.shape)
+
+    def _decode_parts(self, raw: np.ndarray, in_mlx: bool) -> list:
+        """The parts of gathered bundles: MLX arrays of the compute dtype decoded by MLX (on the device:
+        only the stored bytes cross to it), or float32 numpy arrays for writes through host views."""
+        rt = self._rt
+        if in_mlx:
+            return rt.codec.decode_mx(rt.to_mlx(raw), self._n_parts, rt.dtype)
+        vals = rt.codec.decode_np(raw, self._n_parts)
+        return [vals[:, p] for p in range(self._n_parts)]
 
     def _sparse_token_native(self, x: mx.array) -> mx.array:
         """One token through the native kernel: the cache holds bundles as stored (no float copies), the

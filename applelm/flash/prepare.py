@@ -174,16 +174,19 @@ def run_calibration(out, text_path=None, n_tokens: int = 1024, ids=None, train_p
                          "calibration": meta, "measure": "abs(act(gate x))"}
     if train_predictors:
         rank = rank or max(8, min(64, layout.hidden // 8))
-        arrays, taus, recalls, fractions, actives = {}, [], [], [], []
+        arrays, taus, recalls, fractions, actives, level_taus, level_fractions = {}, [], [], [], [], [], []
         bar = Progress(f"training predictors (rank {rank})", layout.n_layers, show_progress)
         for i in range(layout.n_layers):
-            r = train_predictor(rec.inputs[i], rec.masks[i], rank)
+            r = train_predictor(rec.inputs.pop(i), rec.masks.pop(i), rank, act=rec.acts.pop(i),
+                                level_thresholds=rec.thresholds[i])
             arrays.update({f"layers.{i}.a": mx.array(r.a), f"layers.{i}.b": mx.array(r.b),
                            f"layers.{i}.bias": mx.array(r.bias)})
             taus.append(r.logit_threshold)
             recalls.append(r.recall)
             fractions.append(r.predicted_fraction)
             actives.append(r.active_fraction)
+            level_taus.append(r.level_logit_thresholds)
+            level_fractions.append(r.level_predicted_fractions)
             bar.update()
         bar.close()
         path = out / PREDICTOR_FILE
@@ -191,6 +194,8 @@ def run_calibration(out, text_path=None, n_tokens: int = 1024, ids=None, train_p
         index["predictors"] = {
             "file": PREDICTOR_FILE, "rank": rank, "target_sparsity": target_sparsity, "target_recall": 0.95,
             "logit_thresholds": taus, "recall": recalls, "predicted_fraction": fractions,
+            # per layer, at the sparsity levels: the runtime interpolates at the sparsity asked for
+            "level_logit_thresholds": level_taus, "level_predicted_fraction": level_fractions,
             "active_fraction": actives, "mean_recall": float(np.mean(recalls)),
             "mean_predicted_fraction": float(np.mean(fractions)), "crc32": crc32_file(path),
         }

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Optional, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -39,6 +40,7 @@ class Recorder:
     thresholds: dict = field(default_factory=dict)  # layer -> thresholds at `levels`
     inputs: dict = field(default_factory=dict)  # layer -> (T, H) float32
     masks: dict = field(default_factory=dict)  # layer -> (T, I) bool at the target sparsity
+    acts: dict = field(default_factory=dict)  # layer -> (T, I) float16 |act|: the active sets at every level
     layers: dict = field(default_factory=dict)
 
     def record(self, layer: int, start: int, x: mx.array, g: mx.array) -> None:
@@ -59,6 +61,7 @@ class Recorder:
             if self.keep_inputs:
                 self.inputs[layer] = np.concatenate(rec.x)
                 self.masks[layer] = act > float(np.quantile(act, self.target))
+                self.acts[layer] = act.astype(np.float16)
         self.layers.clear()
 
 
@@ -71,13 +74,21 @@ class PredictorResult:
     recall: float  # held-out recall of the active set
     predicted_fraction: float  # held-out share of neurons predicted active (what a token reads)
     active_fraction: float  # held-out share of neurons truly active
+    # Per level of `level_thresholds` (when given): the logit threshold for the target recall of that
+    # level's active set, and the held-out share of neurons it selects.
+    level_logit_thresholds: list = field(default_factory=list)
+    level_predicted_fractions: list = field(default_factory=list)
 
 
 def train_predictor(x: np.ndarray, y: np.ndarray, rank: int, target_recall: float = 0.95, steps: int = 300,
-                    lr: float = 3e-3, seed: int = 0, holdout: float = 0.2, batch: int = 256) -> PredictorResult:
+                    lr: float = 3e-3, seed: int = 0, holdout: float = 0.2, batch: int = 256,
+                    act: Optional[np.ndarray] = None, level_thresholds: Sequence[float] = ()) -> PredictorResult:
     """Fit logits = (x A) B + bias to the active mask y (T, I) with a recall-weighted squared hinge loss
     (Adam, minibatches, gradients written out). The hinge needs no exp/log: MLX's CPU kernels for those
-    are slow enough to dominate training, while its matmuls are fast."""
+    are slow enough to dominate training, while its matmuls are fast.
+    With `act` (T, I) and the layer's activation thresholds per sparsity level, the trained logits also
+    rank neurons for the other levels: each level gets the logit threshold that keeps `target_recall` of
+    its own active set (non-decreasing with the level, so higher sparsity never reads more)."""
     t = x.shape[0]
     n_val = max(1, int(t * holdout)) if t > 4 else 0
     rng = np.random.default_rng(seed)
@@ -121,5 +132,12 @@ def train_predictor(x: np.ndarray, y: np.ndarray, rank: int, target_recall: floa
     ev = val if n_val else train
     pred, truth = logits_all[ev] > tau, y[ev]
     recall = float((pred & truth).sum() / max(1, truth.sum()))
+    level_taus, level_fractions = [], []
+    if act is not None:
+        for t in level_thresholds:
+            pos = logits_all[train][act[train] > t]
+            level_taus.append(float(np.quantile(pos, 1 - target_recall)) if pos.size else float(logits_all.max()))
+        level_taus = np.maximum.accumulate(np.asarray(level_taus, np.float64)).tolist()
+        level_fractions = [float((logits_all[ev] > t).mean()) for t in level_taus]
     return PredictorResult(a.astype(np.float32), b.astype(np.float32), bias.astype(np.float32), tau, recall,
-                           float(pred.mean()), float(truth.mean()))
+                           float(pred.mean()), float(truth.mean()), level_taus, level_fractions)
