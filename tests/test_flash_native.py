@@ -120,6 +120,32 @@ def test_sparse_kernel_matches_reference(lib, bits, dtype, group, how):
         assert np.abs(unmasked - want).max() > 1e-3 * np.abs(want).max()
 
 
+@pytest.mark.parametrize("bits,dtype,group", STORES, ids=[f"{b}-{d}-{g}" for b, d, g in STORES])
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize("n", [5, 700])
+def test_gate_acts_match_reference(lib, bits, dtype, group, act, n):
+    """act(gate_i . x) from stored gate parts (threshold sparsity's resident gates in the store's format),
+    rows wider than a part as in a cache of whole bundles, 1 and 3 threads."""
+    rng = np.random.default_rng(n + bits)
+    hidden = 128
+    codec = codec_for(hidden, bits, dtype, group)
+    raw = codec.encode((rng.standard_normal((n, 3, hidden)) * 0.3).astype(np.float32))
+    gates = np.ascontiguousarray(raw[:, 2 * codec.part_bytes:])
+    x = rng.standard_normal(hidden).astype(np.float32)
+    g = codec.decode_np(raw, 3)[:, 2].astype(np.float64) @ x
+    want = np.array(MLX_ACT[act](mx.array(g.astype(np.float32))), np.float64)
+    for threads in (1, 3):
+        got = native.BundleFFN(lib, codec, act, threads).gate_acts(x, gates)
+        np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4 * np.abs(want).max())
+    wide = np.ascontiguousarray(np.concatenate([gates, np.zeros((n, 9), np.uint8)], axis=1))
+    np.testing.assert_array_equal(native.BundleFFN(lib, codec, act, 1).gate_acts(x, wide),
+                                  native.BundleFFN(lib, codec, act, 1).gate_acts(x, gates))
+    with pytest.raises(ValueError, match="gate rows"):
+        native.BundleFFN(lib, codec, act, 1).gate_acts(x, gates[:, :-1].copy())
+    with pytest.raises(ValueError, match="values"):
+        native.BundleFFN(lib, codec, act, 1).gate_acts(x[:-1].copy(), gates)
+
+
 def test_sparse_kernel_rejects_what_it_cannot_read(lib):
     codec = codec_for(64, 16, "bfloat16", None)
     k = native.BundleFFN(lib, codec, "silu", 1)
@@ -141,12 +167,14 @@ def test_native_sparse_paging_matches_mlx_path(tmp_path, lib, mode, bits):
     from applelm.cache import make_prompt_cache
 
     _, _, out = tiny_flash(tmp_path, "llama", bits=bits, num_hidden_layers=3, intermediate_size=256)
-    probe, _, _ = load_model(out, sparsity=0.5, sparsity_mode=mode, native=False)
-    plan = probe.flash.plan
-    budget = plan.total_bytes - plan.cache_bytes + plan.cache_bytes // 8
+    budgets = {}
+    for flag in (True, False):  # each path's own minimum plus an eighth of its full cache
+        plan = load_model(out, sparsity=0.5, sparsity_mode=mode, native=flag)[0].flash.plan
+        budgets[flag] = plan.total_bytes - plan.cache_bytes + plan.cache_bytes // 8
     runs = {}
     for flag in (True, False):
-        m, _, _ = load_model(out, sparsity=0.5, sparsity_mode=mode, window=2, memory_budget=budget, native=flag)
+        m, _, _ = load_model(out, sparsity=0.5, sparsity_mode=mode, window=2, memory_budget=budgets[flag],
+                             native=flag)
         assert (m.flash.native is not None) == flag
         assert m.flash.plan.cache_capacity < 256
         cache = make_prompt_cache(m)
@@ -155,7 +183,7 @@ def test_native_sparse_paging_matches_mlx_path(tmp_path, lib, mode, bits):
         runs[flag] = (np.stack(logits), m)
     np.testing.assert_allclose(runs[True][0], runs[False][0], rtol=1e-3, atol=1e-3)
     # Without host views of the cache (CUDA arrays), slots are written through MLX and read back as copies.
-    m, _, _ = load_model(out, sparsity=0.5, sparsity_mode=mode, window=2, memory_budget=budget, native=True)
+    m, _, _ = load_model(out, sparsity=0.5, sparsity_mode=mode, window=2, memory_budget=budgets[True], native=True)
     for block in m.layers:
         block.mlp._cache.rows = None
     cache = make_prompt_cache(m)
@@ -165,8 +193,13 @@ def test_native_sparse_paging_matches_mlx_path(tmp_path, lib, mode, bits):
     fast, slow = runs[True][1], runs[False][1]
     row = fast.layers[0].mlp._cache.parts[0]
     assert row.dtype == mx.uint8 and row.shape[1] == fast.layers[0].mlp._n_parts * fast.flash.codec.part_bytes
-    # Bundles as stored are smaller than float32 rows: the same budget caches more neurons.
-    assert fast.flash.plan.cache_capacity > slow.flash.plan.cache_capacity
+    # Bundles as stored are smaller than float32 rows: a byte of cache holds more neurons; resident gates
+    # (threshold mode) stay as stored too.
+    assert fast.flash.plan.cache_bytes / fast.flash.plan.cache_capacity < \
+        slow.flash.plan.cache_bytes / slow.flash.plan.cache_capacity
+    if mode == "threshold":
+        assert fast.layers[0].mlp._gate is None and fast.layers[0].mlp._gate_stored.dtype == np.uint8
+        assert fast.flash.plan.fixed_bytes * (2 if bits == 16 else 3) <= slow.flash.plan.fixed_bytes
     assert fast.flash.report()["neurons_read_per_token"] > 0
 
 

@@ -118,26 +118,32 @@ def _predictors(layout: FlashLayout, dtype, sparsity: float) -> tuple[list, dict
 
 
 def _read_layers(rt: FlashRuntime, layout: FlashLayout, want: dict[int, tuple], verify: bool,
-                 stored: frozenset = frozenset()) -> tuple[dict, dict]:
+                 stored: frozenset = frozenset(), stored_gates: frozenset = frozenset()) -> tuple[dict, dict]:
     """One pass over the layer files with direct I/O: check CRCs and keep what layers hold.
-    want[i] lists part indices to decode for layer i; layers in `stored` keep their bundles as read.
-    Returns ({i: [array per wanted part]}, {i: (intermediate, bundle_bytes) uint8 numpy array})."""
+    want[i] lists part indices to decode for layer i; layers in `stored` keep their bundles as read, layers
+    in `stored_gates` their gate parts as read. Returns ({i: [array per wanted part]}, {i: (intermediate,
+    bundle_bytes) uint8 numpy array}); stored gates are in the second dict under ("gate", i)."""
     buf = AlignedBuffer(max(u.read_bytes for us in rt.units.values() for u in us))
     out, raw = {}, {}
+    gate_at = 2 * rt.codec.part_bytes
     try:
         for i in range(layout.n_layers):
             parts = want.get(i, ())
-            if not verify and not parts and i not in stored:
+            if not verify and not parts and i not in stored and i not in stored_gates:
                 continue
             crc, pieces = 0, [[] for _ in parts]
             if i in stored:
                 raw[i] = np.empty((layout.intermediate, rt.codec.bundle_bytes), np.uint8)
+            if i in stored_gates:
+                raw["gate", i] = np.empty((layout.intermediate, rt.codec.part_bytes), np.uint8)
             for u in rt.units[i]:
                 wait_all(rt.reader.read(u.path, u.file_offset, u.read_bytes, buf))
                 bundles = u.bundles(buf.array)
                 crc = zlib.crc32(bundles, crc)
                 if i in stored:
                     raw[i][u.start: u.stop] = bundles
+                if i in stored_gates:
+                    raw["gate", i][u.start: u.stop] = bundles[:, gate_at:]
                 if parts:
                     decoded = rt.codec.decode_mx(mx.array(bundles), 3, rt.dtype)
                     for slot, p in zip(pieces, parts):
@@ -221,7 +227,10 @@ def load_flash_model(folder, *, dtype: Optional[str] = None, memory_budget=None,
     if sparsity is not None:
         thresholds = _thresholds(layout, float(sparsity))
         if sparsity_mode == "threshold":
-            selector = layout.n_layers * layout.intermediate * layout.hidden * itemsize
+            # Resident gates: with the kernel as stored (it computes act(gate . x) from the bytes: 2x
+            # smaller than float32 for a 16-bit store, ~4x for 8-bit), else in the compute dtype.
+            per_row = codec.part_bytes if kernel is not None else layout.hidden * itemsize
+            selector = layout.n_layers * layout.intermediate * per_row
         else:
             predictors, _ = _predictors(layout, dtype_, float(sparsity))
             selector = sum(a.nbytes + b.nbytes + c.nbytes for a, b, c, _ in predictors)
@@ -252,9 +261,13 @@ def load_flash_model(folder, *, dtype: Optional[str] = None, memory_budget=None,
 
     stored = frozenset(pinned) if plan.pinned_stored else frozenset()
     want = {i: (0, 1, 2) for i in pinned - stored}
+    stored_gates = frozenset()
     if plan.mode == "sparse" and sparsity_mode == "threshold":
-        want = {i: (2,) for i in range(layout.n_layers)}
-    data, raw = _read_layers(rt, layout, want, verify, stored)
+        if kernel is not None:
+            want, stored_gates = {}, frozenset(range(layout.n_layers))
+        else:
+            want = {i: (2,) for i in range(layout.n_layers)}
+    data, raw = _read_layers(rt, layout, want, verify, stored, stored_gates)
     for i, block in enumerate(model.layers):
         mlp = block.mlp
         if i in raw:
@@ -262,7 +275,9 @@ def load_flash_model(folder, *, dtype: Optional[str] = None, memory_budget=None,
         elif mlp.mode == "pinned":
             mlp._pinned = tuple(data[i])
         elif mlp.mode == "sparse":
-            if sparsity_mode == "threshold":
+            if sparsity_mode == "threshold" and kernel is not None:
+                mlp._gate_stored = raw["gate", i]
+            elif sparsity_mode == "threshold":
                 mlp._gate = data[i][0]
             else:
                 mlp._predictor = predictors[i]

@@ -25,6 +25,7 @@ SIGNATURES = {
     "applelm_bundle_ffn": [_VEC, _VEC, _I64, _I64, _I64, _INT, _INT, _INT, _INT, _VEC],
     "applelm_sparse_ffn": [_VEC, _VEC, _VEC, _I64, _I64, _I64, _I64, _INT, _INT, _INT, _VEC, ctypes.c_float,
                            _INT, _VEC],
+    "applelm_gate_acts": [_VEC, _VEC, _I64, _I64, _I64, _I64, _INT, _INT, _INT, _INT, _VEC],
 }
 
 
@@ -45,7 +46,7 @@ class BundleFFN:
     def __init__(self, lib: ctypes.CDLL, codec, act: str, threads: Optional[int] = None):
         if act not in ACTIVATIONS:
             raise ValueError(f"native kernel: unknown activation {act!r}")
-        self._fn, self._sparse = lib.applelm_bundle_ffn, lib.applelm_sparse_ffn
+        self._fn, self._sparse, self._gates = lib.applelm_bundle_ffn, lib.applelm_sparse_ffn, lib.applelm_gate_acts
         self.hidden, self.part_bytes = codec.hidden, codec.part_bytes
         self.fmt = FORMATS[codec.bits if codec.quantized else codec.dtype]
         self.group = codec.group_size or 0
@@ -87,6 +88,22 @@ class BundleFFN:
                           self.threads, out.ctypes.data)
         if rc:
             raise ValueError("native kernel: unsupported store geometry")
+
+
+    def gate_acts(self, x: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """act(gate_i . x) for each stored gate part in `rows` ((n, >= part_bytes) contiguous bytes): the
+        selection of threshold sparsity with the gates held as stored (float32 (n,))."""
+        out = np.empty(rows.shape[0] if rows.ndim == 2 else 0, np.float32)
+        _check_vectors(x, out)
+        if rows.ndim != 2 or rows.dtype != np.uint8 or not rows.flags.c_contiguous or rows.shape[1] < self.part_bytes:
+            raise ValueError("native kernel: gate rows must be contiguous (n, >= part_bytes) bytes")
+        if x.shape != (self.hidden,):
+            raise ValueError(f"native kernel: x must have {self.hidden} values")
+        rc = self._gates(x.ctypes.data, rows.ctypes.data, rows.shape[0], rows.shape[1], self.hidden, self.part_bytes,
+                         self.fmt, self.group, self.act, self.threads, out.ctypes.data)
+        if rc:
+            raise ValueError("native kernel: unsupported store geometry")
+        return out
 
 
 def bundle_ffn(codec, act: str) -> Optional[BundleFFN]:

@@ -174,21 +174,27 @@ static void neuron_range(const Bundles *B, const float *x, const float *xsum, in
     }
 }
 
+/* Checks the geometry; for affine formats sets *xsum to a new array of x's sums per group (the caller
+ * frees it). Returns 0, or -1 for an argument the kernel cannot handle. */
+static int prepare_x(const float *x, int64_t n, int64_t H, int fmt, int group, int threads, float **xsum) {
+    *xsum = NULL;
+    if (n < 0 || H <= 0 || fmt < FMT_F32 || fmt > FMT_Q4 || threads < 1) return -1;
+    if (fmt != FMT_Q8 && fmt != FMT_Q4) return 0;
+    if (group <= 0 || group % 2 || H % group) return -1;
+    *xsum = (float *)malloc(sizeof(float) * (size_t)(H / group));
+    if (!*xsum) return -1;
+    for (int64_t g = 0; g < H / group; g++) {
+        float s = 0.0f;
+        for (int j = 0; j < group; j++) s += x[g * group + j];
+        (*xsum)[g] = s;
+    }
+    return 0;
+}
+
 static int run(const Bundles *B, const float *x, int64_t n, int threads, float *out) {
     int64_t H = B->H;
-    int fmt = B->fmt, group = B->group;
-    if (n < 0 || H <= 0 || fmt < FMT_F32 || fmt > FMT_Q4 || threads < 1) return -1;
-    if ((fmt == FMT_Q8 || fmt == FMT_Q4) && (group <= 0 || group % 2 || H % group)) return -1;
-    float *xsum = NULL;
-    if (fmt == FMT_Q8 || fmt == FMT_Q4) {
-        xsum = (float *)malloc(sizeof(float) * (size_t)(H / group));
-        if (!xsum) return -1;
-        for (int64_t g = 0; g < H / group; g++) {
-            float s = 0.0f;
-            for (int j = 0; j < group; j++) s += x[g * group + j];
-            xsum[g] = s;
-        }
-    }
+    float *xsum;
+    if (prepare_x(x, n, H, B->fmt, B->group, threads, &xsum)) return -1;
     if (threads > n) threads = n > 0 ? (int)n : 1;
 #ifndef _OPENMP
     threads = 1;
@@ -234,4 +240,18 @@ int applelm_sparse_ffn(const float *x, const uint8_t *base, const int64_t *offse
     if (!offsets && stride < (coef ? 2 : 3) * part_bytes) return -1; /* rows must hold every part used */
     Bundles B = {base, offsets, stride, H, part_bytes, fmt, group, act, coef, thr};
     return run(&B, x, n, threads, out);
+}
+
+/* out[i] = act(gate_i . x) for n stored gate parts at rows + i * stride (threshold sparsity: the resident
+ * gates stay in the store's format). Returns 0, or -1 as above. */
+int applelm_gate_acts(const float *x, const uint8_t *rows, int64_t n, int64_t stride, int64_t H, int64_t part_bytes,
+                      int fmt, int group, int act, int threads, float *out) {
+    float *xsum;
+    if (stride < part_bytes || prepare_x(x, n, H, fmt, group, threads, &xsum)) return -1;
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(threads) schedule(static) if (n >= 64 * threads)
+#endif
+    for (int64_t i = 0; i < n; i++) out[i] = activation(dot_part(rows + i * stride, x, xsum, H, fmt, group), act);
+    free(xsum);
+    return 0;
 }

@@ -57,6 +57,7 @@ class FlashMLP(nn.Module):
         self._pinned: Optional[tuple] = None  # (up, down_t, gate) in the compute dtype
         self._stored: Optional[np.ndarray] = None  # or the layer's bundles as stored (native kernel)
         self._gate: Optional[mx.array] = None  # resident gate (threshold sparsity)
+        self._gate_stored: Optional[np.ndarray] = None  # or its rows as stored (the native kernel computes it)
         self._predictor: Optional[tuple] = None  # (A, B, bias, logit threshold)
         self._cache: Optional[NeuronCache] = None
         self._units = [runtime.ring.position[(u.layer, u.start)] for u in runtime.units[layer]] \
@@ -170,13 +171,18 @@ class FlashMLP(nn.Module):
     # -- neuron-level paging ------------------------------------------------------------------------------
 
     @property
-    def _n_parts(self) -> int:
-        return 2 if self._gate is not None else 3  # a resident gate means bundles are read without it
+    def _n_parts(self) -> int:  # a resident gate means bundles are read without it
+        return 2 if self._gate is not None or self._gate_stored is not None else 3
 
-    def _select(self, xf: mx.array, *also: mx.array):
+    def _select(self, xf: mx.array, *also: mx.array, x32: Optional[mx.array] = None):
         """(selected neuron ids, gate activations as numpy or None) for one token's FFN input xf (1, H);
-        `also` are evaluated in the same synchronization."""
+        `also` are evaluated in the same synchronization. Stored gate rows need x32 (xf as float32)."""
         rt = self._rt
+        if self._gate_stored is not None:
+            mx.eval(x32, *also)
+            rt.stats.forced_evals += 1
+            gn = rt.native.gate_acts(np.array(x32), self._gate_stored)
+            return np.flatnonzero(np.abs(gn) > rt.thresholds[self.layer]), gn
         if self._gate is not None:
             g = self._act(xf @ self._gate.T)
             mx.eval(g, *also)  # the selection needs values: this token's reads depend on them
@@ -268,7 +274,7 @@ class FlashMLP(nn.Module):
         rt, cache, kernel = self._rt, self._cache, self._rt.native
         xf = x.reshape(1, -1)
         x32 = xf.reshape(-1).astype(mx.float32)
-        selected, gn = self._select(xf, x32)
+        selected, gn = self._select(xf, x32, x32=x32)
         xn, out = np.array(x32), np.zeros(x.shape[-1], np.float32)
         thr = float(rt.thresholds[self.layer])
         to_insert, misses, n_bytes, pending = self._plan_reads(selected)
