@@ -180,18 +180,17 @@ def _peak_rss() -> int:
     return r if sys.platform == "darwin" else r * 1024
 
 
-def layout_read_speed(rt, seconds: float = 1.0, in_flight: int = 4) -> float:
-    """Direct-I/O read speed (bytes/s) of the very bytes this run streams: its units in forward order,
-    `in_flight` reads kept queued, for about `seconds`. The probe file can be cached by the host in ways
-    the layer files are not (or the reverse); this bound compares like with like."""
+def read_units_speed(units, threads: int = 4, split: int = 8 << 20, in_flight: int = 4,
+                     seconds: float = 1.0, start: int = 0) -> float:
+    """Direct-I/O read speed (bytes/s) of flash units (ring.Unit) read in the given order from `start`,
+    `in_flight` reads kept queued on a reader of `threads` threads and `split`-sized requests."""
     from collections import deque
 
     from applelm.flash.io import AlignedBuffer, DirectReader
 
-    units = list(rt.ring.units) if rt.ring is not None else [u for i in sorted(rt.units) for u in rt.units[i]]
-    reader = DirectReader(threads=in_flight, split=8 << 20)
+    reader = DirectReader(threads=threads, split=split)
     buffers = [AlignedBuffer(max(u.read_bytes for u in units)) for _ in range(in_flight)]
-    queue, done, k = deque(), 0, 0
+    queue, done, k = deque(), 0, start
     t0 = time.perf_counter()
     for b in buffers:
         u = units[k % len(units)]
@@ -211,6 +210,14 @@ def layout_read_speed(rt, seconds: float = 1.0, in_flight: int = 4) -> float:
     for b in buffers:
         b.close()
     return done / elapsed
+
+
+def layout_read_speed(rt, seconds: float = 1.0, in_flight: int = 4) -> float:
+    """Direct-I/O read speed (bytes/s) of the very bytes this run streams: its units in forward order,
+    `in_flight` reads kept queued, for about `seconds`. The probe file can be cached by the host in ways
+    the layer files are not (or the reverse); this bound compares like with like."""
+    units = list(rt.ring.units) if rt.ring is not None else [u for i in sorted(rt.units) for u in rt.units[i]]
+    return read_units_speed(units, in_flight=in_flight, seconds=seconds)
 
 
 def run_one(spec: dict) -> dict:

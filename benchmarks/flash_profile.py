@@ -21,7 +21,6 @@ import os
 import pstats
 import sys
 import time
-from collections import deque
 from pathlib import Path
 
 import flash_bench  # benchmarks/flash_bench.py: the synthetic model and its preparation
@@ -44,34 +43,13 @@ RUNS = {"paged": {}, "paged-1t": {"io_threads": 1, "read_split": 1 << 40},
 
 def read_speed(layout, threads: int, split: int, unit_bytes: int, queued: int, seconds: float = 1.0) -> float:
     """GB/s reading the layout's units in forward order (from the middle of the model) with these settings."""
-    from applelm.flash.io import AlignedBuffer, DirectReader
     from applelm.flash.ring import split_layer
 
     units = [u for i in range(layout.n_layers)
              for u in split_layer(i, layout.intermediate, layout.codec.bundle_bytes, str(layout.layers[i].path),
                                   unit_bytes)]
-    reader = DirectReader(threads=threads, split=split or 1 << 40)
-    buffers = [AlignedBuffer(max(u.read_bytes for u in units)) for _ in range(queued)]
-    pending, done, k = deque(), 0, len(units) // 2
-    t0 = time.perf_counter()
-    for b in buffers:
-        u = units[k % len(units)]
-        pending.append((b, u, reader.read(u.path, u.file_offset, u.read_bytes, b)))
-        k += 1
-    while pending:
-        b, u, futures = pending.popleft()
-        for f in futures:
-            f.result()
-        done += u.read_bytes
-        if time.perf_counter() - t0 < seconds:
-            u = units[k % len(units)]
-            pending.append((b, u, reader.read(u.path, u.file_offset, u.read_bytes, b)))
-            k += 1
-    elapsed = time.perf_counter() - t0
-    reader.close()
-    for b in buffers:
-        b.close()
-    return round(done / elapsed / 1e9, 3)
+    speed = flash_bench.read_units_speed(units, threads, split or 1 << 40, queued, seconds, start=len(units) // 2)
+    return round(speed / 1e9, 3)
 
 
 def unit_costs(layout, dtype, unit_bytes: int = 16 * M, iters: int = 10) -> dict:
@@ -118,7 +96,9 @@ def unit_costs(layout, dtype, unit_bytes: int = 16 * M, iters: int = 10) -> dict
 
 
 def profiled_decode(layout_dir: Path, options: dict, tokens: int, prompt: list[int]) -> dict:
-    """Load with `options`, decode one warm-up token, then `tokens` under cProfile."""
+    """Load with `options`, decode one warm-up token, then `tokens` under cProfile. generate_step builds
+    step n+1 (where paged layers wait for reads) before handing out token n, so the generator is given
+    room for one step past the timed ones: the timed calls then build and finish `tokens` steps."""
     import mlx.core as mx
 
     from applelm.generation import generate_step
@@ -126,7 +106,7 @@ def profiled_decode(layout_dir: Path, options: dict, tokens: int, prompt: list[i
 
     model, _, _ = load_model(str(layout_dir), **options)
     rt = model.flash
-    steps = generate_step(mx.array(prompt, dtype=mx.int32), model, max_tokens=tokens + 2)
+    steps = generate_step(mx.array(prompt, dtype=mx.int32), model, max_tokens=tokens + 3)
     next(steps)
     next(steps)
     rt.reset_stats()
