@@ -281,7 +281,7 @@ def run_one(spec: dict) -> dict:
         out.update({k: report[k] for k in ("bytes_per_token", "read_GBps", "io_overlap", "io_busy_s", "io_wait_s",
                                            "compute_wait_s", "forced_evals", "direct_io")})
         out["io_busy_per_token_s"] = report["io_busy_s"] / max(1, len(times))
-        for k in ("neurons_used_per_token", "neurons_read_per_token"):
+        for k in ("neurons_used_per_token", "neurons_read_per_token", "ahead_read_per_token", "ahead_used_share"):
             if k in report:
                 out[k] = report[k]
     if rt is not None:
@@ -561,6 +561,7 @@ def main() -> int:
         rows, rounds = bench_model("smollm2", budget, spec, [
             ("sparse-predictor-0.5", {"sparsity": 0.5, "sparsity_mode": "predictor"}),
             ("sparse-predictor-0.5-mlx", {"sparsity": 0.5, "sparsity_mode": "predictor", "native": False}),
+            ("sparse-predictor-0.5-no-lookahead", {"sparsity": 0.5, "sparsity_mode": "predictor", "lookahead": False}),
             ("sparse-threshold-0.5", {"sparsity": 0.5}),
             ("sparse-threshold-0.5@60%", {"sparsity": 0.5, "memory_budget": int(full_bytes * 0.6)}),
             ("sparse-threshold-0.5@75%", {"sparsity": 0.5, "memory_budget": big}),
@@ -582,6 +583,7 @@ def main() -> int:
             # With the kernel, resident gates stay as stored 8-bit bytes: threshold sparsity fits this budget.
             rows, rounds = bench_model("smollm2-8bit", budget, {**spec, "model": str(q8)},
                                        [("sparse-threshold-0.5", {"sparsity": 0.5}),
+                                        ("sparse-threshold-0.5-lookahead", {"sparsity": 0.5, "lookahead": True}),
                                         ("sparse-threshold-0.7", {"sparsity": 0.7})], args.rounds,
                                        resident_options)
             result["models"]["smollm2-8bit"] = {

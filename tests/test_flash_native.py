@@ -298,3 +298,41 @@ def test_build_failure_warns_and_falls_back(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="could not build native_ffn.c"):
         assert native.load() is None
     assert not list((tmp_path / "native").glob("*.so"))  # no half-written library left behind
+
+
+@pytest.mark.parametrize("mode", ["threshold", "predictor"])
+def test_lookahead_reads_change_nothing_but_where_bytes_come_from(tmp_path, lib, mode):
+    """Reading the next layer's guessed neurons ahead gives the same logits as not doing it; some of the
+    next layers' misses come from the lookahead buffers; the plan counts those two buffers. Both runs get
+    the same cache capacity: in predictor mode cached neurons the predictor missed still count (the
+    window recovers them), so results depend on what the cache holds."""
+    from applelm.cache import make_prompt_cache
+
+    _, _, out = tiny_flash(tmp_path, "llama", bits=16, num_hidden_layers=3, intermediate_size=256)
+    plans = {flag: load_model(out, sparsity=0.5, sparsity_mode=mode, native=True, lookahead=flag)[0].flash.plan
+             for flag in (True, False)}
+    extra = plans[True].buffer_bytes - plans[False].buffer_bytes  # two more buffers of a layer file each
+    assert extra == 2 * ((256 * BundleCodec(64, 16, "bfloat16").bundle_bytes + 4095) // 4096 * 4096)
+    budget = plans[True].total_bytes - plans[True].cache_bytes + plans[True].cache_bytes // 6
+    runs = {}
+    for flag in (True, False):
+        m, _, _ = load_model(out, sparsity=0.5, sparsity_mode=mode, window=2, native=True, lookahead=flag,
+                             memory_budget=budget - (0 if flag else extra))
+        assert m.flash.plan.cache_capacity < 256
+        cache = make_prompt_cache(m)
+        m(mx.array([[1, 5, 9, 33]]), cache=cache)
+        m.flash.reset_stats()
+        runs[flag] = (np.stack([np.array(m(mx.array([[t]]), cache=cache))[0, 0] for t in (7, 3, 25, 12, 19, 41)]),
+                      m.flash.report(), m.flash.plan.cache_capacity)
+        m.flash.close()
+    assert runs[True][2] == runs[False][2]
+    np.testing.assert_allclose(runs[True][0], runs[False][0], rtol=1e-6, atol=1e-6)
+    report = runs[True][1]
+    assert report["ahead_read_per_token"] > 0 and 0 < report["ahead_used_share"] <= 1
+    assert "ahead_read_per_token" not in runs[False][1]
+
+
+def test_lookahead_needs_the_kernel(tmp_path):
+    _, _, out = tiny_flash(tmp_path, "llama", bits=16, predictors=False)
+    with pytest.raises(UserError, match="lookahead"):
+        load_model(out, sparsity=0.5, native=False, lookahead=True)

@@ -169,14 +169,16 @@ def plan_dense(g: Geometry, resident: int, budget: Optional[int], depth: int = 4
                 buffer_bytes=buffers(depth, inflight))
 
 
-def plan_sparse(g: Geometry, resident: int, budget: Optional[int], selector_bytes: int, n_parts: int) -> Plan:
+def plan_sparse(g: Geometry, resident: int, budget: Optional[int], selector_bytes: int, n_parts: int,
+                lookahead: int = 0) -> Plan:
     """Neuron-level paging: resident selectors (gates or predictors) for every layer, a neuron cache per
     layer sized from what the budget leaves, one read buffer (a layer file: a token's coalesced neuron
-    reads never exceed it) plus one decode step of a prompt (prompts read whole layers). With the native
-    kernel (`g.stored_layer` set) the cache holds bundles as stored, not their floats."""
+    reads never exceed it) plus one decode step of a prompt (prompts read whole layers), plus `lookahead`
+    more layer-file buffers for reads of the next layer's guessed neurons. With the native kernel
+    (`g.stored_layer` set) the cache holds bundles as stored, not their floats."""
     row = n_parts * (g.part_bytes if g.stored_layer is not None else g.hidden * g.compute_itemsize)
     layer_file = (g.intermediate * g.bundle_bytes + 4095) // 4096 * 4096
-    buffers = layer_file + g.decode_bytes
+    buffers = (1 + lookahead) * layer_file + g.decode_bytes
     base = resident + selector_bytes + buffers
     if budget is None:
         capacity = g.intermediate

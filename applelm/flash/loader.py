@@ -165,12 +165,15 @@ def load_flash_model(folder, *, dtype: Optional[str] = None, memory_budget=None,
                      sparsity_mode: str = "threshold", window: int = 4, dequantize: bool = False,
                      naive: bool = False, verify: bool = True, io_threads: int = 4, ring_depth: Optional[int] = None,
                      max_unit_bytes: int = 16 << 20, read_split: int = 8 << 20,
-                     native: Optional[bool] = None) -> tuple[nn.Module, dict, FlashLayout]:
+                     native: Optional[bool] = None, lookahead: Optional[bool] = None) -> tuple[nn.Module, dict, FlashLayout]:
     """Build the model of a flash layout (see `applelm.load` for the user-facing options).
     `native`: compute paged FFN neurons of single tokens with the compiled CPU kernel (flash/native.py);
     None = under a budget on the CPU when the kernel builds (dense or sparse), False = always the MLX path,
     True = required (an error without it); without a budget it then pins every FFN layer as stored bundles
-    (the smallest fully resident form) instead of as floats."""
+    (the smallest fully resident form) instead of as floats.
+    `lookahead` (sparse paging with the native kernel; default on in predictor mode): while a layer
+    computes, read the next layer's neurons guessed from this layer's input, into two more layer-sized
+    buffers."""
     from ..loader import _compute_dtype  # the core loader's dtype rule (float32 on CPU)
 
     layout = read_layout(folder)
@@ -234,7 +237,13 @@ def load_flash_model(folder, *, dtype: Optional[str] = None, memory_budget=None,
         else:
             predictors, _ = _predictors(layout, dtype_, float(sparsity))
             selector = sum(a.nbytes + b.nbytes + c.nbytes for a, b, c, _ in predictors)
-        plan = plan_sparse(geom, resident, budget, selector, 2 if sparsity_mode == "threshold" else 3)
+        # On by default where it measured faster (flash_bench: predictor mode); with resident gates the
+        # guesses read more than they save on this machine.
+        lookahead = (kernel is not None and sparsity_mode == "predictor") if lookahead is None else bool(lookahead)
+        if lookahead and kernel is None:
+            raise UserError("lookahead reads need the native flash kernel (sparse paging on the CPU)")
+        plan = plan_sparse(geom, resident, budget, selector, 2 if sparsity_mode == "threshold" else 3,
+                           lookahead=2 if lookahead else 0)
     else:
         # A ring of 4 units keeps several reads queued (the disk probe reaches its sequential speed with
         # 2); a deeper ring holds bytes that could pin whole layers instead. The native kernel reads units
@@ -246,10 +255,14 @@ def load_flash_model(folder, *, dtype: Optional[str] = None, memory_budget=None,
                       read_split=read_split, geometry=geom)
     rt.thresholds = thresholds
     rt.native = kernel
+    if plan.mode == "sparse" and lookahead:
+        rt.enable_lookahead()
     pinned = set(plan.pinned)
     for i, block in enumerate(model.layers):
         mode = {"naive": "naive", "sparse": "sparse"}.get(plan.mode) or ("pinned" if i in pinned else "stream")
         block.mlp = FlashMLP(i, rt, acts[i][1], mode)
+        if mode == "sparse":
+            rt.sparse_layers[i] = block.mlp
     try:
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as e:

@@ -34,6 +34,8 @@ class FlashStats:
     forced_evals: int = 0  # synchronizations the pipeline forced (in-flight bound, sparse selection)
     neurons_read: int = 0
     neurons_used: int = 0
+    ahead_read: int = 0  # neurons read ahead for the next layer (sparse lookahead)
+    ahead_used: int = 0  # of those, neurons the next layer then needed
     selected: list = field(default_factory=list)
 
 
@@ -63,6 +65,11 @@ class FlashRuntime:
             self.scratch = AlignedBuffer(max(u.read_bytes for us in self.units.values() for u in us))
         elif plan.mode == "sparse":  # coalesced neuron reads of one layer never exceed its file
             self.scratch = AlignedBuffer(max(e.file_bytes for e in layout.layers))
+        # Sparse lookahead: two buffers that alternate by layer parity; ahead[k] = (layer, neuron ids
+        # (sorted), buffer offsets, futures) of the reads queued into ahead_buffers[k].
+        self.ahead_buffers: list[AlignedBuffer] = []
+        self.ahead: dict = {}
+        self.sparse_layers: dict = {}  # layer -> its FlashMLP in sparse mode (lookahead reaches the next one)
         self.inflight: deque = deque()
         self.stats = FlashStats()
         self.thresholds: Optional[np.ndarray] = None  # per layer, sparse modes
@@ -121,23 +128,55 @@ class FlashRuntime:
         self.stats.io_wait_s += time.perf_counter() - t0
         return unit.bundles(self.scratch.array)
 
-    def submit_neurons(self, layer: int, neurons: np.ndarray, n_bytes: int):
-        """Queue reads of the first `n_bytes` of each neuron's bundle (sorted ids); returns (futures, where)."""
+    def submit_neurons(self, layer: int, neurons: np.ndarray, n_bytes: int, buffer: Optional[AlignedBuffer] = None):
+        """Queue reads of the first `n_bytes` of each neuron's bundle (sorted ids) into `buffer` (default:
+        the scratch buffer); returns (futures, where)."""
         bundle = self.codec.bundle_bytes
         runs, where = page_runs(neurons.astype(np.int64) * bundle, n_bytes, gap_pages=self.gap_pages)
         path = str(self.layout.layers[layer].path)
-        return self.reader.read_runs(path, runs, self.scratch), where
+        return self.reader.read_runs(path, runs, buffer or self.scratch), where
+
+    def enable_lookahead(self) -> None:
+        """Sparse mode: allocate the two lookahead buffers (the plan counted them)."""
+        size = max(e.file_bytes for e in self.layout.layers)
+        self.ahead_buffers = [AlignedBuffer(size), AlignedBuffer(size)]
+
+    def read_ahead(self, layer: int, neurons: np.ndarray, n_bytes: int) -> None:
+        """Queue reads of `neurons` of `layer` into its parity's lookahead buffer (replacing what was there)."""
+        k = layer % 2
+        self.drop_ahead(k)
+        if len(neurons):
+            futures, where = self.submit_neurons(layer, neurons, n_bytes, self.ahead_buffers[k])
+            self.ahead[k] = (layer, neurons, where, futures)
+            self.stats.ahead_read += len(neurons)
+
+    def peek_ahead(self, layer: int):
+        """(neuron ids, offsets, buffer, futures) read ahead for `layer`, or None. The entry stays until a
+        later read_ahead into the same buffer replaces it (after waiting for its reads), so the buffer is
+        never refilled under a read still in flight; its bytes are the file's, valid as long as it stays."""
+        entry = self.ahead.get(layer % 2)
+        if entry is None or entry[0] != layer:
+            return None
+        _, ids, where, futures = entry
+        return ids, where, self.ahead_buffers[layer % 2], futures
+
+    def drop_ahead(self, k: Optional[int] = None) -> None:
+        """Forget lookahead reads (of buffer k, or all), after they finish: their buffer may be reused."""
+        for key in [k] if k is not None else list(self.ahead):
+            entry = self.ahead.pop(key, None)
+            if entry is not None:
+                wait_all(entry[3])
 
     def wait(self, futures) -> None:
         t0 = time.perf_counter()
         wait_all(futures)
         self.stats.io_wait_s += time.perf_counter() - t0
 
-    def gather(self, where: np.ndarray, n_bytes: int) -> np.ndarray:
-        """(len(where), n_bytes) copy of the bytes at each scratch offset (after `wait`).
-        Equal-length slices at arbitrary offsets: a fancy index into a sliding-window view copies each
-        once, without building an (m, n_bytes) index array."""
-        return np.lib.stride_tricks.sliding_window_view(self.scratch.array, n_bytes)[where]
+    def gather(self, where: np.ndarray, n_bytes: int, buffer: Optional[AlignedBuffer] = None) -> np.ndarray:
+        """(len(where), n_bytes) copy of the bytes at each offset of `buffer` (default: scratch; after
+        `wait`). Equal-length slices at arbitrary offsets: a fancy index into a sliding-window view copies
+        each once, without building an (m, n_bytes) index array."""
+        return np.lib.stride_tricks.sliding_window_view((buffer or self.scratch).array, n_bytes)[where]
 
     # -- statistics ---------------------------------------------------------------------------------------
 
@@ -163,6 +202,9 @@ class FlashRuntime:
         if s.neurons_used:
             out["neurons_used_per_token"] = s.neurons_used / tokens
             out["neurons_read_per_token"] = s.neurons_read / tokens
+        if s.ahead_read:
+            out["ahead_read_per_token"] = s.ahead_read / tokens
+            out["ahead_used_share"] = s.ahead_used / s.ahead_read
         return out
 
     def close(self) -> None:
@@ -171,4 +213,7 @@ class FlashRuntime:
         self.closed = True
         if self.ring is not None:
             self.ring.close()
+        self.drop_ahead()
         self.reader.close()
+        for buf in self.ahead_buffers:
+            buf.close()
