@@ -121,7 +121,7 @@ def main() -> int:
     n_layers = len(xs)
     layer_pages = -(-layout.intermediate * bundle // PAGE)
     # (selector, looser guess): the threshold times a factor, or the predictor's logit cut minus a margin.
-    variants = [("threshold", 1.0), ("threshold", 0.5), ("predictor", 0.0), ("predictor", 1.0)]
+    variants = [("threshold", 1.0), ("threshold", 0.75), ("threshold", 0.5), ("predictor", 0.0), ("predictor", 1.0)]
     for mode, loosen in variants:
         n_bytes = 2 * codec.part_bytes if mode == "threshold" else bundle  # what each selector's reads fetch
         rows = []
