@@ -583,7 +583,7 @@ def main() -> int:
             # With the kernel, resident gates stay as stored 8-bit bytes: threshold sparsity fits this budget.
             rows, rounds = bench_model("smollm2-8bit", budget, {**spec, "model": str(q8)},
                                        [("sparse-threshold-0.5", {"sparsity": 0.5}),
-                                        ("sparse-threshold-0.5-lookahead", {"sparsity": 0.5, "lookahead": True}),
+                                        ("sparse-threshold-0.5-no-lookahead", {"sparsity": 0.5, "lookahead": False}),
                                         ("sparse-threshold-0.7", {"sparsity": 0.7})], args.rounds,
                                        resident_options)
             result["models"]["smollm2-8bit"] = {
