@@ -614,6 +614,7 @@ def main() -> int:
         rows, rounds = bench_model("synthetic", budget, spec, [
             ("sparse-predictor-0.5", {"sparsity": 0.5, "sparsity_mode": "predictor"}),
             ("sparse-predictor-0.5-mlx", {"sparsity": 0.5, "sparsity_mode": "predictor", "native": False}),
+            ("sparse-predictor-0.5-no-lookahead", {"sparsity": 0.5, "sparsity_mode": "predictor", "lookahead": False}),
             ("sparse-threshold-0.5", {"sparsity": 0.5})], args.rounds)
         from applelm.flash.layout import read_layout
 
