@@ -122,3 +122,16 @@ def test_sparse_needs_calibration(tmp_path):
         load_model(out, sparsity=0.5, sparsity_mode="predictor")
     with pytest.raises(UserError, match="sparsity"):
         load_model(out, sparsity=1.5)
+
+
+def test_cuda_prefetch_is_a_no_op_off_cuda(monkeypatch):
+    """The bulk move to the GPU only acts under MLX's CUDA backend; elsewhere, or switched off, it does
+    nothing and says why (results never depend on it)."""
+    from applelm.flash.cuda_prefetch import CudaPrefetcher
+
+    p = CudaPrefetcher()
+    assert not p.available
+    p.to_device(mx.zeros((4,)))
+    assert p.calls == 0
+    monkeypatch.setenv("APPLELM_CUDA_PREFETCH", "off")
+    assert CudaPrefetcher().error == "off (APPLELM_CUDA_PREFETCH)"

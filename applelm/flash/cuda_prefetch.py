@@ -62,12 +62,13 @@ class CudaPrefetcher:
         if lib.cudaGetDevice(ctypes.byref(self._device)) != 0:
             self.error = "cudaGetDevice failed"
             return
-        self._v2 = None
-        fn = getattr(lib, "cudaMemPrefetchAsync_v2", None) or lib.cudaMemPrefetchAsync
-        # CUDA 13 takes (ptr, count, cudaMemLocation, flags, stream); CUDA 12 (ptr, count, device, stream).
+        # CUDA 13 (and the _v2 entry of 12.2+) take (ptr, count, cudaMemLocation, flags, stream); older CUDA 12
+        # (ptr, count, device, stream).
+        v2 = getattr(lib, "cudaMemPrefetchAsync_v2", None)
+        fn = v2 or lib.cudaMemPrefetchAsync
         version = ctypes.c_int(0)
         lib.cudaRuntimeGetVersion(ctypes.byref(version))
-        self._v2 = version.value >= 13000 or fn is getattr(lib, "cudaMemPrefetchAsync_v2", None)
+        self._v2 = version.value >= 13000 or v2 is not None
         if self._v2:
             fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, _MemLocation, ctypes.c_uint, ctypes.c_void_p]
         else:

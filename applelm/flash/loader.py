@@ -118,13 +118,13 @@ def _predictors(layout: FlashLayout, dtype, sparsity: float) -> tuple[list, dict
 
 
 def _read_layers(rt: FlashRuntime, layout: FlashLayout, want: dict[int, tuple], verify: bool,
-                 stored: frozenset = frozenset(), stored_gates: frozenset = frozenset()) -> tuple[dict, dict]:
+                 stored: frozenset = frozenset(), stored_gates: frozenset = frozenset()) -> tuple[dict, dict, dict]:
     """One pass over the layer files with direct I/O: check CRCs and keep what layers hold.
     want[i] lists part indices to decode for layer i; layers in `stored` keep their bundles as read, layers
     in `stored_gates` their gate parts as read. Returns ({i: [array per wanted part]}, {i: (intermediate,
-    bundle_bytes) uint8 numpy array}); stored gates are in the second dict under ("gate", i)."""
+    bundle_bytes) uint8 numpy array}, {i: (intermediate, part_bytes) uint8 numpy array of gates})."""
     buf = AlignedBuffer(max(u.read_bytes for us in rt.units.values() for u in us))
-    out, raw = {}, {}
+    out, raw, gates = {}, {}, {}
     gate_at = 2 * rt.codec.part_bytes
     try:
         for i in range(layout.n_layers):
@@ -135,7 +135,7 @@ def _read_layers(rt: FlashRuntime, layout: FlashLayout, want: dict[int, tuple], 
             if i in stored:
                 raw[i] = np.empty((layout.intermediate, rt.codec.bundle_bytes), np.uint8)
             if i in stored_gates:
-                raw["gate", i] = np.empty((layout.intermediate, rt.codec.part_bytes), np.uint8)
+                gates[i] = np.empty((layout.intermediate, rt.codec.part_bytes), np.uint8)
             for u in rt.units[i]:
                 wait_all(rt.reader.read(u.path, u.file_offset, u.read_bytes, buf))
                 bundles = u.bundles(buf.array)
@@ -143,7 +143,7 @@ def _read_layers(rt: FlashRuntime, layout: FlashLayout, want: dict[int, tuple], 
                 if i in stored:
                     raw[i][u.start: u.stop] = bundles
                 if i in stored_gates:
-                    raw["gate", i][u.start: u.stop] = bundles[:, gate_at:]
+                    gates[i][u.start: u.stop] = bundles[:, gate_at:]
                 if parts:
                     decoded = rt.codec.decode_mx(mx.array(bundles), 3, rt.dtype)
                     for slot, p in zip(pieces, parts):
@@ -158,7 +158,7 @@ def _read_layers(rt: FlashRuntime, layout: FlashLayout, want: dict[int, tuple], 
                 mx.eval(out[i])
     finally:
         buf.close()
-    return out, raw
+    return out, raw, gates
 
 
 def load_flash_model(folder, *, dtype: Optional[str] = None, memory_budget=None, sparsity: Optional[float] = None,
@@ -278,7 +278,7 @@ def load_flash_model(folder, *, dtype: Optional[str] = None, memory_budget=None,
             want, stored_gates = {}, frozenset(range(layout.n_layers))
         else:
             want = {i: (2,) for i in range(layout.n_layers)}
-    data, raw = _read_layers(rt, layout, want, verify, stored, stored_gates)
+    data, raw, gates = _read_layers(rt, layout, want, verify, stored, stored_gates)
     for i, block in enumerate(model.layers):
         mlp = block.mlp
         if i in raw:
@@ -287,7 +287,7 @@ def load_flash_model(folder, *, dtype: Optional[str] = None, memory_budget=None,
             mlp._pinned = tuple(data[i])
         elif mlp.mode == "sparse":
             if sparsity_mode == "threshold" and kernel is not None:
-                mlp._gate_stored = raw["gate", i]
+                mlp._gate_stored = gates[i]
             elif sparsity_mode == "threshold":
                 mlp._gate = data[i][0]
             else:

@@ -89,7 +89,6 @@ class BundleFFN:
         if rc:
             raise ValueError("native kernel: unsupported store geometry")
 
-
     def gate_acts(self, x: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """act(gate_i . x) for each stored gate part in `rows` ((n, >= part_bytes) contiguous bytes): the
         selection of threshold sparsity with the gates held as stored (float32 (n,))."""
