@@ -1,0 +1,111 @@
+"""OpenMP wait policy: decode speed with OpenMP workers that spin after each call against ones that sleep.
+
+applelm sets OMP_WAIT_POLICY=PASSIVE when imported (unless already set): the preloaded BLAS (MKL's GNU
+threading layer) and the C kernels run on libgomp, whose idle workers otherwise spin for a while after each
+parallel call, on a core that MLX's own CPU thread or the direct reads need next. Each run is a fresh process
+(flash_bench's runner) with the policy set before anything loads; runs are interleaved over rounds:
+  - smollm2-gguf:   the embedded SmolLM2 GGUF loaded as `make run` loads it (packed blocks, C kernel)
+  - flash-resident: its flash layout (bfloat16 bundles) fully resident through the native kernel
+  - paged-bf16 / paged-8bit: the same layouts paged under flash_bench's budget (half the resident form)
+
+    python benchmarks/omp_wait.py [--rounds 3] [--tokens 24] [--out FILE.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import flash_bench  # benchmarks/flash_bench.py: layouts, the per-run process and the machine description
+import machine_info  # benchmarks/machine_info.py
+
+POLICIES = ("ACTIVE", "PASSIVE")
+
+
+def runs(work: Path) -> list[tuple[str, str, dict]]:
+    """(label, model path, load options) of every run; prepares the flash layouts if missing."""
+    import applelm  # noqa: F401
+    from applelm.loader import default_model_path, load_model
+
+    gguf = default_model_path()
+    bf16, _ = flash_bench.prepared(gguf, work / "smollm2_bf16", bits=16, dtype="bfloat16", train_predictors=True)
+    q8, _ = flash_bench.prepared(gguf, work / "smollm2_q8", bits=8, train_predictors=False)
+    full, _, _ = load_model(bf16, native=True)
+    budget = full.flash.plan.total_bytes // 2  # flash_bench's SmolLM2 budget
+    full.flash.close()
+    return [("smollm2-gguf", str(gguf), {}), ("flash-resident", str(bf16), {"native": True}),
+            ("paged-bf16", str(bf16), {"memory_budget": budget}), ("paged-8bit", str(q8), {"memory_budget": budget})]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--tokens", type=int, default=24)
+    p.add_argument("--work", default=str(flash_bench.ROOT / ".flash_bench"))
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    plan = runs(work)
+    from applelm.flash.loader import flash_tokenizer
+
+    prompt = flash_tokenizer(plan[1][1]).encode(flash_bench.SMOL_PROMPT)
+    result = {"command": "python " + " ".join([os.path.relpath(__file__, flash_bench.ROOT)] + sys.argv[1:]),
+              "machine": flash_bench.machine("cpu"), "load_start": machine_info.load_avg(),
+              "date": time.strftime("%Y-%m-%d %H:%M"), "rounds": []}
+    for rnd in range(args.rounds):
+        rows = {}
+        for label, model, options in plan:
+            for policy in POLICIES:
+                os.environ["OMP_WAIT_POLICY"] = policy  # the child process starts with it
+                r = flash_bench.spawn({"device": "cpu", "label": label, "model": model, "tokens": args.tokens,
+                                       "prompt": prompt, "options": options})
+                rows[f"{label} {policy}"] = {k: r.get(k) for k in ("decode_tok_s_median", "cpu_during_decode",
+                                                                   "read_GBps", "bytes_per_token", "error")}
+                print(f"[round {rnd + 1}] {label} {policy}: {r.get('decode_tok_s_median', r.get('error'))} tok/s, "
+                      f"cpu {r.get('cpu_during_decode')}", file=sys.stderr, flush=True)
+        result["rounds"].append(rows)
+    result["load_end"] = machine_info.load_avg()
+    summary = {}
+    for label, _, _ in plan:
+        med = {pol: flash_bench.median([r[f"{label} {pol}"]["decode_tok_s_median"] for r in result["rounds"]])
+               for pol in POLICIES}
+        wins = sum((r[f"{label} PASSIVE"]["decode_tok_s_median"] or 0) > (r[f"{label} ACTIVE"]["decode_tok_s_median"] or 0)
+                   for r in result["rounds"])
+        summary[label] = {"active_tok_s": med["ACTIVE"], "passive_tok_s": med["PASSIVE"],
+                          "passive_over_active": round(med["PASSIVE"] / med["ACTIVE"], 2) if med["ACTIVE"] else None,
+                          "rounds_passive_faster": wins}
+    result["summary"] = summary
+    out = Path(args.out) if args.out else None
+    text = json.dumps(result, indent=1)
+    if out:
+        out.write_text(text)
+        out.with_suffix(".md").write_text(markdown(result))
+    print(markdown(result))
+    return 0
+
+
+def markdown(result: dict) -> str:
+    m = result["machine"]
+    lines = [f"# OpenMP wait policy and decode speed ({m.get('cpu', 'cpu')})", "",
+             f"Command: `{result['command']}`  ", f"{result['date']}, commit {m.get('commit')}, MLX {m.get('mlx')}, "
+             f"load average at start {result['load_start']}, end {result['load_end']}", "",
+             "| run | ACTIVE (spin) tok/s | PASSIVE (sleep) tok/s | passive / active | rounds passive faster |",
+             "|---|---:|---:|---:|---:|"]
+    for label, s in result["summary"].items():
+        lines.append(f"| {label} | {s['active_tok_s']} | {s['passive_tok_s']} | {s['passive_over_active']} | "
+                     f"{s['rounds_passive_faster']}/{len(result['rounds'])} |")
+    lines += ["", "Every round (tok/s; CPU busy / steal shares of the machine while decoding):", ""]
+    for i, rows in enumerate(result["rounds"]):
+        cells = [f"{k}: {v['decode_tok_s_median']} ({(v['cpu_during_decode'] or {}).get('busy')} / "
+                 f"{(v['cpu_during_decode'] or {}).get('steal')})" for k, v in rows.items()]
+        lines.append(f"- round {i + 1}: " + "; ".join(cells))
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
