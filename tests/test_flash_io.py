@@ -51,6 +51,31 @@ def test_reader_reads_exact_bytes_and_counts(tmp_path):
     assert measure_disk(str(path), len(data), 4096, seconds=0.05, threads=2) > 0
 
 
+@pytest.mark.parametrize("huge", [None, False])
+def test_buffers_of_2mib_and_more_start_on_a_huge_page_boundary_and_read_exactly(tmp_path, monkeypatch, huge):
+    """Big buffers ask for transparent huge pages (2 MiB-aligned start, so whole pages fit); the bytes
+    read into them are the file's, at any offset; APPLELM_HUGE_PAGES=off keeps 4 KiB pages."""
+    from applelm.flash.io import HUGE_PAGE
+
+    monkeypatch.setenv("APPLELM_HUGE_PAGES", "on" if huge is None else "off")
+    path = tmp_path / "big.bin"
+    data = np.random.default_rng(1).integers(0, 256, 3 * HUGE_PAGE + 8192, dtype=np.uint8)
+    path.write_bytes(data.tobytes())
+    buf = AlignedBuffer(len(data) - 4096)
+    assert buf.n_bytes == len(data) - 4096 and buf.array.size == buf.n_bytes == len(buf.view)
+    madvise = hasattr(__import__("mmap"), "MADV_HUGEPAGE")
+    assert buf.huge == (huge is None and madvise)
+    if buf.huge:
+        assert buf.array.ctypes.data % HUGE_PAGE == 0
+    reader = DirectReader(threads=2, split=HUGE_PAGE)
+    wait_all(reader.read(str(path), 4096, buf.n_bytes - 4096, buf, at=4096))
+    np.testing.assert_array_equal(buf.array[4096:], data[4096: buf.n_bytes])
+    assert not buf.array[:4096].any()  # zero-filled where nothing was read
+    reader.close()
+    buf.close()
+    assert not AlignedBuffer(HUGE_PAGE - 4096).huge  # smaller buffers keep 4 KiB pages
+
+
 @pytest.mark.skipif(not os.path.isdir("/dev/shm") or not hasattr(os, "O_DIRECT"), reason="needs tmpfs /dev/shm")
 def test_filesystem_without_direct_io_falls_back_with_a_warning():
     path = f"/dev/shm/applelm_flash_test_{os.getpid()}.bin"
