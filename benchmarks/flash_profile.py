@@ -32,7 +32,7 @@ READ_SETTINGS = [("4t x 8MiB, 16MiB units", 4, 8 * M, 16 * M, 4), ("1t x unit, 1
                  ("1t x unit, 64MiB units", 1, 0, 64 * M, 2), ("8t x 4MiB, 16MiB units", 8, 4 * M, 16 * M, 4),
                  ("4t x unit, 16MiB units", 4, 0, 16 * M, 4)]
 # "env" entries are set while that run loads and decodes.
-RUNS = {"paged": {}, "paged-1t": {"io_threads": 1, "read_split": 1 << 40},
+RUNS = {"paged": {}, "resident-native": {"memory_budget": None, "native": True}, "paged-1t": {"io_threads": 1, "read_split": 1 << 40},
         "paged-no-cuda-prefetch": {"env": {"APPLELM_CUDA_PREFETCH": "off"}},
         "sparse-predictor-0.5-no-cuda-prefetch": {"sparsity": 0.5, "sparsity_mode": "predictor",
                                                   "env": {"APPLELM_CUDA_PREFETCH": "off"}},
