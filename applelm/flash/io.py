@@ -36,7 +36,8 @@ class AlignedBuffer:
     From 2 MiB up it starts on a 2 MiB boundary and its whole 2 MiB pieces are asked to be transparent
     huge pages (Linux, MADV_HUGEPAGE). A direct read into 4 KiB pages is cut into requests of at most
     max_segments pages (254 here, ~1 MiB); into huge pages, into requests of up to max_sectors_kb (4 MiB):
-    on this VM 3.7-5.0 GB/s instead of 1.0-1.2, at a third of the CPU (benchmarks/huge_pages.py).
+    on this VM 2.9-5.5 GB/s instead of 1.2-1.7, at a quarter to a half of the CPU time per GB
+    (benchmarks/huge_pages.py).
     `huge_pages` None: on unless APPLELM_HUGE_PAGES=off."""
 
     def __init__(self, n_bytes: int, huge_pages: Optional[bool] = None):
