@@ -184,13 +184,14 @@ def read_units_speed(units, threads: int = 4, split: int = 8 << 20, in_flight: i
                      seconds: float = 1.0, start: int = 0, huge_pages: Optional[bool] = None) -> float:
     """Direct-I/O read speed (bytes/s) of flash units (ring.Unit) read in the given order from `start`,
     `in_flight` reads kept queued on a reader of `threads` threads and `split`-sized requests, into
-    buffers like the runtime's (`huge_pages`: see flash/io.py AlignedBuffer)."""
+    slots of one buffer as the runtime's ring reads them (`huge_pages`: see flash/io.py AlignedBuffer)."""
     from collections import deque
 
     from applelm.flash.io import AlignedBuffer, DirectReader
 
     reader = DirectReader(threads=threads, split=split)
-    buffers = [AlignedBuffer(max(u.read_bytes for u in units), huge_pages) for _ in range(in_flight)]
+    block = AlignedBuffer(in_flight * max(u.read_bytes for u in units), huge_pages)
+    buffers = block.slots(in_flight)
     queue, done, k = deque(), 0, start
     t0 = time.perf_counter()
     for b in buffers:
@@ -210,6 +211,7 @@ def read_units_speed(units, threads: int = 4, split: int = 8 << 20, in_flight: i
     reader.close()
     for b in buffers:
         b.close()
+    block.close()
     return done / elapsed
 
 

@@ -76,6 +76,19 @@ def test_buffers_of_2mib_and_more_start_on_a_huge_page_boundary_and_read_exactly
     assert not AlignedBuffer(HUGE_PAGE - 4096).huge  # smaller buffers keep 4 KiB pages
 
 
+def test_slots_cut_one_buffer_into_aligned_disjoint_pieces():
+    buf = AlignedBuffer(3 * 5 * 4096 + 100)
+    slots = buf.slots(3)
+    assert [s.n_bytes for s in slots] == [5 * 4096] * 3
+    for i, s in enumerate(slots):
+        assert s.array.ctypes.data % 4096 == 0 and len(s.view) == s.n_bytes
+        s.array[:] = i + 1
+    assert buf.array[0] == 1 and buf.array[5 * 4096] == 2 and buf.array[3 * 5 * 4096 - 1] == 3
+    for s in slots:
+        s.close()
+    buf.close()
+
+
 @pytest.mark.skipif(not os.path.isdir("/dev/shm") or not hasattr(os, "O_DIRECT"), reason="needs tmpfs /dev/shm")
 def test_filesystem_without_direct_io_falls_back_with_a_warning():
     path = f"/dev/shm/applelm_flash_test_{os.getpid()}.bin"

@@ -62,6 +62,14 @@ class AlignedBuffer:
         self.view = memoryview(self._map)[start: start + self.n_bytes]
         del whole
 
+    def slots(self, n: int) -> list["BufferSlot"]:
+        """`n` equal page-aligned pieces of this buffer. A ring's slots cut from one buffer share its huge
+        pages (reads may cross their boundaries) and leave at most one partly used 2 MiB piece in 4 KiB
+        pages, where separate buffers would leave one each."""
+        size = self.n_bytes // n // ALIGN * ALIGN
+        return [BufferSlot(self.array[i * size: (i + 1) * size], self.view[i * size: (i + 1) * size], size)
+                for i in range(n)]
+
     def close(self) -> None:
         self.view.release()
         self.array = None
@@ -69,6 +77,17 @@ class AlignedBuffer:
             self._map.close()
         except BufferError:  # a numpy view is still alive somewhere; the GC frees it with that view
             pass
+
+
+class BufferSlot:
+    """A piece of an AlignedBuffer with the same `array`, `view` and `n_bytes` (its owner closes it)."""
+
+    def __init__(self, array: np.ndarray, view: memoryview, n_bytes: int):
+        self.array, self.view, self.n_bytes = array, view, n_bytes
+
+    def close(self) -> None:
+        self.view.release()
+        self.array = None
 
 
 def open_uncached(path: str) -> tuple[int, bool]:

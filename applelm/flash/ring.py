@@ -59,7 +59,8 @@ class StreamRing:
         self.reader, self.units = reader, units
         self.depth = max(1, min(depth, len(units)))
         size = max(u.read_bytes for u in units)
-        self.buffers = [AlignedBuffer(size) for _ in range(self.depth)]
+        self._block = AlignedBuffer(self.depth * size)  # one mapping: its huge pages serve every slot
+        self.buffers = self._block.slots(self.depth)
         self.free = list(range(self.depth))
         self.pending: OrderedDict[int, tuple[int, list]] = OrderedDict()
         self.next = 0
@@ -116,3 +117,4 @@ class StreamRing:
         self.pending.clear()
         for buf in self.buffers:
             buf.close()
+        self._block.close()
