@@ -156,6 +156,35 @@ def prepared(src, out: Path, **options) -> tuple[Path, float]:
 # one run in a fresh process
 
 
+def round_args(doc: str) -> tuple[argparse.Namespace, Path]:
+    """The options of the interleaved-round SmolLM2 studies (omp_wait.py, huge_pages.py) and their work
+    folder, created if missing."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--tokens", type=int, default=24)
+    p.add_argument("--work", default=str(ROOT / ".flash_bench"))
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    return args, work
+
+
+def smollm2_stores(work: Path) -> tuple[Path, Path, int]:
+    """The embedded SmolLM2's bfloat16 and 8-bit flash layouts under `work` (prepared if missing) and this
+    benchmark's SmolLM2 budget: half of the smallest fully resident form (the default of --smollm2-*)."""
+    import applelm  # noqa: F401  (BLAS preload before mlx)
+    from applelm.loader import default_model_path, load_model
+
+    gguf = default_model_path()
+    bf16, _ = prepared(gguf, work / "smollm2_bf16", bits=16, dtype="bfloat16", train_predictors=True)
+    q8, _ = prepared(gguf, work / "smollm2_q8", bits=8, train_predictors=False)
+    full, _, _ = load_model(bf16, native=True)
+    budget = full.flash.plan.total_bytes // 2
+    full.flash.close()
+    return bf16, q8, budget
+
+
 def _rss() -> int:
     with open("/proc/self/statm") as fh:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

@@ -15,7 +15,6 @@ machine, in one run:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -71,26 +70,11 @@ def read_rows(probe: Path, layouts: dict) -> dict:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--tokens", type=int, default=24)
-    p.add_argument("--work", default=str(flash_bench.ROOT / ".flash_bench"))
-    p.add_argument("--out", default=None)
-    args = p.parse_args()
-
-    import applelm  # noqa: F401  (BLAS preload before mlx)
-    from applelm.flash.loader import flash_tokenizer
-    from applelm.loader import default_model_path, load_model
-
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
+    args, work = flash_bench.round_args(__doc__)
+    bf16, q8, budget = flash_bench.smollm2_stores(work)
     disk = flash_bench.disk_speeds(work)  # writes the probe file if missing
-    gguf = default_model_path()
-    bf16, _ = flash_bench.prepared(gguf, work / "smollm2_bf16", bits=16, dtype="bfloat16", train_predictors=True)
-    q8, _ = flash_bench.prepared(gguf, work / "smollm2_q8", bits=8, train_predictors=False)
-    full, _, _ = load_model(bf16, native=True)
-    budget = full.flash.plan.total_bytes // 2  # flash_bench's SmolLM2 budget
-    full.flash.close()
+    from applelm.flash.loader import flash_tokenizer
+
     prompt = flash_tokenizer(bf16).encode(flash_bench.SMOL_PROMPT)
     decodes = [("naive-bf16", bf16, {"memory_budget": budget, "naive": True}),
                ("paged-bf16", bf16, {"memory_budget": budget}),

@@ -13,7 +13,6 @@ parallel call, on a core that MLX's own CPU thread or the direct reads need next
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -28,28 +27,15 @@ POLICIES = ("ACTIVE", "PASSIVE")
 
 def runs(work: Path) -> list[tuple[str, str, dict]]:
     """(label, model path, load options) of every run; prepares the flash layouts if missing."""
-    import applelm  # noqa: F401
-    from applelm.loader import default_model_path, load_model
+    bf16, q8, budget = flash_bench.smollm2_stores(work)
+    from applelm.loader import default_model_path
 
-    gguf = default_model_path()
-    bf16, _ = flash_bench.prepared(gguf, work / "smollm2_bf16", bits=16, dtype="bfloat16", train_predictors=True)
-    q8, _ = flash_bench.prepared(gguf, work / "smollm2_q8", bits=8, train_predictors=False)
-    full, _, _ = load_model(bf16, native=True)
-    budget = full.flash.plan.total_bytes // 2  # flash_bench's SmolLM2 budget
-    full.flash.close()
-    return [("smollm2-gguf", str(gguf), {}), ("flash-resident", str(bf16), {"native": True}),
+    return [("smollm2-gguf", str(default_model_path()), {}), ("flash-resident", str(bf16), {"native": True}),
             ("paged-bf16", str(bf16), {"memory_budget": budget}), ("paged-8bit", str(q8), {"memory_budget": budget})]
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--tokens", type=int, default=24)
-    p.add_argument("--work", default=str(flash_bench.ROOT / ".flash_bench"))
-    p.add_argument("--out", default=None)
-    args = p.parse_args()
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
+    args, work = flash_bench.round_args(__doc__)
     plan = runs(work)
     from applelm.flash.loader import flash_tokenizer
 
