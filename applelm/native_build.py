@@ -20,13 +20,15 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
+from .switches import switched_off
+
 _lock = threading.Lock()
 _built: dict[Path, Optional[ctypes.CDLL]] = {}
 
 
 def disabled() -> bool:
     """True when APPLELM_NATIVE turns the compiled kernels off."""
-    return os.environ.get("APPLELM_NATIVE", "").lower() in ("0", "off", "no", "false")
+    return switched_off("APPLELM_NATIVE")
 
 
 def _cache_dir() -> Path:

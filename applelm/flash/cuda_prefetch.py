@@ -17,6 +17,8 @@ import os
 import sys
 from typing import Optional
 
+from ..switches import switched_off
+
 
 class _MemLocation(ctypes.Structure):  # cudaMemLocation (CUDA 12.2+): {type, id}
     _fields_ = [("type", ctypes.c_int), ("id", ctypes.c_int)]
@@ -49,7 +51,7 @@ class CudaPrefetcher:
         import mlx.core as mx
 
         cuda = getattr(mx, "cuda", None)
-        if os.environ.get("APPLELM_CUDA_PREFETCH", "").lower() in ("0", "off", "no", "false"):
+        if switched_off("APPLELM_CUDA_PREFETCH"):
             self.error = "off (APPLELM_CUDA_PREFETCH)"
             return
         if mx.default_device() != mx.gpu or cuda is None or not cuda.is_available():

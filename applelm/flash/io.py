@@ -22,6 +22,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ..errors import ModelFormatError
+from ..switches import switched_off
 from .layout import ALIGN, aligned
 
 _F_NOCACHE = 48  # <sys/fcntl.h> on macOS; Python's fcntl module only names it on recent versions
@@ -43,7 +44,7 @@ class AlignedBuffer:
     def __init__(self, n_bytes: int, huge_pages: Optional[bool] = None):
         self.n_bytes = aligned(max(n_bytes, 1))
         if huge_pages is None:
-            huge_pages = os.environ.get("APPLELM_HUGE_PAGES", "").lower() not in ("0", "off", "no", "false")
+            huge_pages = not switched_off("APPLELM_HUGE_PAGES")
         advice = getattr(mmap, "MADV_HUGEPAGE", None)
         huge = huge_pages and advice is not None and self.n_bytes >= HUGE_PAGE
         # The 2 MiB of slack are address space only: pages outside [start, start + n_bytes) are never touched.
