@@ -170,15 +170,25 @@ def round_args(doc: str) -> tuple[argparse.Namespace, Path]:
     return args, work
 
 
+# The SmolLM2 stores every study here prepares alike (prepared() rebuilds a folder whose options differ).
+SMOL_STORES = {"smollm2_bf16": dict(bits=16, dtype="bfloat16", train_predictors=True),
+               "smollm2_q8": dict(bits=8, train_predictors=False)}
+
+
+def smollm2_store(work: Path, name: str) -> tuple[Path, float]:
+    """The embedded SmolLM2 prepared as SMOL_STORES[name] under `work` (see prepared)."""
+    from applelm.loader import default_model_path
+
+    return prepared(default_model_path(), work / name, **SMOL_STORES[name])
+
+
 def smollm2_stores(work: Path) -> tuple[Path, Path, int]:
     """The embedded SmolLM2's bfloat16 and 8-bit flash layouts under `work` (prepared if missing) and this
     benchmark's SmolLM2 budget: half of the smallest fully resident form (the default of --smollm2-*)."""
     import applelm  # noqa: F401  (BLAS preload before mlx)
-    from applelm.loader import default_model_path, load_model
+    from applelm.loader import load_model
 
-    gguf = default_model_path()
-    bf16, _ = prepared(gguf, work / "smollm2_bf16", bits=16, dtype="bfloat16", train_predictors=True)
-    q8, _ = prepared(gguf, work / "smollm2_q8", bits=8, train_predictors=False)
+    (bf16, _), (q8, _) = smollm2_store(work, "smollm2_bf16"), smollm2_store(work, "smollm2_q8")
     full, _, _ = load_model(bf16, native=True)
     budget = full.flash.plan.total_bytes // 2
     full.flash.close()
@@ -242,6 +252,15 @@ def read_units_speed(units, threads: int = 4, split: int = 8 << 20, in_flight: i
         b.close()
     block.close()
     return done / elapsed
+
+
+def layout_units(layout, unit_bytes: int = 16 << 20) -> list:
+    """Every layer of a flash layout as streamed units of at most ~unit_bytes, in forward order."""
+    from applelm.flash.ring import split_layer
+
+    return [u for i in range(layout.n_layers)
+            for u in split_layer(i, layout.intermediate, layout.codec.bundle_bytes, str(layout.layers[i].path),
+                                 unit_bytes)]
 
 
 def layout_read_speed(rt, seconds: float = 1.0, in_flight: int = 4) -> float:
@@ -574,8 +593,7 @@ def main() -> int:
 
     if "smollm2" in models:
         t16 = prepared(default_model_path(), work / "smollm2_f16", bits=16, dtype="float16", train_predictors=False)
-        layout, prep_s = prepared(default_model_path(), work / "smollm2_bf16", bits=16, dtype="bfloat16",
-                                  train_predictors=True)
+        layout, prep_s = smollm2_store(work, "smollm2_bf16")
         dequantize = args.smollm2_resident == "float32"
         resident_options = {} if dequantize else {"native": True}
         full, _, _ = load_model(layout, dequantize=dequantize, **resident_options)
@@ -611,7 +629,7 @@ def main() -> int:
         if "smollm2-8bit" in models:
             # 8-bit bundles read about half the bfloat16 store's bytes per token. A 4-bit store re-quantizes
             # the Q4_1 weights along another axis: only its perplexity is measured (resident_4bit_store).
-            q8, q8_prep_s = prepared(default_model_path(), work / "smollm2_q8", bits=8, train_predictors=False)
+            q8, q8_prep_s = smollm2_store(work, "smollm2_q8")
             # With the kernel, resident gates stay as stored 8-bit bytes: threshold sparsity fits this budget.
             rows, rounds = bench_model("smollm2-8bit", budget, {**spec, "model": str(q8)},
                                        [("sparse-threshold-0.5", {"sparsity": 0.5}),

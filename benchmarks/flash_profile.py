@@ -43,11 +43,7 @@ RUNS = {"paged": {}, "resident-native": {"memory_budget": None, "native": True},
 
 def read_speed(layout, threads: int, split: int, unit_bytes: int, queued: int, seconds: float = 1.0) -> float:
     """GB/s reading the layout's units in forward order (from the middle of the model) with these settings."""
-    from applelm.flash.ring import split_layer
-
-    units = [u for i in range(layout.n_layers)
-             for u in split_layer(i, layout.intermediate, layout.codec.bundle_bytes, str(layout.layers[i].path),
-                                  unit_bytes)]
+    units = flash_bench.layout_units(layout, unit_bytes)
     speed = flash_bench.read_units_speed(units, threads, split or 1 << 40, queued, seconds, start=len(units) // 2)
     return round(speed / 1e9, 3)
 

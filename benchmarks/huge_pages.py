@@ -50,20 +50,16 @@ def timed_read(fn) -> tuple[float, float]:
 def read_rows(probe: Path, layouts: dict) -> dict:
     from applelm.flash.io import measure_disk
     from applelm.flash.layout import read_layout
-    from applelm.flash.ring import split_layer
 
     size = probe.stat().st_size
+    units_of = {name: flash_bench.layout_units(read_layout(folder)) for name, folder in layouts.items()}
     out = {}
     for kind, huge in KINDS.items():
         out[f"probe seq 4MiB x1, {kind}"] = timed_read(lambda: measure_disk(
             str(probe), size, 4 << 20, seconds=1.5, threads=1, sequential=True, huge_pages=huge))
         out[f"probe seq 4MiB x4, {kind}"] = timed_read(lambda: measure_disk(
             str(probe), size, 4 << 20, seconds=1.5, threads=4, sequential=True, huge_pages=huge))
-        for name, folder in layouts.items():
-            layout = read_layout(folder)
-            units = [u for i in range(layout.n_layers)
-                     for u in split_layer(i, layout.intermediate, layout.codec.bundle_bytes,
-                                          str(layout.layers[i].path), 16 << 20)]
+        for name, units in units_of.items():
             out[f"{name} units, {kind}"] = timed_read(lambda: flash_bench.read_units_speed(
                 units, seconds=1.5, huge_pages=huge))
     return out

@@ -100,10 +100,7 @@ def main() -> int:
     if not GPL3.is_file():
         sys.exit(f"{GPL3} not found (Debian's base-files ships it)")
     if args.layout is None:  # the very layout flash_bench measures (prepared the same way, once)
-        from applelm.loader import default_model_path
-
-        args.layout = str(flash_bench.prepared(default_model_path(), ROOT / ".flash_bench" / "smollm2_bf16", bits=16,
-                                   dtype="bfloat16", train_predictors=True)[0])
+        args.layout = str(flash_bench.smollm2_store(ROOT / ".flash_bench", "smollm2_bf16")[0])
     layout = read_layout(args.layout)
     model, _, _ = load_model(args.layout)  # no budget: every layer pinned as float32 (up, down^T, gate)
     gates = [block.mlp._pinned[2] for block in model.layers]
