@@ -179,12 +179,14 @@ class FlashMLP(nn.Module):
     def _n_parts(self) -> int:  # a resident gate means bundles are read without it
         return 2 if self._gate is not None or self._gate_stored is not None else 3
 
-    def _select(self, xf: mx.array, *also: mx.array, x32: Optional[mx.array] = None):
-        """(selected neuron ids, gate activations as numpy or None) for one token's FFN input xf (1, H);
-        `also` are evaluated in the same synchronization. Stored gate rows need x32 (xf as float32)."""
+    def _select(self, xf: mx.array, x32: Optional[mx.array] = None):
+        """(selected neuron ids, gate activations as numpy or None) for one token's FFN input xf (1, H).
+        x32 (xf as float32, for the native kernel; stored gate rows need it) is evaluated in the same
+        synchronization."""
         rt = self._rt
+        also = () if x32 is None else (x32,)
         if self._gate_stored is not None:
-            mx.eval(x32, *also)
+            mx.eval(x32)
             rt.stats.forced_evals += 1
             gn = rt.native.gate_acts(np.array(x32), self._gate_stored)
             return np.flatnonzero(np.abs(gn) > rt.thresholds[self.layer]), gn
@@ -308,7 +310,7 @@ class FlashMLP(nn.Module):
         rt, cache, kernel = self._rt, self._cache, self._rt.native
         xf = x.reshape(1, -1)
         x32 = xf.reshape(-1).astype(mx.float32)
-        selected, gn = self._select(xf, x32, x32=x32)
+        selected, gn = self._select(xf, x32)
         xn, out = np.array(x32), np.zeros(x.shape[-1], np.float32)
         thr = float(rt.thresholds[self.layer])
         # The previous layer may have read some of this layer's neurons ahead (guessed from its input).
