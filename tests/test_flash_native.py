@@ -260,6 +260,34 @@ def test_stored_pins_plan():
     assert unbounded.total_bytes == every.total_bytes
 
 
+def test_ring_depth_trades_queued_reads_for_pinned_layers():
+    """Without a given depth, the plan takes the ring depth that pins the most layers, keeping at least
+    MIN_READ_AHEAD bytes queued ahead and the deeper ring on a tie; a given depth is kept."""
+    from applelm.flash.budget import MIN_READ_AHEAD, Geometry, plan_dense
+
+    def layer_units(part_bytes):  # a bfloat16-like store whose units are whole layers of 3 * part_bytes * 1024
+        n = 1024
+        return Geometry(30, part_bytes // 2, n, 3 * part_bytes, part_bytes, 4, n, stored_layer=3 * part_bytes * n,
+                        decode_neurons=64)
+
+    big = layer_units(1728)  # 5.3 MB units: one ahead is MIN_READ_AHEAD already
+    assert big.unit_raw >= MIN_READ_AHEAD
+    budget = 10**6 + 4 * big.unit_raw + big.decode_bytes + 6 * big.pin_bytes + big.pin_bytes // 2
+    auto, deep = plan_dense(big, 10**6, budget, inflight=1), plan_dense(big, 10**6, budget, depth=4, inflight=1)
+    assert (deep.ring_depth, len(deep.pinned)) == (4, 6)
+    assert (auto.ring_depth, len(auto.pinned)) == (2, 8) and auto.total_bytes <= budget
+    small = layer_units(922)  # 2.8 MB units: two must be queued ahead, so 3 is the shallowest ring
+    assert 2 * small.unit_raw >= MIN_READ_AHEAD > small.unit_raw
+    budget = 10**6 + 4 * small.unit_raw + small.decode_bytes + 6 * small.pin_bytes + small.pin_bytes // 2
+    assert plan_dense(small, 10**6, budget, inflight=1).ring_depth == 3
+    # Layers of four units: the two units a shallower ring frees pin nothing more, so the deeper ring stays.
+    quarters = Geometry(30, 1728 * 2, 4096, 3 * 1728 * 4, 1728 * 4, 4, 1024, stored_layer=3 * 1728 * 4 * 4096,
+                        decode_neurons=64)
+    budget = 10**6 + 4 * quarters.unit_raw + quarters.decode_bytes + 6 * quarters.pin_bytes
+    tie = plan_dense(quarters, 10**6, budget, inflight=1)
+    assert (tie.ring_depth, len(tie.pinned)) == (4, 6)
+
+
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_every_layer_stored_decodes_like_resident(tmp_path, lib, arch):
     """A budget that holds all layers as stored bundles: no reads after loading, tokens as resident; a

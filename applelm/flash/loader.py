@@ -243,11 +243,9 @@ def load_flash_model(folder, *, dtype: Optional[str] = None, memory_budget=None,
         plan = plan_sparse(geom, resident, budget, selector, 2 if sparsity_mode == "threshold" else 3,
                            lookahead=2 if lookahead else 0)
     else:
-        # A ring of 4 units keeps several reads queued (the disk probe reaches its sequential speed with
-        # 2); a deeper ring holds bytes that could pin whole layers instead. The native kernel reads units
-        # where they land, so it needs no in-flight MLX copies beyond one prompt decode step.
-        depth = ring_depth or 4
-        plan = plan_dense(geom, resident, budget, depth=depth, inflight=1 if kernel else 2, naive=naive)
+        # The ring's depth (unless given) trades queued reads against pinned layers (budget.plan_dense). The
+        # native kernel reads units where they land: no in-flight MLX copies beyond one prompt decode step.
+        plan = plan_dense(geom, resident, budget, depth=ring_depth, inflight=1 if kernel else 2, naive=naive)
 
     rt = FlashRuntime(layout, plan, dtype_, io_threads=io_threads, max_unit_bytes=max_unit_bytes,
                       read_split=read_split, geometry=geom)
