@@ -66,10 +66,13 @@ def matmul_numpy(x: np.ndarray, packed: np.ndarray, ggml_type: str, threads: Opt
 def gguf_matmul(x: mx.array, packed: mx.array, ggml_type: str, n_cols: int) -> mx.array:
     """x (..., n_cols) @ W.T through the kernel, in x's dtype (eager: evaluates x first)."""
     lead = x.shape[:-1]
-    xf = x.reshape(-1, n_cols).astype(mx.float32)
+    # A float32 x is evaluated as it is and reshaped by numpy: the k and v projections then find the input
+    # the q projection evaluated, with no new MLX node to wait for (one round trip to MLX's thread each).
+    xf = x if x.dtype == mx.float32 else x.astype(mx.float32)
     try:
         mx.eval(xf, packed)
     except ValueError as e:  # MLX refuses eval while tracing
         raise Tracing(str(e)) from None
-    out = matmul_numpy(host(xf), host(packed), ggml_type)
-    return mx.array(out).reshape(*lead, packed.shape[0]).astype(x.dtype)
+    xn = np.ascontiguousarray(host(xf)).reshape(-1, n_cols)
+    out = mx.array(matmul_numpy(xn, host(packed), ggml_type).reshape(*lead, packed.shape[0]))
+    return out if x.dtype == mx.float32 else out.astype(x.dtype)

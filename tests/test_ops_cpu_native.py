@@ -83,6 +83,10 @@ def test_dispatch_takes_the_kernel_on_cpu(monkeypatch):
     want = expected(np.array(x).reshape(10, 128), packed, "Q4_1").reshape(2, 5, 64)
     np.testing.assert_allclose(np.array(got), want, rtol=1e-5, atol=1e-5)
     assert gguf_matmul(x.astype(mx.bfloat16), mx.array(packed), "Q4_1", 128).dtype == mx.bfloat16
+    # A strided float32 view (its rows are not contiguous in memory) is read by value, not by its buffer.
+    xt = mx.random.normal((128, 3), key=mx.random.key(1)).T
+    want = expected(np.ascontiguousarray(np.array(xt)), packed, "Q4_1")
+    np.testing.assert_allclose(np.array(gguf_matmul(xt, mx.array(packed), "Q4_1", 128)), want, rtol=1e-5, atol=1e-5)
     calls.clear()  # prompts longer than the measured crossover dequantize instead
     rows = dispatch.CPU_NATIVE_MAX_ROWS + 1
     gguf_matmul(mx.zeros((rows, 128)), mx.array(packed), "Q4_1", 128)

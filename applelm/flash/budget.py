@@ -135,8 +135,8 @@ MIN_READ_AHEAD = 4 << 20
 
 
 def ring_depths(g: Geometry) -> list[int]:
-    """Ring depths worth trying for this geometry, deepest first: 2 to 4 units, each holding at least
-    MIN_READ_AHEAD bytes ahead (4 when even that does not)."""
+    """Ring depths worth trying for this geometry, deepest first: those of 2 to 4 units that keep at least
+    MIN_READ_AHEAD bytes queued beyond the unit being computed (just 4 when none does)."""
     return [d for d in (4, 3, 2) if (d - 1) * g.unit_raw >= MIN_READ_AHEAD] or [4]
 
 
