@@ -74,7 +74,7 @@ def summarize(rounds: list[dict], tokens: int) -> dict:
                    for r in rounds)
         out[key] = {"tok_s": tok_s, "plan": first.get("plan") or first.get("error"),
                     "MB_per_token": round(nbytes / 1e6, 1) if nbytes is not None else None,
-                    "read_GBps": med("read_GBps"),
+                    "read_GBps": round(med("read_GBps"), 2) if med("read_GBps") is not None else None,
                     "io_wait_ms_per_token": round(1000 * wait / tokens, 2) if wait is not None else None,
                     "rounds_faster_than_ring_4": beat}
     return out

@@ -128,9 +128,9 @@ class Geometry:
         return n * self.bundle_bytes + 8192 + 3 * n * self.hidden * self.compute_itemsize
 
 
-# Bytes the ring must hold beyond the unit being computed for reads to keep their speed. Measured on SmolLM2
-# (8-bit, 2.83 MB units): 1 unit ahead read at ~1.5 GB/s and decoded slower in 5 of 6 rounds than 2 units
-# ahead; bfloat16 units of 5.32 MB read as fast 1 ahead as 3 ahead.
+# Bytes the ring must hold beyond the unit being computed for reads to keep their speed. SmolLM2 8-bit
+# (2.83 MB units, benchmarks/ring_depth.py): one unit ahead read at 1.6 GB/s, two or three at 2.4; bfloat16
+# units of 5.32 MB read as fast one ahead (2.38 GB/s) as three (2.14).
 MIN_READ_AHEAD = 4 << 20
 
 
