@@ -157,7 +157,7 @@ def prepared(src, out: Path, **options) -> tuple[Path, float]:
 
 
 def round_args(doc: str) -> tuple[argparse.Namespace, Path]:
-    """The options of the interleaved-round SmolLM2 studies (omp_wait.py, huge_pages.py) and their work
+    """The options of the interleaved-round SmolLM2 studies (omp_wait, huge_pages, ring_depth) and their work
     folder, created if missing."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=3)

@@ -22,8 +22,15 @@ from pathlib import Path
 import flash_bench  # benchmarks/flash_bench.py: layouts, the per-run process and the machine description
 import machine_info  # benchmarks/machine_info.py
 
-DEPTHS = {"resident": None, "ring 4": 4, "ring 3": 3, "ring 2": 2, "auto": 0}
 KEEP = ("decode_tok_s_median", "plan", "bytes_per_token", "read_GBps", "io_wait_s", "cpu_during_decode", "error")
+
+
+def runs(budget: int) -> dict[str, dict]:
+    """Load options of every run: fully resident, then paged under `budget` with each ring depth and without
+    one (the plan's choice)."""
+    paged = {"memory_budget": budget}
+    return {"resident": {"native": True}, **{f"ring {d}": {**paged, "ring_depth": d} for d in (4, 3, 2)},
+            "auto": paged}
 
 
 def main() -> int:
@@ -38,11 +45,7 @@ def main() -> int:
     for rnd in range(args.rounds):
         rows = {}
         for store, model in (("bf16", bf16), ("8bit", q8)):
-            for label, depth in DEPTHS.items():
-                if depth is None:
-                    options = {"native": True}
-                else:
-                    options = {"memory_budget": budget, **({"ring_depth": depth} if depth else {})}
+            for label, options in runs(budget).items():
                 r = flash_bench.spawn({"device": "cpu", "label": label, "model": str(model), "tokens": args.tokens,
                                        "prompt": prompt, "options": options})
                 rows[f"{store} {label}"] = {k: r.get(k) for k in KEEP}
@@ -63,20 +66,19 @@ def summarize(rounds: list[dict], tokens: int) -> dict:
     """Per run: medians over rounds, and in how many rounds it beat the ring of 4 of its store."""
     out = {}
     for key, first in rounds[0].items():
-        runs = [r[key] for r in rounds]
+        rows = [r[key] for r in rounds]
         store = key.split()[0]
 
-        def med(field):
-            return flash_bench.median([x[field] for x in runs if x.get(field) is not None])
+        def med(field, scale, digits):
+            m = flash_bench.median([x.get(field) for x in rows])
+            return None if m is None else round(m * scale, digits)
 
-        tok_s, nbytes, wait = med("decode_tok_s_median"), med("bytes_per_token"), med("io_wait_s")
         beat = sum((r[key].get("decode_tok_s_median") or 0) > (r[f"{store} ring 4"].get("decode_tok_s_median") or 0)
                    for r in rounds)
-        out[key] = {"tok_s": tok_s, "plan": first.get("plan") or first.get("error"),
-                    "MB_per_token": round(nbytes / 1e6, 1) if nbytes is not None else None,
-                    "read_GBps": round(med("read_GBps"), 2) if med("read_GBps") is not None else None,
-                    "io_wait_ms_per_token": round(1000 * wait / tokens, 2) if wait is not None else None,
-                    "rounds_faster_than_ring_4": beat}
+        out[key] = {"tok_s": flash_bench.median([x.get("decode_tok_s_median") for x in rows]),
+                    "plan": first.get("plan") or first.get("error"),
+                    "MB_per_token": med("bytes_per_token", 1e-6, 1), "read_GBps": med("read_GBps", 1, 2),
+                    "io_wait_ms_per_token": med("io_wait_s", 1000 / tokens, 2), "rounds_faster_than_ring_4": beat}
     return out
 
 
