@@ -171,8 +171,9 @@ def load_flash_model(folder, *, dtype: Optional[str] = None, memory_budget=None,
     None = under a budget on the CPU when the kernel builds (dense or sparse), False = always the MLX path,
     True = required (an error without it); without a budget it then pins every FFN layer as stored bundles
     (the smallest fully resident form) instead of as floats.
-    `lookahead` (sparse paging with the native kernel; default on there): while a layer computes, read the
-    next layer's neurons guessed from this layer's input, into two more layer-sized buffers."""
+    `lookahead` (sparse paging; default on with the native kernel, off on the MLX path): while a layer
+    computes, read the next layer's neurons guessed from this layer's input, into two more layer-sized
+    buffers."""
     from ..loader import _compute_dtype  # the core loader's dtype rule (float32 on CPU)
 
     layout = read_layout(folder)
@@ -237,9 +238,8 @@ def load_flash_model(folder, *, dtype: Optional[str] = None, memory_budget=None,
             predictors, _ = _predictors(layout, dtype_, float(sparsity))
             selector = sum(a.nbytes + b.nbytes + c.nbytes for a, b, c, _ in predictors)
         # On by default with the kernel: flash_bench (ced107c) measured it faster in both selector modes.
+        # The MLX path (GPU, or native=False) has it too, off unless asked for: not yet measured on a GPU.
         lookahead = kernel is not None if lookahead is None else bool(lookahead)
-        if lookahead and kernel is None:
-            raise UserError("lookahead reads need the native flash kernel (sparse paging on the CPU)")
         plan = plan_sparse(geom, resident, budget, selector, 2 if sparsity_mode == "threshold" else 3,
                            lookahead=2 if lookahead else 0)
     else:

@@ -218,15 +218,20 @@ class FlashMLP(nn.Module):
         pending = self._rt.submit_neurons(self.layer, to_read, n_bytes) if len(to_read) else None
         return to_insert, misses, n_bytes, pending, to_read
 
-    def _guess(self, xn: np.ndarray) -> np.ndarray:
-        """Neurons this layer will likely select, from the previous layer's FFN input `xn` (float32): its
-        selector with a looser cut. Measured on SmolLM2 (benchmarks/sparse_lookahead.py): the predictor's
-        logit cut lowered by 1 guesses 94.8% of the needed pages with 1.03x their number; half the
-        threshold 97.1% with 1.30x."""
+    def _guess(self, xn: np.ndarray, xf: mx.array) -> np.ndarray:
+        """Neurons this layer will likely select, from the previous layer's FFN input (`xn` float32 numpy,
+        `xf` the same in MLX): its selector with a looser cut. Measured on SmolLM2
+        (benchmarks/sparse_lookahead.py): the predictor's logit cut lowered by 1 guesses 94.8% of the needed
+        pages with 1.03x their number; half the threshold 97.1% with 1.30x."""
         rt = self._rt
+        cut = GUESS_THRESHOLD_FACTOR * rt.thresholds[self.layer]
         if self._gate_stored is not None:
-            g = rt.native.gate_acts(xn, self._gate_stored)
-            return np.flatnonzero(np.abs(g) > GUESS_THRESHOLD_FACTOR * rt.thresholds[self.layer])
+            return np.flatnonzero(np.abs(rt.native.gate_acts(xn, self._gate_stored)) > cut)
+        if self._gate is not None:  # resident gate in MLX (no kernel): computed where the gate lives
+            g = self._act(xf @ self._gate.T)
+            mx.eval(g)
+            rt.stats.forced_evals += 1
+            return np.flatnonzero(np.abs(np.array(g, copy=False)[0]) > cut)
         if self._predictor is None:
             return np.empty(0, np.int64)
         if self._predictor_np is None:
@@ -236,12 +241,12 @@ class FlashMLP(nn.Module):
         a, b, bias, tau = self._predictor_np
         return np.flatnonzero((xn @ a) @ b + bias > tau - GUESS_LOGIT_MARGIN)
 
-    def _read_next_ahead(self, xn: np.ndarray) -> None:
+    def _read_next_ahead(self, xn: np.ndarray, xf: mx.array) -> None:
         """Queue reads of the next layer's guessed neurons that its cache does not hold."""
         nxt = self._rt.sparse_layers.get(self.layer + 1)
         if nxt is None or not self._rt.ahead_buffers:
             return
-        guess = nxt._guess(xn)
+        guess = nxt._guess(xn, xf)
         guess = guess[nxt._cache.slot_of[guess] < 0]
         self._rt.read_ahead(nxt.layer, guess, nxt._n_parts * self._rt.codec.part_bytes)
 
@@ -255,26 +260,54 @@ class FlashMLP(nn.Module):
             coef = mx.where(mx.abs(g) > thr, g, 0)
         return ((xf @ up.T) * coef) @ down_t
 
+    def _plan_token(self, selected: np.ndarray, xn: Optional[np.ndarray], xf: mx.array):
+        """_plan_reads for one token, around what the previous layer read ahead for this one (returned as
+        `ahead`, peek_ahead's entry or None); then, with lookahead on (`xn`: this layer's input as float32
+        numpy), the reads of the next layer's guessed neurons go in behind this layer's own."""
+        rt = self._rt
+        ahead = rt.peek_ahead(self.layer) if rt.ahead_buffers else None
+        plan = self._plan_reads(selected, None if ahead is None else ahead[0])
+        if xn is not None:
+            self._read_next_ahead(xn, xf)  # they run while this layer and the next one compute
+        return plan, ahead
+
+    def _ahead_sources(self, ahead, misses: np.ndarray, to_read: np.ndarray) -> list:
+        """[(ids, offsets, buffer)] of this layer's misses that were read ahead (none: []), after their
+        reads finish (queued before this layer's own, so normally done by now)."""
+        if ahead is None:
+            return []
+        self._rt.wait(ahead[3])
+        if len(to_read) == len(misses):
+            return []
+        ids_a, where_a, buf_a, _ = ahead
+        got = misses[np.isin(misses, ids_a, assume_unique=True)]
+        self._rt.stats.ahead_used += len(got)
+        return [(got, where_a[np.searchsorted(ids_a, got)], buf_a)]
+
     def _sparse_token(self, x: mx.array) -> mx.array:
         rt, cache = self._rt, self._cache
         xf = x.reshape(1, -1)
-        selected, gn = self._select(xf)
-        to_insert, misses, n_bytes, pending, _ = self._plan_reads(selected)
+        x32 = xf.reshape(-1).astype(mx.float32) if rt.ahead_buffers else None
+        selected, gn = self._select(xf, x32)
+        (to_insert, misses, n_bytes, pending, to_read), ahead = self._plan_token(
+            selected, None if x32 is None else np.array(x32), xf)
         y, n0 = None, cache.count
         if n0:
             # While the misses are read, compute what the cache already holds.
             y = self._partial(xf, cache.parts[UP][:n0], cache.parts[DOWN][:n0],
                               cache.parts[GATE][:n0] if self._gate is None else None, cache.cached(), gn)
             mx.async_eval(y)
+        sources = self._ahead_sources(ahead, misses, to_read)
         if pending:
             futures, where = pending
             rt.wait(futures)
-            keep = np.isin(misses, to_insert, assume_unique=True)
-            # Decode in unit-sized chunks: the transient floats stay within the budgeted buffers.
-            step = rt.unit_neurons
-            for s in range(0, len(misses), step):
-                ids, k = misses[s: s + step], keep[s: s + step]
-                raw = rt.gather(where[s: s + step], n_bytes)
+            sources.append((to_read, where, rt.scratch))
+        step = rt.unit_neurons  # decode in unit-sized chunks: the transient floats stay within the budget
+        for ids_all, where_all, buf in sources:
+            keep_all = np.isin(ids_all, to_insert, assume_unique=True)
+            for s in range(0, len(ids_all), step):
+                ids, k = ids_all[s: s + step], keep_all[s: s + step]
+                raw = rt.gather(where_all[s: s + step], n_bytes, buf)
                 if k.any():
                     cache.insert(ids[k], self._decode_parts(raw[k], cache.rows is None))
                 if (~k).any():  # more active neurons than the cache holds: use them once, uncached
@@ -283,12 +316,12 @@ class FlashMLP(nn.Module):
                                          ids[~k], gn)
                     mx.eval(part)  # bound the transient before the next chunk
                     y = part if y is None else y + part
-            n1 = cache.count
-            if n1 > n0:
-                part = self._partial(xf, cache.parts[UP][n0:n1], cache.parts[DOWN][n0:n1],
-                                     cache.parts[GATE][n0:n1] if self._gate is None else None,
-                                     cache.neuron_at[n0:n1], gn)
-                y = part if y is None else y + part
+        n1 = cache.count
+        if n1 > n0:
+            part = self._partial(xf, cache.parts[UP][n0:n1], cache.parts[DOWN][n0:n1],
+                                 cache.parts[GATE][n0:n1] if self._gate is None else None,
+                                 cache.neuron_at[n0:n1], gn)
+            y = part if y is None else y + part
         rt.stats.neurons_used += len(selected)
         rt.stats.neurons_read += len(misses)
         if y is None:
@@ -314,11 +347,8 @@ class FlashMLP(nn.Module):
         xn, out = np.array(x32), np.zeros(x.shape[-1], np.float32)
         thr = float(rt.thresholds[self.layer])
         # The previous layer may have read some of this layer's neurons ahead (guessed from its input).
-        ahead = rt.peek_ahead(self.layer) if rt.ahead_buffers else None
-        to_insert, misses, n_bytes, pending, to_read = self._plan_reads(selected, None if ahead is None else ahead[0])
-        self._read_next_ahead(xn)  # queued behind this layer's reads; they run while both layers compute
-        if ahead is not None:
-            rt.wait(ahead[3])  # queued before this layer's own reads: normally done by now
+        (to_insert, misses, n_bytes, pending, to_read), ahead = self._plan_token(
+            selected, xn if rt.ahead_buffers else None, xf)
 
         def coef(ids):  # resident gate: its masked activations; predictor: the kernel computes the gate
             return None if gn is None else self._masked(gn, ids)
@@ -328,12 +358,7 @@ class FlashMLP(nn.Module):
             # No host view (native=True forced on a GPU): a host copy of the occupied slots.
             rows = cache.rows[0][:n0] if cache.rows is not None else np.array(cache.parts[0][:n0])
             kernel.sparse(xn, rows, out, coef=coef(cache.cached()), threshold=thr)
-        sources = []  # (neuron ids, offsets, buffer) of the misses, wherever they were read
-        if ahead is not None and len(to_read) < len(misses):
-            ids_a, where_a, buf_a, _ = ahead
-            got = misses[np.isin(misses, ids_a, assume_unique=True)]
-            sources.append((got, where_a[np.searchsorted(ids_a, got)], buf_a))
-            rt.stats.ahead_used += len(got)
+        sources = self._ahead_sources(ahead, misses, to_read)  # (ids, offsets, buffer) of the misses
         if pending:
             futures, where = pending
             rt.wait(futures)

@@ -1,0 +1,49 @@
+"""Sparse lookahead on the MLX path (the path a GPU takes): decode with and without it, interleaved.
+
+Lookahead reads the next layer's guessed neurons (its predictor with the logit cut lowered by 1, or half its
+gate threshold) while a layer computes, into two more layer-sized buffers that the plan counts against the
+budget. The native CPU kernel's path has had it on by default since flash_bench measured it there; this
+measures the MLX path on the CPU (`native=False`), on the SmolLM2 bfloat16 store with its predictor at
+sparsity 0.5 under flash_bench's budget (half the smallest resident form), and the kernel's path beside it
+for reference. Each run is a fresh process (flash_bench's runner); rounds interleave.
+
+    python benchmarks/lookahead_mlx.py [--rounds 3] [--tokens 24] [--out FILE.json]
+"""
+
+from __future__ import annotations
+
+import sys
+
+import flash_bench  # benchmarks/flash_bench.py: layouts and the SmolLM2 stores
+import paired_runs  # benchmarks/paired_runs.py: interleaved rounds, summary, markdown
+
+BASELINE = "mlx"
+
+
+def runs(budget: int) -> dict[str, dict]:
+    """Load options of every run: the predictor at 0.5 under `budget`, MLX path and kernel, lookahead off/on."""
+    sparse = {"memory_budget": budget, "sparsity": 0.5, "sparsity_mode": "predictor"}
+    return {"mlx": {**sparse, "native": False, "lookahead": False},
+            "mlx lookahead": {**sparse, "native": False, "lookahead": True},
+            "kernel": {**sparse, "lookahead": False}, "kernel lookahead": {**sparse, "lookahead": True}}
+
+
+def main() -> int:
+    args, work = flash_bench.round_args(__doc__)
+    bf16, _, budget = flash_bench.smollm2_stores(work)
+    from applelm.flash.loader import flash_tokenizer
+
+    prompt = flash_tokenizer(bf16).encode(flash_bench.SMOL_PROMPT)
+    result = paired_runs.run_rounds(__file__, args, {"bf16": bf16}, runs(budget), prompt, {"budget_bytes": budget})
+    result["summary"] = paired_runs.summarize(result["rounds"], args.tokens, BASELINE)
+    paired_runs.write(result, args.out, markdown(result))
+    return 0
+
+
+def markdown(result: dict) -> str:
+    return paired_runs.markdown(result, "Sparse lookahead on the MLX path", BASELINE,
+                                f"predictor at sparsity 0.5, budget {result['budget_bytes']} bytes")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""Interleaved A/B runs of load options on the SmolLM2 flash stores, for the focused studies (ring_depth,
+lookahead_mlx): every round runs each (store, options) row once in a fresh process (flash_bench's runner),
+so the VM's drift over minutes spreads over all rows alike; the summary gives medians over rounds and in
+how many rounds each row beat its store's baseline row."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import flash_bench  # benchmarks/flash_bench.py: layouts, the per-run process and the machine description
+import machine_info  # benchmarks/machine_info.py
+
+KEEP = ("decode_tok_s_median", "plan", "bytes_per_token", "read_GBps", "io_wait_s", "cpu_during_decode",
+        "neurons_read_per_token", "ahead_read_per_token", "ahead_used_share", "error")
+
+
+def run_rounds(script: str, args, stores: dict[str, Path], runs: dict[str, dict], prompt: list[int],
+               extra: dict) -> dict:
+    """Every store under every run's options, args.rounds times interleaved; the result (JSON-ready) holds
+    each round's rows keyed "<store> <run>", the command, the machine and `extra`."""
+    result = {"command": "python " + " ".join([os.path.relpath(script, flash_bench.ROOT)] + sys.argv[1:]),
+              "machine": flash_bench.machine("cpu"), "load_start": machine_info.load_avg(),
+              "date": time.strftime("%Y-%m-%d %H:%M"), **extra, "tokens": args.tokens, "rounds": []}
+    for rnd in range(args.rounds):
+        rows = {}
+        for store, model in stores.items():
+            for label, options in runs.items():
+                r = flash_bench.spawn({"device": "cpu", "label": label, "model": str(model), "tokens": args.tokens,
+                                       "prompt": prompt, "options": options})
+                rows[f"{store} {label}"] = {k: r.get(k) for k in KEEP}
+                print(f"[round {rnd + 1}] {store} {label}: {r.get('decode_tok_s_median', r.get('error'))} tok/s, "
+                      f"{(r.get('bytes_per_token') or 0) / 1e6:.1f} MB/token", file=sys.stderr, flush=True)
+        result["rounds"].append(rows)
+    result["load_end"] = machine_info.load_avg()
+    return result
+
+
+def faster_key(baseline: str) -> str:
+    return "rounds_faster_than_" + baseline.replace(" ", "_")
+
+
+def summarize(rounds: list[dict], tokens: int, baseline: str) -> dict:
+    """Per row: medians over rounds, and in how many rounds it beat the `baseline` run of its store."""
+    out = {}
+    for key, first in rounds[0].items():
+        rows = [r[key] for r in rounds]
+        store = key.split()[0]
+
+        def med(field, scale, digits):
+            m = flash_bench.median([x.get(field) for x in rows])
+            return None if m is None else round(m * scale, digits)
+
+        beat = sum((r[key].get("decode_tok_s_median") or 0) > (r[f"{store} {baseline}"].get("decode_tok_s_median") or 0)
+                   for r in rounds)
+        out[key] = {"tok_s": flash_bench.median([x.get("decode_tok_s_median") for x in rows]),
+                    "plan": first.get("plan") or first.get("error"),
+                    "MB_per_token": med("bytes_per_token", 1e-6, 1), "read_GBps": med("read_GBps", 1, 2),
+                    "io_wait_ms_per_token": med("io_wait_s", 1000 / tokens, 2), faster_key(baseline): beat}
+    return out
+
+
+def markdown(result: dict, title: str, baseline: str, setting: str) -> str:
+    """The summary table (`setting`: what the runs share, e.g. the budget) and every round's tok/s."""
+    m = result["machine"]
+    lines = [f"# {title} ({m.get('cpu', 'cpu')})", "", f"Command: `{result['command']}`  ",
+             f"{result['date']}, commit {m.get('commit')}, MLX {m.get('mlx')}, {setting}, "
+             f"{result['tokens']} tokens a run, load average at start {result['load_start']}, end {result['load_end']}",
+             "", f"| run | plan | tok/s (median) | faster than {baseline} (rounds) | MB read/token | read GB/s | "
+                 "I/O wait ms/token |", "|---|---|---:|---:|---:|---:|---:|"]
+    n = len(result["rounds"])
+    for key, s in result["summary"].items():
+        lines.append(f"| {key} | {s['plan']} | {s['tok_s']} | {s[faster_key(baseline)]}/{n} | "
+                     f"{s['MB_per_token']} | {s['read_GBps']} | {s['io_wait_ms_per_token']} |")
+    lines += ["", "tok/s of every round:", ""]
+    for key in result["summary"]:
+        lines.append(f"- {key}: {[r[key].get('decode_tok_s_median') for r in result['rounds']]}")
+    return "\n".join(lines) + "\n"
+
+
+def write(result: dict, out: str | None, text: str) -> None:
+    """The JSON next to its markdown (when --out is given), and the markdown on stdout."""
+    if out:
+        Path(out).write_text(json.dumps(result, indent=1))
+        Path(out).with_suffix(".md").write_text(text)
+    print(text)
