@@ -491,7 +491,8 @@ def bench_model(name: str, budget: int, spec_base: dict, sparse_runs: list[tuple
             ("paged", {"memory_budget": budget})]
     if spec_base["device"] == "cpu":
         runs.append(("paged-mlx", {"memory_budget": budget, "native": False}))
-    # Without the native kernel (any GPU run) a "-mlx" variant is the same run again.
+    # Without the native kernel (any GPU run) a "-mlx" variant is the same run again; "-mlx-lookahead" is the
+    # GPU's sparse path with lookahead (off by default there).
     runs += [(k, {"memory_budget": budget, **o}) for k, o in sparse_runs
              if spec_base["device"] == "cpu" or not k.endswith("-mlx")]
     all_rounds = []
@@ -611,6 +612,8 @@ def main() -> int:
         rows, rounds = bench_model("smollm2", budget, spec, [
             ("sparse-predictor-0.5", {"sparsity": 0.5, "sparsity_mode": "predictor"}),
             ("sparse-predictor-0.5-mlx", {"sparsity": 0.5, "sparsity_mode": "predictor", "native": False}),
+            ("sparse-predictor-0.5-mlx-lookahead", {"sparsity": 0.5, "sparsity_mode": "predictor", "native": False,
+                                                    "lookahead": True}),
             ("sparse-predictor-0.5-no-lookahead", {"sparsity": 0.5, "sparsity_mode": "predictor", "lookahead": False}),
             ("sparse-threshold-0.5", {"sparsity": 0.5}),
             ("sparse-threshold-0.5@60%", {"sparsity": 0.5, "memory_budget": int(full_bytes * 0.6)}),
@@ -664,6 +667,8 @@ def main() -> int:
         rows, rounds = bench_model("synthetic", budget, spec, [
             ("sparse-predictor-0.5", {"sparsity": 0.5, "sparsity_mode": "predictor"}),
             ("sparse-predictor-0.5-mlx", {"sparsity": 0.5, "sparsity_mode": "predictor", "native": False}),
+            ("sparse-predictor-0.5-mlx-lookahead", {"sparsity": 0.5, "sparsity_mode": "predictor", "native": False,
+                                                    "lookahead": True}),
             ("sparse-predictor-0.5-no-lookahead", {"sparsity": 0.5, "sparsity_mode": "predictor", "lookahead": False}),
             ("sparse-threshold-0.5", {"sparsity": 0.5})], args.rounds)
         from applelm.flash.layout import read_layout

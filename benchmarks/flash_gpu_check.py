@@ -5,7 +5,8 @@ neuron caches written through MLX instead of host views, misses decoded on the d
 models from the test suite (llama and gemma3, float32 store, float32 compute), for each of resident,
 dense paging (several units per layer, half the layers streamed), naive loading, and threshold-sparse
 decoding (window 2, a cache too small for a token's neurons) against the same decode with every neuron
-cached and against the masks applied densely in one pass: max |logit difference| and greedy tokens.
+cached and against the masks applied densely in one pass, and with lookahead reads against without:
+max |logit difference| and greedy tokens.
 Exit 1 when a check fails.
 
     python benchmarks/flash_gpu_check.py [--device gpu|cpu] [--out FILE.json]
@@ -47,8 +48,9 @@ def check(arch: str, root: Path) -> dict:
     # Sparse decoding token by token against one forward pass applying each position's mask.
     full, _, _ = load_model(out, dtype="float32", sparsity=0.5, max_unit_bytes=4096)
     small_budget = full.flash.plan.total_bytes - full.flash.plan.cache_bytes + full.flash.plan.cache_bytes // 3
+    # native=False: on the CPU (--device cpu) too, the MLX path a GPU takes, without lookahead unless asked.
     small, _, _ = load_model(out, dtype="float32", sparsity=0.5, window=2, max_unit_bytes=4096,
-                             memory_budget=small_budget)
+                             memory_budget=small_budget, native=False, lookahead=False)
     dense = np.array(full(x))[0]
 
     def token_by_token(m):
@@ -56,6 +58,12 @@ def check(arch: str, root: Path) -> dict:
         return np.stack([np.array(m(x[:, i: i + 1], cache=cache))[0, 0] for i in range(x.shape[1])])
 
     steps = token_by_token(small)
+    # With lookahead (off by default on the GPU) and the same cache capacity (its two buffers added to the
+    # budget): the same logits, some misses taken from the buffers read ahead.
+    extra = 2 * max(e.file_bytes for e in small.flash.layout.layers)
+    ahead, _, _ = load_model(out, dtype="float32", sparsity=0.5, window=2, max_unit_bytes=4096,
+                             memory_budget=small_budget + extra, native=False, lookahead=True)
+    ahead_steps = token_by_token(ahead)
     # The same decode with every neuron cached (no evictions, no slot moves, no overflow): any difference
     # from `steps` comes from the small cache's bookkeeping, not from the GPU's arithmetic.
     full_steps = token_by_token(full)
@@ -63,13 +71,18 @@ def check(arch: str, root: Path) -> dict:
                         "max_abs_diff_vs_full_cache": float(np.abs(steps - full_steps).max()),
                         "full_cache_vs_prompt": float(np.abs(full_steps - dense).max()),
                         "host_views": small.layers[0].mlp._cache.rows is not None,
-                        "neurons_read_per_token": small.flash.report().get("neurons_read_per_token")}
-    for m in (resident, paged, naive, full, small):
+                        "neurons_read_per_token": small.flash.report().get("neurons_read_per_token"),
+                        "lookahead_max_abs_diff": float(np.abs(ahead_steps - steps).max()),
+                        "lookahead_same_capacity": ahead.flash.plan.cache_capacity == small.flash.plan.cache_capacity,
+                        "lookahead_used_share": ahead.flash.report().get("ahead_used_share")}
+    for m in (resident, paged, naive, full, small, ahead):
         m.flash.close()
     # float32 matmuls on a GPU may round like TF32 (~1e-3 relative): a gate that close to its threshold
     # can flip a neuron between two equally valid computations, so the bound is loose.
     result["ok"] = bool(all(result[k]["greedy_equal"] and result[k]["max_abs_diff"] < 1e-2 for k in ("paged", "naive"))
-                        and result["sparse"]["max_abs_diff_vs_full_cache"] < 1e-2)
+                        and result["sparse"]["max_abs_diff_vs_full_cache"] < 1e-2
+                        and result["sparse"]["lookahead_max_abs_diff"] < 1e-2 and result["sparse"]["lookahead_same_capacity"]
+                        and (result["sparse"]["lookahead_used_share"] or 0) > 0)
     return result
 
 

@@ -18,6 +18,7 @@ import flash_bench  # benchmarks/flash_bench.py: layouts and the SmolLM2 stores
 import paired_runs  # benchmarks/paired_runs.py: interleaved rounds, summary, markdown
 
 BASELINE = "mlx"
+PAIRS = {"kernel lookahead": "kernel"}  # each path with lookahead against the same path without
 
 
 def runs(budget: int) -> dict[str, dict]:
@@ -35,7 +36,7 @@ def main() -> int:
 
     prompt = flash_tokenizer(bf16).encode(flash_bench.SMOL_PROMPT)
     result = paired_runs.run_rounds(__file__, args, {"bf16": bf16}, runs(budget), prompt, {"budget_bytes": budget})
-    result["summary"] = paired_runs.summarize(result["rounds"], args.tokens, BASELINE)
+    result["summary"] = paired_runs.summarize(result["rounds"], args.tokens, BASELINE, PAIRS)
     paired_runs.write(result, args.out, markdown(result))
     return 0
 

@@ -43,23 +43,27 @@ def faster_key(baseline: str) -> str:
     return "rounds_faster_than_" + baseline.replace(" ", "_")
 
 
-def summarize(rounds: list[dict], tokens: int, baseline: str) -> dict:
-    """Per row: medians over rounds, and in how many rounds it beat the `baseline` run of its store."""
+def summarize(rounds: list[dict], tokens: int, baseline: str, pairs: dict[str, str] | None = None) -> dict:
+    """Per row: medians over rounds, and in how many rounds it beat the `baseline` run of its store (or, for
+    a run named in `pairs`, the run it names)."""
     out = {}
     for key, first in rounds[0].items():
         rows = [r[key] for r in rounds]
-        store = key.split()[0]
+        store, label = key.split(" ", 1)
+        versus = f"{store} {(pairs or {}).get(label, baseline)}"
 
         def med(field, scale, digits):
             m = flash_bench.median([x.get(field) for x in rows])
             return None if m is None else round(m * scale, digits)
 
-        beat = sum((r[key].get("decode_tok_s_median") or 0) > (r[f"{store} {baseline}"].get("decode_tok_s_median") or 0)
+        beat = sum((r[key].get("decode_tok_s_median") or 0) > (r[versus].get("decode_tok_s_median") or 0)
                    for r in rounds)
         out[key] = {"tok_s": flash_bench.median([x.get("decode_tok_s_median") for x in rows]),
                     "plan": first.get("plan") or first.get("error"),
                     "MB_per_token": med("bytes_per_token", 1e-6, 1), "read_GBps": med("read_GBps", 1, 2),
                     "io_wait_ms_per_token": med("io_wait_s", 1000 / tokens, 2), faster_key(baseline): beat}
+        if label in (pairs or {}):
+            out[key]["versus"] = pairs[label]
     return out
 
 
@@ -73,7 +77,8 @@ def markdown(result: dict, title: str, baseline: str, setting: str) -> str:
                  "I/O wait ms/token |", "|---|---|---:|---:|---:|---:|---:|"]
     n = len(result["rounds"])
     for key, s in result["summary"].items():
-        lines.append(f"| {key} | {s['plan']} | {s['tok_s']} | {s[faster_key(baseline)]}/{n} | "
+        versus = f" (than {s['versus']})" if "versus" in s else ""
+        lines.append(f"| {key} | {s['plan']} | {s['tok_s']} | {s[faster_key(baseline)]}/{n}{versus} | "
                      f"{s['MB_per_token']} | {s['read_GBps']} | {s['io_wait_ms_per_token']} |")
     lines += ["", "tok/s of every round:", ""]
     for key in result["summary"]:
