@@ -271,8 +271,26 @@ def layout_read_speed(rt, seconds: float = 1.0, in_flight: int = 4) -> float:
     return read_units_speed(units, in_flight=in_flight, seconds=seconds)
 
 
+def stub_reads(gbps: float):
+    """Make every os.preadv return at once after sleeping as long as it would take at `gbps` GB/s, leaving
+    its buffer as it was; returns the function that puts the real one back. A diagnostic of paging without
+    the disk's cost to the rest of the machine: the ring's slots keep what earlier real reads put there
+    (the prompt's), so the kernel computes on real bytes, but of other layers: the tokens are not the model's."""
+    real = os.preadv
+
+    def sleeper(fd, buffers, offset, *flags):
+        n = sum(memoryview(b).nbytes for b in buffers)
+        time.sleep(n / (gbps * 1e9))
+        return n
+
+    os.preadv = sleeper
+    return lambda: setattr(os, "preadv", real)
+
+
 def run_one(spec: dict) -> dict:
-    """Load spec["model"] with spec["options"], decode spec["tokens"] tokens after spec["prompt"]."""
+    """Load spec["model"] with spec["options"], decode spec["tokens"] tokens after spec["prompt"].
+    spec["stub_reads"]: decode with stub_reads at this run's own streamed-unit read speed, measured just
+    before (the prompt's reads are real)."""
     import applelm  # noqa: F401  (BLAS preload before mlx)
     import mlx.core as mx
 
@@ -299,20 +317,28 @@ def run_one(spec: dict) -> dict:
                 "rand_32KiB_qd8": measure_disk(spec["probe"], size, 32768, seconds=1.0, threads=8) / 1e9}
         if rt is not None and (rt.ring is not None or rt.plan.mode == "naive"):
             disk["layout_seq"] = layout_read_speed(rt) / 1e9
+    stub_gbps = layout_read_speed(rt) / 1e9 if spec.get("stub_reads") and rt is not None and rt.ring else None
     prompt = mx.array(spec["prompt"], dtype=mx.int32)
     times, tokens, stamp = [], [], time.perf_counter()
     first = cpu0 = None
-    for i, (tok, _) in enumerate(generate_step(prompt, model, max_tokens=spec["tokens"] + 1)):
-        now = time.perf_counter()
-        if i == 0:
-            first = now - stamp
-            if rt is not None:
-                rt.reset_stats()
-            cpu0 = machine_info.cpu_times()
-        else:
-            times.append(now - stamp)
-        tokens.append(tok)
-        stamp = now
+    restore = None
+    try:
+        for i, (tok, _) in enumerate(generate_step(prompt, model, max_tokens=spec["tokens"] + 1)):
+            now = time.perf_counter()
+            if i == 0:
+                first = now - stamp
+                if stub_gbps:
+                    restore = stub_reads(stub_gbps)
+                if rt is not None:
+                    rt.reset_stats()
+                cpu0 = machine_info.cpu_times()
+            else:
+                times.append(now - stamp)
+            tokens.append(tok)
+            stamp = now
+    finally:
+        if restore:
+            restore()
     cpu = machine_info.cpu_shares(cpu0, machine_info.cpu_times())
     cpu = {k: round(v, 3) for k, v in cpu.items()} if cpu else None
     report = rt.report() if rt is not None else {}
@@ -327,7 +353,8 @@ def run_one(spec: dict) -> dict:
            "token_times_s": [round(t, 3) for t in times], "tokens": tokens,
            "peak_rss_growth_bytes": _peak_rss() - base, "base_rss_bytes": base, "mlx_peak_bytes": mx.get_peak_memory(),
            "plan": rt.plan.describe() if rt is not None else "", "plan_bytes": rt.plan.total_bytes if rt else None,
-           "budget_bytes": rt.plan.budget if rt else None, "disk_GBps_in_run": disk, "cpu_during_decode": cpu}
+           "budget_bytes": rt.plan.budget if rt else None, "disk_GBps_in_run": disk, "cpu_during_decode": cpu,
+           "reads_stubbed_at_GBps": round(stub_gbps, 3) if stub_gbps else None}
     if report:
         out.update({k: report[k] for k in ("bytes_per_token", "read_GBps", "io_overlap", "io_busy_s", "io_wait_s",
                                            "compute_wait_s", "forced_evals", "direct_io")})

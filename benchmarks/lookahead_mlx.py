@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import sys
 
-import flash_bench  # benchmarks/flash_bench.py: layouts and the SmolLM2 stores
-import paired_runs  # benchmarks/paired_runs.py: interleaved rounds, summary, markdown
+import paired_runs  # benchmarks/paired_runs.py: the study's runs, summary and markdown
 
 BASELINE = "mlx"
 PAIRS = {"kernel lookahead": "kernel"}  # each path with lookahead against the same path without
@@ -30,15 +29,7 @@ def runs(budget: int) -> dict[str, dict]:
 
 
 def main() -> int:
-    args, work = flash_bench.round_args(__doc__)
-    bf16, _, budget = flash_bench.smollm2_stores(work)
-    from applelm.flash.loader import flash_tokenizer
-
-    prompt = flash_tokenizer(bf16).encode(flash_bench.SMOL_PROMPT)
-    result = paired_runs.run_rounds(__file__, args, {"bf16": bf16}, runs(budget), prompt, {"budget_bytes": budget})
-    result["summary"] = paired_runs.summarize(result["rounds"], args.tokens, BASELINE, PAIRS)
-    paired_runs.write(result, args.out, markdown(result))
-    return 0
+    return paired_runs.study(__doc__, __file__, ("bf16",), runs, BASELINE, markdown, PAIRS)
 
 
 def markdown(result: dict) -> str:

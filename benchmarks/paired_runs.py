@@ -10,18 +10,20 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import flash_bench  # benchmarks/flash_bench.py: layouts, the per-run process and the machine description
 import machine_info  # benchmarks/machine_info.py
 
 KEEP = ("decode_tok_s_median", "plan", "bytes_per_token", "read_GBps", "io_wait_s", "cpu_during_decode",
-        "neurons_read_per_token", "ahead_read_per_token", "ahead_used_share", "error")
+        "neurons_read_per_token", "ahead_read_per_token", "ahead_used_share", "reads_stubbed_at_GBps", "error")
 
 
 def run_rounds(script: str, args, stores: dict[str, Path], runs: dict[str, dict], prompt: list[int],
-               extra: dict) -> dict:
+               extra: dict, specs: dict[str, dict] | None = None) -> dict:
     """Every store under every run's options, args.rounds times interleaved; the result (JSON-ready) holds
-    each round's rows keyed "<store> <run>", the command, the machine and `extra`."""
+    each round's rows keyed "<store> <run>", the command, the machine and `extra`. specs[run]: more keys of
+    that run's flash_bench spec (e.g. stub_reads)."""
     result = {"command": "python " + " ".join([os.path.relpath(script, flash_bench.ROOT)] + sys.argv[1:]),
               "machine": flash_bench.machine("cpu"), "load_start": machine_info.load_avg(),
               "date": time.strftime("%Y-%m-%d %H:%M"), **extra, "tokens": args.tokens, "rounds": []}
@@ -30,7 +32,7 @@ def run_rounds(script: str, args, stores: dict[str, Path], runs: dict[str, dict]
         for store, model in stores.items():
             for label, options in runs.items():
                 r = flash_bench.spawn({"device": "cpu", "label": label, "model": str(model), "tokens": args.tokens,
-                                       "prompt": prompt, "options": options})
+                                       "prompt": prompt, "options": options, **(specs or {}).get(label, {})})
                 rows[f"{store} {label}"] = {k: r.get(k) for k in KEEP}
                 print(f"[round {rnd + 1}] {store} {label}: {r.get('decode_tok_s_median', r.get('error'))} tok/s, "
                       f"{(r.get('bytes_per_token') or 0) / 1e6:.1f} MB/token", file=sys.stderr, flush=True)
@@ -83,6 +85,10 @@ def markdown(result: dict, title: str, baseline: str, setting: str) -> str:
     lines += ["", "tok/s of every round:", ""]
     for key in result["summary"]:
         lines.append(f"- {key}: {[r[key].get('decode_tok_s_median') for r in result['rounds']]}")
+    stubbed = [key for key in result["summary"] if result["rounds"][0][key].get("reads_stubbed_at_GBps")]
+    if stubbed:
+        lines += ["", "Stubbed reads slept as long as at these speeds (GB/s, every round):", ""]
+        lines += [f"- {key}: {[r[key].get('reads_stubbed_at_GBps') for r in result['rounds']]}" for key in stubbed]
     return "\n".join(lines) + "\n"
 
 
@@ -92,3 +98,21 @@ def write(result: dict, out: str | None, text: str) -> None:
         Path(out).write_text(json.dumps(result, indent=1))
         Path(out).with_suffix(".md").write_text(text)
     print(text)
+
+
+def study(doc: str, script: str, stores: tuple[str, ...], runs: Callable[[int], dict[str, dict]], baseline: str,
+          markdown_of: Callable[[dict], str], pairs: dict[str, str] | None = None,
+          specs: dict[str, dict] | None = None) -> int:
+    """A whole study's main(): its options (flash_bench.round_args), the SmolLM2 `stores` ("bf16", "8bit")
+    under flash_bench's budget, every run of runs(budget) over args.rounds interleaved rounds, the summary
+    against `baseline` (and `pairs`), written by markdown_of; `specs` as in run_rounds."""
+    args, work = flash_bench.round_args(doc)
+    bf16, q8, budget = flash_bench.smollm2_stores(work)
+    from applelm.flash.loader import flash_tokenizer
+
+    prompt = flash_tokenizer(bf16).encode(flash_bench.SMOL_PROMPT)
+    chosen = {name: path for name, path in (("bf16", bf16), ("8bit", q8)) if name in stores}
+    result = run_rounds(script, args, chosen, runs(budget), prompt, {"budget_bytes": budget}, specs)
+    result["summary"] = summarize(result["rounds"], args.tokens, baseline, pairs)
+    write(result, args.out, markdown_of(result))
+    return 0
