@@ -317,7 +317,9 @@ def run_one(spec: dict) -> dict:
                 "rand_32KiB_qd8": measure_disk(spec["probe"], size, 32768, seconds=1.0, threads=8) / 1e9}
         if rt is not None and (rt.ring is not None or rt.plan.mode == "naive"):
             disk["layout_seq"] = layout_read_speed(rt) / 1e9
-    stub_gbps = layout_read_speed(rt) / 1e9 if spec.get("stub_reads") and rt is not None and rt.ring else None
+    stub_gbps = None
+    if spec.get("stub_reads") and rt is not None and rt.ring:  # the reading above when the probe took one
+        stub_gbps = disk.get("layout_seq") or layout_read_speed(rt) / 1e9
     prompt = mx.array(spec["prompt"], dtype=mx.int32)
     times, tokens, stamp = [], [], time.perf_counter()
     first = cpu0 = None

@@ -1,5 +1,5 @@
 """Interleaved A/B runs of load options on the SmolLM2 flash stores, for the focused studies (ring_depth,
-lookahead_mlx): every round runs each (store, options) row once in a fresh process (flash_bench's runner),
+lookahead_mlx, read_cost): every round runs each (store, options) row once in a fresh process (flash_bench's runner),
 so the VM's drift over minutes spreads over all rows alike; the summary gives medians over rounds and in
 how many rounds each row beat its store's baseline row."""
 

@@ -262,8 +262,9 @@ class FlashMLP(nn.Module):
 
     def _plan_token(self, selected: np.ndarray, xn: Optional[np.ndarray], xf: mx.array):
         """_plan_reads for one token, around what the previous layer read ahead for this one (returned as
-        `ahead`, peek_ahead's entry or None); then, with lookahead on (`xn`: this layer's input as float32
-        numpy), the reads of the next layer's guessed neurons go in behind this layer's own."""
+        `ahead`, peek_ahead's entry or None); then, with lookahead on, the reads of the next layer's guessed
+        neurons (from `xn`, this layer's input as float32 numpy; None on the MLX path without lookahead)
+        go in behind this layer's own."""
         rt = self._rt
         ahead = rt.peek_ahead(self.layer) if rt.ahead_buffers else None
         plan = self._plan_reads(selected, None if ahead is None else ahead[0])
@@ -347,8 +348,7 @@ class FlashMLP(nn.Module):
         xn, out = np.array(x32), np.zeros(x.shape[-1], np.float32)
         thr = float(rt.thresholds[self.layer])
         # The previous layer may have read some of this layer's neurons ahead (guessed from its input).
-        (to_insert, misses, n_bytes, pending, to_read), ahead = self._plan_token(
-            selected, xn if rt.ahead_buffers else None, xf)
+        (to_insert, misses, n_bytes, pending, to_read), ahead = self._plan_token(selected, xn, xf)
 
         def coef(ids):  # resident gate: its masked activations; predictor: the kernel computes the gate
             return None if gn is None else self._masked(gn, ids)
