@@ -6,6 +6,9 @@ Two models, each prepared once (python -m applelm.flash prepare) into a flash la
                 the smallest resident form: attention and embedding as the GGUF's packed blocks through
                 ops/gguf_cpu.c, FFN as stored bundles through the native kernel; --smollm2-resident)
   - smollm2-8bit: the same SmolLM2 prepared with 8-bit bundles (about half the bytes), same budget
+  - smollm2-blocks: the same SmolLM2 prepared with --gguf-blocks (the file's Q4_1 blocks, a third of the
+                bfloat16 bytes), at 75% of its own resident size and at the smollm2 budget, beside the
+                plain GGUF file (not in the default --models)
 and, in the same run, for each:
   - resident : the same prepared weights all in memory (load(OUT) without a budget; SmolLM2 with
                native=True, which pins the FFN as stored bundles)
@@ -26,8 +29,8 @@ units alone (their mean is the I/O bound of the dense goal); and the machine's C
 shares while each run decodes (on this VM reads cost steal: benchmarks/io_contention.py).
 SmolLM2 also gets perplexity on GPL-3 text for each sparsity setting. Every run is a fresh process.
 
-    python benchmarks/flash_bench.py [--device cpu|gpu] [--models synthetic,smollm2,smollm2-8bit] [--work DIR]
-                                     [--tokens N] [--out FILE]
+    python benchmarks/flash_bench.py [--device cpu|gpu] [--models synthetic,smollm2,smollm2-8bit,smollm2-blocks]
+                                     [--work DIR] [--tokens N] [--out FILE]
 
 --device gpu runs the same plan on MLX's GPU (float16 compute); compute is then fast and reads
 dominate (the paper reports 20-25x over naive there). Results: JSON + a markdown table next to it.
@@ -512,13 +515,14 @@ def goals(rows: dict, rounds: list[dict]) -> dict:
 
 
 def bench_model(name: str, budget: int, spec_base: dict, sparse_runs: list[tuple[str, dict]],
-                rounds: int, resident_options: Optional[dict] = None) -> tuple[dict, list]:
+                rounds: int, resident_options: Optional[dict] = None, mlx_variant: bool = True) -> tuple[dict, list]:
     """Every run `rounds` times, interleaved (the machine's load and the disk change over minutes).
     On the CPU, "paged-mlx" (and "sparse-...-mlx") is paging without the native kernel (flash/native.py),
-    for its effect. `resident_options`: how the fully resident run loads (default: no budget)."""
+    for its effect (mlx_variant=False: a store the kernel does not read). `resident_options`: how the fully
+    resident run loads (default: no budget). A run's options may name another "model" (a peer)."""
     runs = [("resident", resident_options or {}), ("naive", {"memory_budget": budget, "naive": True}),
             ("paged", {"memory_budget": budget})]
-    if spec_base["device"] == "cpu":
+    if spec_base["device"] == "cpu" and mlx_variant:
         runs.append(("paged-mlx", {"memory_budget": budget, "native": False}))
     # Without the native kernel (any GPU run) a "-mlx" variant is the same run again; "-mlx-lookahead" is the
     # GPU's sparse path with lookahead (off by default there).
@@ -529,7 +533,10 @@ def bench_model(name: str, budget: int, spec_base: dict, sparse_runs: list[tuple
         rows = {}
         for label, opts in runs:
             print(f"[{name} round {rnd + 1}] {label} ...", file=sys.stderr, flush=True)
-            rows[label] = spawn({**spec_base, "label": label, "options": {**spec_base["options"], **opts}})
+            opts = dict(opts)
+            model = opts.pop("model", spec_base["model"])
+            rows[label] = spawn({**spec_base, "label": label, "model": model,
+                                 "options": {**spec_base["options"], **opts}})
             r = rows[label]
             print(f"[{name} round {rnd + 1}] {label}: {r.get('decode_tok_s_median', r.get('error'))} tok/s, "
                   f"{(r.get('bytes_per_token') or 0) / 1e6:.1f} MB/token, disk {r.get('disk_GBps_in_run')}",
@@ -587,6 +594,9 @@ def main() -> int:
     p.add_argument("--synthetic", default="1024,14336,24", help="hidden,intermediate,layers")
     p.add_argument("--synthetic-budget", default="1GB")
     p.add_argument("--smollm2-budget-fraction", type=float, default=0.5)
+    p.add_argument("--blocks-budget-fraction", type=float, default=0.75,
+                   help="smollm2-blocks budget, a fraction of its own fully resident size (at 0.5 the resident "
+                        "part and two read buffers do not fit)")
     p.add_argument("--smollm2-resident", choices=("packed", "float32"), default="packed",
                    help="SmolLM2 fully resident as the GGUF's packed blocks (attention, tied embedding; computed by "
                         "ops/gguf_cpu.c) and the FFN as stored bundles (flash/native_ffn.c): the smallest and, on "
@@ -681,6 +691,31 @@ def main() -> int:
         print("perplexity ...", file=sys.stderr, flush=True)
         result["models"]["smollm2"]["perplexity"] = None if not args.ppl_tokens else perplexities(t16[0], layout, args.ppl_tokens, args.tbt_tokens,
                                                                  [0.3, 0.5, 0.7], stores)
+
+    if "smollm2-blocks" in models:
+        # The GGUF's own Q4_1 blocks (prepare --gguf-blocks): a third of the bfloat16 store's bytes. Whole
+        # layers page (no sparsity on this store); beside it the plain GGUF file, loaded as it is.
+        from applelm.flash.loader import flash_tokenizer
+
+        layout, prep_s = prepared(default_model_path(), work / "smollm2_blocks", gguf_blocks=True)
+        full, _, _ = load_model(layout)
+        full_bytes, minimum = full.flash.plan.total_bytes, full.flash.plan.resident_bytes
+        full.flash.close()
+        budget = int(full_bytes * args.blocks_budget_fraction)
+        _, _, shared = smollm2_stores(work)
+        spec = {**base, "model": str(layout), "tokens": args.tokens or 24,
+                "prompt": flash_tokenizer(layout).encode(SMOL_PROMPT), "options": dict(base["options"])}
+        rows, rounds = bench_model("smollm2-blocks", budget, spec, [
+            ("paged@smollm2-budget", {"memory_budget": shared}),
+            ("plain-gguf", {"model": str(default_model_path())})], args.rounds, mlx_variant=False)
+        result["models"]["smollm2-blocks"] = {
+            "description": f"the same SmolLM2 prepared with --gguf-blocks (FFN as the file's Q4_1 blocks, one "
+                           f"chunk per layer); fully resident {format_size(full_bytes)}, budget "
+                           f"{format_size(budget)} ({args.blocks_budget_fraction:.0%}); paged@smollm2-budget: "
+                           f"the smollm2 entries' budget {format_size(shared)}; plain-gguf: the GGUF file "
+                           f"without a flash layout",
+            "prepare_s": round(prep_s, 1), "resident_bytes": full_bytes, "resident_part_bytes": minimum,
+            "budget_bytes": budget, "runs": rows, "goals": goals(rows, rounds), "all_rounds": rounds}
 
     if "synthetic" in models:
         hidden, inter, layers = (int(v) for v in args.synthetic.split(","))

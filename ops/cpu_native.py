@@ -65,14 +65,27 @@ def matmul_numpy(x: np.ndarray, packed: np.ndarray, ggml_type: str, threads: Opt
 
 def gguf_matmul(x: mx.array, packed: mx.array, ggml_type: str, n_cols: int) -> mx.array:
     """x (..., n_cols) @ W.T through the kernel, in x's dtype (eager: evaluates x first)."""
-    lead = x.shape[:-1]
     # A float32 x is evaluated as it is and reshaped by numpy: the k and v projections then find the input
     # the q projection evaluated, with no new MLX node to wait for (one round trip to MLX's thread each).
+    xf = _evaluated_f32(x, packed)
+    return _finish(x, matmul_numpy(np.ascontiguousarray(host(xf)).reshape(-1, n_cols), host(packed), ggml_type))
+
+
+def gguf_matmul_host(x: mx.array, packed: np.ndarray, ggml_type: str, n_cols: int) -> mx.array:
+    """gguf_matmul for packed rows held in host memory (a read buffer): the kernel reads them in place."""
+    xf = _evaluated_f32(x)
+    return _finish(x, matmul_numpy(np.ascontiguousarray(host(xf)).reshape(-1, n_cols), packed, ggml_type))
+
+
+def _evaluated_f32(x: mx.array, *also: mx.array) -> mx.array:
     xf = x if x.dtype == mx.float32 else x.astype(mx.float32)
     try:
-        mx.eval(xf, packed)
+        mx.eval(xf, *also)
     except ValueError as e:  # MLX refuses eval while tracing
         raise Tracing(str(e)) from None
-    xn = np.ascontiguousarray(host(xf)).reshape(-1, n_cols)
-    out = mx.array(matmul_numpy(xn, host(packed), ggml_type).reshape(*lead, packed.shape[0]))
+    return xf
+
+
+def _finish(x: mx.array, out: np.ndarray) -> mx.array:
+    out = mx.array(out.reshape(*x.shape[:-1], out.shape[-1]))
     return out if x.dtype == mx.float32 else out.astype(x.dtype)

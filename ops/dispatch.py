@@ -9,6 +9,7 @@ GGUFLinear / GGUFEmbedding / AffineQuantizedLinear, which call these.
 from __future__ import annotations
 
 import mlx.core as mx
+import numpy as np
 
 from . import backends, cpu_bridge, cpu_native, reference
 
@@ -117,6 +118,19 @@ def gguf_matmul(x: mx.array, packed: mx.array, ggml_type: str, n_cols: int) -> m
         out = _chunked_dense_matmul(x2, n, n_cols, lambda r0, r1: backends.gguf_dequant(
             be, packed[r0:r1], ggml_type, n_cols, x2.dtype))
     return out.reshape(*lead, n)
+
+
+def gguf_matmul_host(x: mx.array, packed: np.ndarray, ggml_type: str, n_cols: int) -> mx.array:
+    """gguf_matmul for packed rows in host memory (numpy, e.g. a flash read buffer): the CPU kernel reads
+    them in place; every other path multiplies an MLX copy. Either way the buffer is free on return."""
+    m = x.size // n_cols
+    if backend() == "cpu" and m <= CPU_NATIVE_MAX_ROWS and ggml_type in cpu_native.TYPES \
+            and cpu_native.load() is not None:
+        try:
+            return cpu_native.gguf_matmul_host(x, packed, ggml_type, n_cols)
+        except cpu_native.Tracing:
+            pass
+    return gguf_matmul(x, mx.array(packed), ggml_type, n_cols)
 
 
 def gguf_gpu_choice(ggml_type: str, n: int, n_cols: int, m: int) -> str:

@@ -57,10 +57,15 @@ def tiny_llama_config(vocab_size: int) -> dict:
                 rope_theta=10000.0, head_dim=16, max_position_embeddings=256)
 
 
+def _layer_type(qtype, layer: int):
+    return qtype[layer] if isinstance(qtype, (list, tuple)) else qtype
+
+
 def write_tiny_llama_gguf(path: Path, types: dict = None, tied: bool = False, seed: int = 0,
                           chat_template: str | None = None, **config_overrides) -> dict:
     """Write a 2-layer Llama GGUF; returns {"config", "weights": HF-named float32 arrays as the file
-    holds them after quantization (dequantized with gguf's numpy reference, Q/K un-permuted)}."""
+    holds them after quantization (dequantized with gguf's numpy reference, Q/K un-permuted)}.
+    A layer tensor's type may be a list: one type per layer (as K-quant mixes write them)."""
     types = {**DEFAULT_TYPES, **(types or {})}
     tokens, merges, token_types = tiny_vocab()
     config = tiny_llama_config(len(tokens))
@@ -115,7 +120,7 @@ def write_tiny_llama_gguf(path: Path, types: dict = None, tied: bool = False, se
         for kind, shape in shapes.items():
             heads = nh if kind == "attn_q" else nkv if kind == "attn_k" else 0
             put(f"blk.{layer}.{kind}.weight", f"model.layers.{layer}.{HF_NAMES[kind]}.weight",
-                rng.normal(0, 0.15, shape), types[kind], heads)
+                rng.normal(0, 0.15, shape), _layer_type(types[kind], layer), heads)
         for kind in ("attn_norm", "ffn_norm"):
             put(f"blk.{layer}.{kind}.weight", f"model.layers.{layer}.{HF_NAMES[kind]}.weight",
                 rng.uniform(0.5, 1.5, (h,)), Q.F32)

@@ -93,6 +93,22 @@ def test_dispatch_takes_the_kernel_on_cpu(monkeypatch):
     assert calls == []
 
 
+@pytest.mark.parametrize("rows", [1, dispatch.CPU_NATIVE_MAX_ROWS + 1])
+def test_host_rows_multiply_in_place_like_mlx_rows(monkeypatch, rows):
+    """gguf_matmul_host (packed rows in a numpy read buffer, e.g. a flash chunk) gives gguf_matmul's
+    result exactly; the kernel reads the buffer itself for a token, a prompt takes an MLX copy."""
+    buffer = make_blocks("Q5_1", 3 * 40, 64, seed=9)[40:80]  # a view inside a larger buffer
+    x = mx.random.normal((1, rows, 64), key=mx.random.key(4))
+    seen = []
+    real = cpu_native.matmul_numpy
+    monkeypatch.setattr(cpu_native, "matmul_numpy", lambda xn, w, t, **k: seen.append(w) or real(xn, w, t, **k))
+    got = dispatch.gguf_matmul_host(x, buffer, "Q5_1", 64)
+    in_place = [w for w in seen if np.shares_memory(w, buffer)]
+    assert len(in_place) == (1 if rows == 1 else 0)
+    np.testing.assert_array_equal(np.array(got), np.array(gguf_matmul(x, mx.array(buffer), "Q5_1", 64)))
+    assert dispatch.gguf_matmul_host(x.astype(mx.bfloat16), buffer, "Q5_1", 64).dtype == mx.bfloat16
+
+
 def test_inside_mx_compile_the_mlx_path_runs():
     packed = mx.array(make_blocks("Q8_0", 32, 64, seed=6))
     layer = GGUFLinear(64, 32, "Q8_0")

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import sys
+from collections import Counter
 from typing import Optional
 
 from ..cli_common import ArgumentParser, float_in, positive_int, run_main
+from ..errors import UserError
 
 PROG = "applelm.flash"
 
@@ -17,8 +19,12 @@ def build_parser() -> ArgumentParser:
     pp = sub.add_parser("prepare", help="write a flash layout from a GGUF file or a safetensors folder")
     pp.add_argument("model", help="GGUF file, model folder or HF repo id ('default': the embedded SmolLM2)")
     pp.add_argument("out", help="output folder (created; an existing flash layout there is replaced)")
-    pp.add_argument("--bits", type=int, choices=(32, 16, 8, 4), default=16,
-                    help="FFN storage: 16 = float16 (bfloat16 for bf16 checkpoints), 8/4 = affine groups of 64")
+    pp.add_argument("--bits", type=int, choices=(32, 16, 8, 4), default=None,
+                    help="FFN storage: 16 = float16 (bfloat16 for bf16 checkpoints, the default), 8/4 = affine "
+                         "groups of 64")
+    pp.add_argument("--gguf-blocks", action="store_true",
+                    help="keep a GGUF file's own quantized FFN blocks, bundled by chunks of neurons: exact and "
+                         "as small as the file; whole-layer paging only (no sparsity)")
     pp.add_argument("--dtype", choices=("float16", "bfloat16"), default=None,
                     help="16-bit storage type (default: bfloat16 for bf16 checkpoints, else float16; "
                          "bfloat16 decodes ~5x faster on CPU, float16 is more precise)")
@@ -42,13 +48,24 @@ def _prepare(args) -> int:
     from ..loader import resolve_model_path
     from .prepare import prepare
 
+    if args.gguf_blocks and (args.bits is not None or args.dtype is not None):
+        raise UserError("--gguf-blocks keeps the file's own blocks: drop --bits / --dtype")
     model = resolve_model_path(None if args.model == "default" else args.model)
-    out = prepare(model, args.out, bits=args.bits, dtype=args.dtype, calibration=args.calibration, calibrate=not args.no_calibrate,
+    out = prepare(model, args.out, bits=args.bits or 16, dtype=args.dtype, gguf_blocks=args.gguf_blocks,
+                  calibration=args.calibration, calibrate=not args.no_calibrate,
                   train_predictors=args.train_predictors, target_sparsity=args.target_sparsity,
                   predictor_rank=args.rank, calibration_tokens=args.calibration_tokens,
                   show_progress=not args.quiet)
     print(summary(out))
     return 0
+
+
+def _store_text(store: dict) -> str:
+    if store.get("kind") != "gguf_blocks":
+        return json.dumps(store)
+    types = Counter(t for layer in store["types"] for t in layer)
+    return (f"GGUF blocks in chunks of {store['chunk_neurons']} neurons, "
+            + ", ".join(f"{n} x {t}" for t, n in types.most_common()))
 
 
 def summary(folder) -> str:
@@ -59,7 +76,7 @@ def summary(folder) -> str:
     idx = layout.index
     lines = [f"{layout.folder}: {idx['model_type']}, {layout.n_layers} layers, hidden {layout.hidden}, "
              f"intermediate {layout.intermediate}",
-             f"  FFN store: {json.dumps(idx['store'])}, {format_size(layout.ffn_bytes)} in {layout.n_layers} files",
+             f"  FFN store: {_store_text(idx['store'])}, {format_size(layout.ffn_bytes)} in {layout.n_layers} files",
              f"  resident: {format_size(idx['resident']['n_bytes'])}"]
     if idx.get("sparsity"):
         lines.append(f"  sparsity thresholds calibrated on {idx['sparsity']['calibration']}")

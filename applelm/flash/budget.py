@@ -105,10 +105,18 @@ class Geometry:
     # Prompts decode a unit this many neurons at a time (None: whole units). With the kernel, floats are
     # only ever decoded for prompts, so small steps shrink the reserve and leave room to pin more layers.
     decode_neurons: Optional[int] = None
+    # Floats one bundle decodes to (None: a neuron's three vectors). A GGUF-blocks store's bundle is a
+    # chunk of neurons, and its layers are only ever held as stored (float_layers False).
+    bundle_floats: Optional[int] = None
+    float_layers: bool = True
 
     @property
     def layer_mem(self) -> int:  # one pinned layer: up, down, gate in the compute dtype
         return 3 * self.intermediate * self.hidden * self.compute_itemsize
+
+    @property
+    def floats_per_bundle(self) -> int:
+        return self.bundle_floats if self.bundle_floats is not None else 3 * self.hidden * self.compute_itemsize
 
     @property
     def pin_bytes(self) -> int:  # one pinned layer under a dense plan
@@ -120,12 +128,12 @@ class Geometry:
 
     @property
     def unit_decoded(self) -> int:  # one unit's decoded floats while MLX computes with them
-        return 3 * self.unit_neurons * self.hidden * self.compute_itemsize
+        return self.unit_neurons * self.floats_per_bundle
 
     @property
     def decode_bytes(self) -> int:  # one decode step in MLX: its copy of the bundles and their floats
         n = self.decode_neurons or self.unit_neurons
-        return n * self.bundle_bytes + 8192 + 3 * n * self.hidden * self.compute_itemsize
+        return n * (self.bundle_bytes + self.floats_per_bundle) + 8192
 
 
 # Bytes the ring must hold beyond the unit being computed for reads to keep their speed. SmolLM2 8-bit
@@ -155,7 +163,7 @@ def plan_dense(g: Geometry, resident: int, budget: Optional[int], depth: Optiona
             raise _too_small(budget, resident + buffers, "naive streaming (resident part + one layer's buffers)")
         return Plan("naive", budget, resident, [], every, g.unit_raw, 1, 1, buffer_bytes=buffers)
     stored = g.stored_layer is not None
-    if (budget is None and not stored) or (budget is not None and budget >= all_pinned):
+    if g.float_layers and ((budget is None and not stored) or (budget is not None and budget >= all_pinned)):
         return Plan("resident", budget, resident, every, [], pinned_bytes=g.n_layers * g.layer_mem)
 
     def buffers(d: int, q: int) -> int:

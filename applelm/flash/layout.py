@@ -6,7 +6,8 @@
       config.json            the model config (Hugging Face style), for tools that read folders
       resident.safetensors   everything that is not FFN: embeddings, norms, attention, output head
       tokenizer files        tokenizer.json & co. (from a folder) or tokenizer_gguf.json (GGUF metadata)
-      ffn/layer_NNN.bin      one file per layer: neuron i's bundle at byte i * bundle_bytes, the file
+      ffn/layer_NNN.bin      one file per layer: bundle i at byte i * bundle_bytes (a bundle is one neuron,
+                             or a chunk of neurons in the GGUF-blocks store, blocks.py), the file
                              zero-padded to a multiple of ALIGN so whole-file O_DIRECT reads are legal
       predictors.safetensors (optional) low-rank activity predictors, one per layer
 
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import ModelFormatError
+from .blocks import KIND as BLOCKS_KIND, BlockCodec
 from .codec import BundleCodec
 
 FORMAT = "applelm-flash"
@@ -90,7 +92,7 @@ class FlashLayout:
 
     folder: Path
     index: dict[str, Any]
-    codec: BundleCodec
+    codec: "BundleCodec | BlockCodec"
     layers: list[LayerEntry]
 
     @property
@@ -108,6 +110,19 @@ class FlashLayout:
     @property
     def intermediate(self) -> int:
         return self.index["intermediate_size"]
+
+    @property
+    def blocks(self) -> bool:
+        """True for a GGUF-blocks store (whole-layer paging only; see blocks.py)."""
+        return isinstance(self.codec, BlockCodec)
+
+    @property
+    def n_bundles(self) -> int:
+        """Bundles per layer file: neurons, or chunks of neurons in a GGUF-blocks store."""
+        return self.codec.n_bundles if self.blocks else self.intermediate
+
+    def bundle_bytes(self, layer: int) -> int:
+        return self.codec.bundle_bytes_of(layer) if self.blocks else self.codec.bundle_bytes
 
     @property
     def resident_path(self) -> Path:
@@ -135,6 +150,12 @@ def _require(index: dict, key: str, kind, where: str):
     return value
 
 
+def _layer_bytes(codec, intermediate: int, layer: int) -> int:
+    if isinstance(codec, BlockCodec):
+        return codec.n_bundles * codec.bundle_bytes_of(layer)
+    return intermediate * codec.bundle_bytes
+
+
 def read_layout(folder) -> FlashLayout:
     """Parse and validate OUT/flash_index.json and check that every file it names exists with the size
     it records (cheap; CRCs of the layer data are checked when the data is read)."""
@@ -157,14 +178,22 @@ def read_layout(folder) -> FlashLayout:
     _require(index, "config", dict, str(path))
     hidden = _require(index, "hidden_size", int, str(path))
     inter = _require(index, "intermediate_size", int, str(path))
-    codec = BundleCodec.from_json(hidden, _require(index, "store", dict, str(path)))
+    store = _require(index, "store", dict, str(path))
+    try:
+        codec = (BlockCodec.from_json(hidden, inter, store) if store.get("kind") == BLOCKS_KIND
+                 else BundleCodec.from_json(hidden, store))
+    except ModelFormatError as e:
+        raise ModelFormatError(f"{path}: {e}") from None
+    if isinstance(codec, BlockCodec) and len(codec.types) != len(_require(index, "layers", list, str(path))):
+        raise ModelFormatError(f"{path}: the store names types for {len(codec.types)} layers, the index lists "
+                               f"{len(index['layers'])}")
     entries = []
     for i, e in enumerate(_require(index, "layers", list, str(path))):
         try:
             entry = LayerEntry(folder / e["file"], int(e["n_bytes"]), int(e["file_bytes"]), int(e["crc32"]))
         except (KeyError, TypeError, ValueError):
             raise ModelFormatError(f"{path}: layer {i} entry is malformed") from None
-        if entry.n_bytes != inter * codec.bundle_bytes or entry.file_bytes != aligned(entry.n_bytes):
+        if entry.n_bytes != _layer_bytes(codec, inter, i) or entry.file_bytes != aligned(entry.n_bytes):
             raise ModelFormatError(f"{path}: layer {i} sizes do not match the store geometry")
         if not entry.path.is_file():
             raise ModelFormatError(f"{entry.path}: layer file is missing (layer {i}); the flash layout is "

@@ -117,6 +117,12 @@ def _predictors(layout: FlashLayout, dtype, sparsity: float) -> tuple[list, dict
     return out, info
 
 
+def _pinned_chunks(codec, layer: int, chunks: np.ndarray) -> list:
+    """A pinned GGUF-blocks layer as MLX (up, down, gate) matrices per chunk, split once here so that a
+    token's FFN does no slicing (the same bytes as read: nothing is decoded)."""
+    return [tuple(mx.array(p) for p in codec.split(layer, c)) for c in chunks]
+
+
 def _read_layers(rt: FlashRuntime, layout: FlashLayout, want: dict[int, tuple], verify: bool,
                  stored: frozenset = frozenset(), stored_gates: frozenset = frozenset()) -> tuple[dict, dict, dict]:
     """One pass over the layer files with direct I/O: check CRCs and keep what layers hold.
@@ -125,7 +131,6 @@ def _read_layers(rt: FlashRuntime, layout: FlashLayout, want: dict[int, tuple], 
     bundle_bytes) uint8 numpy array}, {i: (intermediate, part_bytes) uint8 numpy array of gates})."""
     buf = AlignedBuffer(max(u.read_bytes for us in rt.units.values() for u in us))
     out, raw, gates = {}, {}, {}
-    gate_at = 2 * rt.codec.part_bytes
     try:
         for i in range(layout.n_layers):
             parts = want.get(i, ())
@@ -133,7 +138,7 @@ def _read_layers(rt: FlashRuntime, layout: FlashLayout, want: dict[int, tuple], 
                 continue
             crc, pieces = 0, [[] for _ in parts]
             if i in stored:
-                raw[i] = np.empty((layout.intermediate, rt.codec.bundle_bytes), np.uint8)
+                raw[i] = np.empty((layout.n_bundles, layout.bundle_bytes(i)), np.uint8)
             if i in stored_gates:
                 gates[i] = np.empty((layout.intermediate, rt.codec.part_bytes), np.uint8)
             for u in rt.units[i]:
@@ -143,7 +148,7 @@ def _read_layers(rt: FlashRuntime, layout: FlashLayout, want: dict[int, tuple], 
                 if i in stored:
                     raw[i][u.start: u.stop] = bundles
                 if i in stored_gates:
-                    gates[i][u.start: u.stop] = bundles[:, gate_at:]
+                    gates[i][u.start: u.stop] = bundles[:, 2 * rt.codec.part_bytes:]
                 if parts:
                     decoded = rt.codec.decode_mx(mx.array(bundles), 3, rt.dtype)
                     for slot, p in zip(pieces, parts):
@@ -204,9 +209,15 @@ def load_flash_model(folder, *, dtype: Optional[str] = None, memory_budget=None,
             module.dtype = dtype_
     acts = [activation_of(block.mlp) for block in model.layers]
     kernel = None
+    if layout.blocks and sparsity is not None:
+        raise UserError(f"{layout.folder}: this flash layout keeps the GGUF file's blocks (prepare --gguf-blocks), "
+                        "which page whole layers; sparse paging needs a layout prepared with --bits 16, 8 or 4")
+    if layout.blocks and native:
+        raise UserError("native=True: the native flash kernel reads per-neuron bundles; a --gguf-blocks layout "
+                        "is computed by the GGUF matmuls (on the CPU by their own C kernel)")
     # Only paging under a budget reads bundles (no budget: every layer pinned, or every neuron cached),
     # so only it builds or loads the kernel unless asked to.
-    if native or (native is None and budget is not None and mx.default_device() == mx.cpu):
+    if not layout.blocks and (native or (native is None and budget is not None and mx.default_device() == mx.cpu)):
         kernel = bundle_ffn(layout.codec, acts[0][0]) if len({a for a, _ in acts}) == 1 else None
         if native and kernel is None:
             raise UserError("native=True, but the native flash kernel is unavailable (no C compiler, "
@@ -224,8 +235,15 @@ def load_flash_model(folder, *, dtype: Optional[str] = None, memory_budget=None,
     if kernel is not None:
         stored_layer = aligned(layout.intermediate * codec.bundle_bytes)
         decode_neurons = min(unit_neurons, max(64, (2 << 20) // (3 * layout.hidden * itemsize)))
-    geom = Geometry(layout.n_layers, layout.hidden, layout.intermediate, codec.bundle_bytes, codec.part_bytes,
-                    itemsize, unit_neurons, stored_layer, decode_neurons)
+    if layout.blocks:
+        # Chunks stay GGUF blocks in memory too. A prompt's matmuls may dequantize one chunk's three parts.
+        unit_neurons = max(1, min(codec.n_bundles, max_unit_bytes // codec.bundle_bytes))
+        geom = Geometry(layout.n_layers, layout.hidden, codec.n_bundles, codec.bundle_bytes, 0, itemsize,
+                        unit_neurons, aligned(max(e.n_bytes for e in layout.layers)), 1,
+                        bundle_floats=3 * codec.chunk * layout.hidden * itemsize, float_layers=False)
+    else:
+        geom = Geometry(layout.n_layers, layout.hidden, layout.intermediate, codec.bundle_bytes, codec.part_bytes,
+                        itemsize, unit_neurons, stored_layer, decode_neurons)
     thresholds = predictors = None
     if sparsity is not None:
         thresholds = _thresholds(layout, float(sparsity))
@@ -279,8 +297,8 @@ def load_flash_model(folder, *, dtype: Optional[str] = None, memory_budget=None,
     data, raw, gates = _read_layers(rt, layout, want, verify, stored, stored_gates)
     for i, block in enumerate(model.layers):
         mlp = block.mlp
-        if i in raw:
-            mlp._stored = raw[i]
+        if i in raw:  # GGUF blocks are held in MLX: the GGUF matmuls read them there, with no copy per token
+            mlp._stored = _pinned_chunks(rt.blocks, i, raw.pop(i)) if layout.blocks else raw[i]
         elif mlp.mode == "pinned":
             mlp._pinned = tuple(data[i])
         elif mlp.mode == "sparse":

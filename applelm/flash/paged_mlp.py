@@ -4,7 +4,8 @@ It computes the gated FFN the model defines, down(act(gate(x)) * up(x)), from we
 four ways (the runtime's plan decides per layer):
 
 - pinned:  up, down^T, gate in memory (also how `load(OUT)` without a budget holds every layer); with
-           the native CPU kernel under a budget, the layer's bundles as stored instead (2-4x smaller)
+           the native CPU kernel under a budget, the layer's bundles as stored instead (2-4x smaller);
+           a GGUF-blocks store (blocks.py) always holds its chunks as stored, for the GGUF matmuls
 - stream:  whole layer (or neuron slices of it) read each token through the prefetch ring
 - naive:   whole layer read synchronously each token, then evaluated (the baseline the paper beats)
 - sparse:  neuron-level paging: a selector picks the active neurons (resident gate with calibrated
@@ -59,7 +60,7 @@ class FlashMLP(nn.Module):
         self.layer, self.mode = layer, mode
         self._rt, self._act = runtime, act
         self._pinned: Optional[tuple] = None  # (up, down_t, gate) in the compute dtype
-        self._stored: Optional[np.ndarray] = None  # or the layer's bundles as stored (native kernel)
+        self._stored = None  # or the layer's bundles as stored (numpy for the native kernel, MLX for GGUF blocks)
         self._gate: Optional[mx.array] = None  # resident gate (threshold sparsity)
         self._gate_stored: Optional[np.ndarray] = None  # or its rows as stored (the native kernel computes it)
         self._predictor_np: Optional[tuple] = None  # float32 numpy copy for lookahead guesses
@@ -101,6 +102,8 @@ class FlashMLP(nn.Module):
         """One unit's contribution through MLX (copies the bundles out of the staging buffer first), in
         steps of rt.decode_neurons: each step but the last is evaluated before the next is decoded."""
         rt = self._rt
+        if rt.blocks is not None:  # chunks of GGUF blocks, multiplied where they were read
+            return rt.blocks.ffn(self.layer, x, [rt.blocks.split(self.layer, c) for c in bundles], self._act)
         if x.shape[0] * x.shape[1] == 1 and not rt.codec.quantized and rt.recorder is None:
             raw = rt.to_mlx(bundles)  # the one copy out of the staging buffer, which can then be reused
             return interleaved_ffn(x, rt.codec.decode_interleaved_mx(raw, rt.dtype), self._act)
@@ -159,6 +162,8 @@ class FlashMLP(nn.Module):
     def _stored_ffn(self, x: mx.array) -> mx.array:
         """A pinned layer held as stored bundles: the kernel for a token; prompts decode it one unit at a
         time through MLX, like a streamed layer (the decoded floats stay within the budgeted buffers)."""
+        if self._rt.blocks is not None:  # no in-flight bound: nothing new enters memory
+            return self._rt.blocks.ffn(self.layer, x, self._stored, self._act)
         if self._native_ready(x):
             return self._native_ffn(x, ((self._stored, 0),))
         return self._mlx_ffn(x, ((self._stored[u.start: u.stop], u.start) for u in self._rt.units[self.layer]))

@@ -6,6 +6,8 @@ taken out without dequantizing: every FFN is dequantized and re-stored, as float
 exact for GGUF blocks up to float16 rounding of d*q+m), float32 (--bits 32), or with a per-part affine
 quantization (--bits 8/4, groups of 64: 1/2 to 1/4 of the bytes, at a re-quantization error on top of
 the checkpoint's own). Safetensors checkpoints stored in bfloat16 keep bfloat16 at --bits 16 (exact).
+--gguf-blocks instead keeps a GGUF file's own blocks, bundled by chunks of neurons (blocks.py): exact and
+as small as the file, for whole-layer paging (no sparsity, so no calibration).
 
 Calibration (on by default) runs text through the prepared model and stores per-layer activation
 thresholds for target sparsities 5%..95%; --train-predictors also fits the low-rank predictors.
@@ -25,6 +27,7 @@ import numpy as np
 
 from ..errors import ModelFormatError, UserError
 from ..progress import Progress
+from .blocks import BlockCodec
 from .codec import BundleCodec
 from .layout import (ALIGN, FORMAT, INDEX_FILE, PREDICTOR_FILE, RESIDENT_FILE, VERSION, aligned, crc32_file,
                      is_flash_layout, layer_file, read_layout, write_index)
@@ -58,35 +61,60 @@ def _write_layer(path: Path, data: np.ndarray) -> tuple[int, int]:
     return len(raw), zlib.crc32(raw)
 
 
+def _bundle_layer(src, codec: BundleCodec, i: int, hidden: int, inter: int) -> np.ndarray:
+    gate, up, down = src.ffn(i)
+    if gate.shape != (inter, hidden) or up.shape != (inter, hidden) or down.shape != (hidden, inter):
+        raise ModelFormatError(f"{src.path}: layer {i} FFN shapes {gate.shape}, {up.shape}, {down.shape} do "
+                               f"not match hidden {hidden} / intermediate {inter}")
+    return codec.encode(np.stack([up, down.T, gate], axis=1))  # (I, 3, H): PARTS order
+
+
+def _blocks_layer(src, codec: BlockCodec, i: int) -> np.ndarray:
+    from ..ops.ggml_types import GGML_TYPES_BY_NAME
+
+    types, up, down, gate = src.ffn_blocks(i)
+    want = [(codec.intermediate, codec.hidden), (codec.hidden, codec.intermediate),
+            (codec.intermediate, codec.hidden)]
+    for name, t, raw, (rows, cols) in zip(("up", "down", "gate"), types, (up, down, gate), want):
+        if raw.shape != (rows, GGML_TYPES_BY_NAME[t].row_bytes(cols)):
+            raise ModelFormatError(f"{src.path}: layer {i} ffn_{name} is not a ({rows}, {cols}) {t} matrix")
+    return codec.encode(i, up, down, gate)
+
+
 def prepare(model, out, *, bits: int = 16, dtype: Optional[str] = None, calibration: Optional[str] = None, calibrate: bool = True,
             train_predictors: bool = False, target_sparsity: float = 0.5, predictor_rank: Optional[int] = None,
             calibration_tokens: int = 1024, calibration_ids: Optional[Sequence[int]] = None,
-            show_progress: bool = True) -> Path:
+            show_progress: bool = True, gguf_blocks: bool = False) -> Path:
     """Write the flash layout of `model` (GGUF file or safetensors folder) to folder `out`; returns it.
 
     bits: FFN storage (32, 16, 8, 4); dtype: for 16 bits, "float16" or "bfloat16" (default: bfloat16
     for bfloat16 checkpoints, else float16). bfloat16 converts to float32 about 5x faster on MLX's CPU
-    backend, float16 keeps 3 more mantissa bits (see docs/flash.md)."""
+    backend, float16 keeps 3 more mantissa bits (see docs/flash.md). gguf_blocks: keep a GGUF file's
+    own FFN blocks instead (bits and dtype do not apply; no calibration: the store has no sparse paging)."""
     src = open_source(model)
     out = Path(out)
     cfg = src.config
     n_layers, hidden, inter = cfg["num_hidden_layers"], cfg["hidden_size"], cfg["intermediate_size"]
     if dtype not in (None, "float16", "bfloat16"):
         raise UserError(f"16-bit storage dtype must be float16 or bfloat16, got {dtype!r}")
-    codec = BundleCodec.for_bits(hidden, bits, dtype or src.float_dtype)
+    if gguf_blocks:
+        if train_predictors or calibration is not None:
+            raise UserError("--gguf-blocks stores chunks of neurons for whole-layer paging: it has no sparsity "
+                            "to calibrate or predict (drop --calibration / --train-predictors)")
+        calibrate = False
+        codec = BlockCodec.for_types(hidden, inter, [src.ffn_blocks(i)[0] for i in range(n_layers)])
+    else:
+        codec = BundleCodec.for_bits(hidden, bits, dtype or src.float_dtype)
     if train_predictors and not calibrate:
         raise UserError("--train-predictors needs calibration (drop --no-calibrate)")
     _prepare_out(out)
 
     layers = []
-    bar = Progress(f"bundling FFN ({bits}-bit)", n_layers, show_progress)
+    what = "GGUF blocks" if gguf_blocks else f"{bits}-bit"
+    bar = Progress(f"bundling FFN ({what})", n_layers, show_progress)
     for i in range(n_layers):
-        gate, up, down = src.ffn(i)
-        if gate.shape != (inter, hidden) or up.shape != (inter, hidden) or down.shape != (hidden, inter):
-            raise ModelFormatError(f"{src.path}: layer {i} FFN shapes {gate.shape}, {up.shape}, {down.shape} do "
-                                   f"not match hidden {hidden} / intermediate {inter}")
-        parts = np.stack([up, down.T, gate], axis=1)  # (I, 3, H): PARTS order
-        n_bytes, crc = _write_layer(out / layer_file(i), codec.encode(parts))
+        data = _blocks_layer(src, codec, i) if gguf_blocks else _bundle_layer(src, codec, i, hidden, inter)
+        n_bytes, crc = _write_layer(out / layer_file(i), data)
         layers.append({"file": layer_file(i), "n_bytes": n_bytes, "file_bytes": aligned(n_bytes), "crc32": crc})
         bar.update()
     bar.close()

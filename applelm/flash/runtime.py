@@ -49,9 +49,9 @@ class FlashRuntime:
         # (32 KiB random reads measured 1.5-3x faster at 8 in flight than at 1 on this machine's disk).
         threads = {"naive": 1, "sparse": max(io_threads, 8)}.get(plan.mode, io_threads)
         self.reader = DirectReader(threads=threads, split=1 << 40 if plan.mode == "naive" else read_split)
-        inter, bundle = layout.intermediate, self.codec.bundle_bytes
-        self.units = {i: split_layer(i, inter, bundle, str(layout.layers[i].path), max_unit_bytes)
-                      for i in range(layout.n_layers)}
+        self.units = {i: split_layer(i, layout.n_bundles, layout.bundle_bytes(i), str(layout.layers[i].path),
+                                     max_unit_bytes) for i in range(layout.n_layers)}
+        self.blocks = layout.codec if layout.blocks else None  # GGUF-blocks store: chunks through GGUF matmuls
         self.unit_neurons = max(u.stop - u.start for us in self.units.values() for u in us)
         self.geometry = geometry  # what the plan was made from
         # Neurons decoded into MLX at a time: the geometry's step (~2 MB of floats with the kernel), else a unit.

@@ -16,7 +16,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from ..errors import ModelFormatError, UnsupportedError
+from ..errors import ModelFormatError, UnsupportedError, UserError
 from ..gguf_file import GGUFFile, gguf_or_folder
 from ..gguf_loader import gguf_config, load_gguf
 from ..mlx_folder import copy_tokenizer_files
@@ -52,6 +52,11 @@ class Source:
         """(gate (I, H), up (I, H), down (H, I)) of one layer as float32."""
         raise NotImplementedError
 
+    def ffn_blocks(self, layer: int) -> tuple[tuple[str, str, str], np.ndarray, np.ndarray, np.ndarray]:
+        """((up, down, gate) type names, up, down, gate as the file's raw rows): GGUF files only."""
+        raise UserError(f"{self.path}: --gguf-blocks keeps a GGUF file's own blocks; this is a {self.kind} "
+                        "checkpoint (prepare it with --bits 16, 8 or 4)")
+
     def resident(self) -> tuple[dict[str, mx.array], dict[str, dict]]:
         """(non-FFN tensors under our names, as stored; quantize specs for the quantized ones)."""
         raise NotImplementedError
@@ -83,11 +88,23 @@ class GGUFSource(Source):
         out = dequantize(mx.array(np.ascontiguousarray(self.gguf.raw(name))), t, info.shape[-1])
         return np.array(out)
 
-    def ffn(self, layer: int):
+    def ffn_biases(self, layer: int) -> None:
         for kind in ("gate", "up", "down"):
             if f"blk.{layer}.ffn_{kind}.bias" in self.gguf.tensors:
                 raise UnsupportedError("flash paging does not support FFN biases")
+
+    def ffn(self, layer: int):
+        self.ffn_biases(layer)
         return tuple(self._matrix(f"blk.{layer}.ffn_{k}.weight") for k in ("gate", "up", "down"))
+
+    def ffn_blocks(self, layer: int):
+        self.ffn_biases(layer)
+        names = [f"blk.{layer}.ffn_{k}.weight" for k in ("up", "down", "gate")]
+        missing = [n for n in names if n not in self.gguf.tensors]
+        if missing:
+            raise ModelFormatError(f"{self.path}: tensor {missing[0]} is missing")
+        types = tuple(self.gguf.tensors[n].ggml_type.name for n in names)
+        return (types, *(self.gguf.raw(n) for n in names))
 
     def resident(self):
         weights, specs = load_gguf(self.gguf, self.config, include=lambda name: not is_ffn(name))
