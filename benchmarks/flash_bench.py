@@ -707,7 +707,8 @@ def main() -> int:
                 "prompt": flash_tokenizer(layout).encode(SMOL_PROMPT), "options": dict(base["options"])}
         rows, rounds = bench_model("smollm2-blocks", budget, spec, [
             ("paged@smollm2-budget", {"memory_budget": shared}),
-            ("plain-gguf", {"model": str(default_model_path())})], args.rounds, mlx_variant=False)
+            ("plain-gguf", {"model": str(default_model_path()), "memory_budget": None})], args.rounds,
+            mlx_variant=False)
         result["models"]["smollm2-blocks"] = {
             "description": f"the same SmolLM2 prepared with --gguf-blocks (FFN as the file's Q4_1 blocks, one "
                            f"chunk per layer); fully resident {format_size(full_bytes)}, budget "

@@ -263,7 +263,9 @@ def load_flash_model(folder, *, dtype: Optional[str] = None, memory_budget=None,
     else:
         # The ring's depth (unless given) trades queued reads against pinned layers (budget.plan_dense). The
         # native kernel reads units where they land: no in-flight MLX copies beyond one prompt decode step.
-        plan = plan_dense(geom, resident, budget, depth=ring_depth, inflight=1 if kernel else 2, naive=naive)
+        # A GGUF-blocks decode step is a whole chunk's floats (a prompt's dequantized matmuls): one at a time.
+        inflight = 1 if kernel or layout.blocks else 2
+        plan = plan_dense(geom, resident, budget, depth=ring_depth, inflight=inflight, naive=naive)
 
     rt = FlashRuntime(layout, plan, dtype_, io_threads=io_threads, max_unit_bytes=max_unit_bytes,
                       read_split=read_split, geometry=geom)
