@@ -4,7 +4,8 @@
 # .gpu/b/install.sh). applelm itself travels as a wheel built here, so nothing is built on the GPU machine:
 #     python -m build --wheel --no-isolation --outdir .gpu/b .        # here, before the second call
 #     bash .gpu/b/install.sh && bash benchmarks/gpu_suite.sh ops       # on the GPU machine: $OUT gets the JSON
-# Steps: ops (kernel check + qmatmul bench), decode (decode_bench), flash (flash_bench --device gpu).
+# Steps: ops (kernel check + qmatmul bench), decode (decode_bench), flash (flash_bench --device gpu),
+# flashcheck (flash_gpu_check: paged equals resident, GGUF-blocks store included).
 # Measured on the H100 (2026-11-22): flash ~6 min, decode ~4 min, qmatmul ~6 min for all formats, and the
 # kernel check ~3-4 min per GGUF format (NVRTC compiles every template): one step per device call, and
 # CHECK_FORMATS to split the check. The embedded SmolLM2 GGUF (98 MB) cannot travel (64 MiB a call), so
@@ -27,6 +28,8 @@ for step in "${steps[@]}"; do
         --work-dir /root/decode-bench --out "$out/decode_h100.json" ;;
     flash)
       python3 benchmarks/flash_bench.py --device gpu --models synthetic --work /root/flash --out "$out/flash_gpu.json" ;;
-    *) echo "unknown step $step (ops, decode, flash)" >&2; exit 2 ;;
+    flashcheck)
+      python3 benchmarks/flash_gpu_check.py --out "$out/flash_gpu_check.json" ;;
+    *) echo "unknown step $step (ops, decode, flash, flashcheck)" >&2; exit 2 ;;
   esac
 done
