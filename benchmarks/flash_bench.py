@@ -175,7 +175,8 @@ def round_args(doc: str) -> tuple[argparse.Namespace, Path]:
 
 # The SmolLM2 stores every study here prepares alike (prepared() rebuilds a folder whose options differ).
 SMOL_STORES = {"smollm2_bf16": dict(bits=16, dtype="bfloat16", train_predictors=True),
-               "smollm2_q8": dict(bits=8, train_predictors=False)}
+               "smollm2_q8": dict(bits=8, train_predictors=False),
+               "smollm2_blocks": dict(gguf_blocks=True)}
 
 
 def smollm2_store(work: Path, name: str) -> tuple[Path, float]:
@@ -697,7 +698,7 @@ def main() -> int:
         # layers page (no sparsity on this store); beside it the plain GGUF file, loaded as it is.
         from applelm.flash.loader import flash_tokenizer
 
-        layout, prep_s = prepared(default_model_path(), work / "smollm2_blocks", gguf_blocks=True)
+        layout, prep_s = smollm2_store(work, "smollm2_blocks")
         full, _, _ = load_model(layout)
         full_bytes, minimum = full.flash.plan.total_bytes, full.flash.plan.resident_bytes
         full.flash.close()

@@ -20,10 +20,11 @@ KEEP = ("decode_tok_s_median", "plan", "bytes_per_token", "read_GBps", "io_wait_
 
 
 def run_rounds(script: str, args, stores: dict[str, Path], runs: dict[str, dict], prompt: list[int],
-               extra: dict, specs: dict[str, dict] | None = None) -> dict:
+               extra: dict, specs: dict[str, dict] | None = None,
+               store_options: dict[str, dict] | None = None) -> dict:
     """Every store under every run's options, args.rounds times interleaved; the result (JSON-ready) holds
     each round's rows keyed "<store> <run>", the command, the machine and `extra`. specs[run]: more keys of
-    that run's flash_bench spec (e.g. stub_reads)."""
+    that run's flash_bench spec (e.g. stub_reads); store_options[store]: options under all of its runs."""
     result = {"command": "python " + " ".join([os.path.relpath(script, flash_bench.ROOT)] + sys.argv[1:]),
               "machine": flash_bench.machine("cpu"), "load_start": machine_info.load_avg(),
               "date": time.strftime("%Y-%m-%d %H:%M"), **extra, "tokens": args.tokens, "rounds": []}
@@ -32,7 +33,8 @@ def run_rounds(script: str, args, stores: dict[str, Path], runs: dict[str, dict]
         for store, model in stores.items():
             for label, options in runs.items():
                 r = flash_bench.spawn({"device": "cpu", "label": label, "model": str(model), "tokens": args.tokens,
-                                       "prompt": prompt, "options": options, **(specs or {}).get(label, {})})
+                                       "prompt": prompt, "options": {**(store_options or {}).get(store, {}), **options},
+                                       **(specs or {}).get(label, {})})
                 rows[f"{store} {label}"] = {k: r.get(k) for k in KEEP}
                 print(f"[round {rnd + 1}] {store} {label}: {r.get('decode_tok_s_median', r.get('error'))} tok/s, "
                       f"{(r.get('bytes_per_token') or 0) / 1e6:.1f} MB/token", file=sys.stderr, flush=True)
@@ -102,17 +104,20 @@ def write(result: dict, out: str | None, text: str) -> None:
 
 def study(doc: str, script: str, stores: tuple[str, ...], runs: Callable[[int], dict[str, dict]], baseline: str,
           markdown_of: Callable[[dict], str], pairs: dict[str, str] | None = None,
-          specs: dict[str, dict] | None = None) -> int:
-    """A whole study's main(): its options (flash_bench.round_args), the SmolLM2 `stores` ("bf16", "8bit")
-    under flash_bench's budget, every run of runs(budget) over args.rounds interleaved rounds, the summary
-    against `baseline` (and `pairs`), written by markdown_of; `specs` as in run_rounds."""
+          specs: dict[str, dict] | None = None, store_options: dict[str, dict] | None = None) -> int:
+    """A whole study's main(): its options (flash_bench.round_args), the SmolLM2 `stores` ("bf16", "8bit",
+    "blocks") under flash_bench's budget, every run of runs(budget) over args.rounds interleaved rounds, the
+    summary against `baseline` (and `pairs`), written by markdown_of; `specs`, `store_options` as in run_rounds."""
     args, work = flash_bench.round_args(doc)
     bf16, q8, budget = flash_bench.smollm2_stores(work)
     from applelm.flash.loader import flash_tokenizer
 
     prompt = flash_tokenizer(bf16).encode(flash_bench.SMOL_PROMPT)
-    chosen = {name: path for name, path in (("bf16", bf16), ("8bit", q8)) if name in stores}
-    result = run_rounds(script, args, chosen, runs(budget), prompt, {"budget_bytes": budget}, specs)
+    paths = {"bf16": bf16, "8bit": q8}
+    if "blocks" in stores:
+        paths["blocks"] = flash_bench.smollm2_store(work, "smollm2_blocks")[0]
+    chosen = {name: paths[name] for name in stores}
+    result = run_rounds(script, args, chosen, runs(budget), prompt, {"budget_bytes": budget}, specs, store_options)
     result["summary"] = summarize(result["rounds"], args.tokens, baseline, pairs)
     write(result, args.out, markdown_of(result))
     return 0
