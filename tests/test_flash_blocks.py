@@ -212,3 +212,17 @@ def test_real_model_paged_from_its_own_blocks(name, tmp_path):
     paged, _ = load(out, memory_budget=budget)
     assert sum(m.mlp.mode == "stream" for m in paged.layers) > layout.n_layers // 2
     assert greedy(paged, ids, 8) == greedy(plain, ids, 8)
+
+
+def test_generate_cli_pages_a_blocks_layout(blocks_layout, capsys):
+    from applelm.generate import main as generate_main
+
+    out = blocks_layout[1]
+    budget = str(half_pinned(out)["memory_budget"])
+    code, text, err = run_cli(generate_main, capsys, "--model", str(out), "--prompt", "hello", "--max-tokens", "4",
+                              "--memory-budget", budget, "--ignore-chat-template", "-v")
+    assert code == 0, err
+    assert "flash:" in err and "MB/token" in err
+    code, _, err = run_cli(generate_main, capsys, "--model", str(out), "--prompt", "hello", "--max-tokens", "4",
+                           "--memory-budget", budget, "--sparsity", "0.5")
+    assert_clean_error(code, err, "--gguf-blocks", "sparse paging")
