@@ -597,7 +597,7 @@ def main() -> int:
     p.add_argument("--smollm2-budget-fraction", type=float, default=0.5)
     p.add_argument("--blocks-budget-fraction", type=float, default=0.75,
                    help="smollm2-blocks budget, a fraction of its own fully resident size (at 0.5 the resident "
-                        "part and two read buffers do not fit)")
+                        "part, two read units and the prompt scratch do not fit)")
     p.add_argument("--smollm2-resident", choices=("packed", "float32"), default="packed",
                    help="SmolLM2 fully resident as the GGUF's packed blocks (attention, tied embedding; computed by "
                         "ops/gguf_cpu.c) and the FFN as stored bundles (flash/native_ffn.c): the smallest and, on "
@@ -707,13 +707,15 @@ def main() -> int:
         spec = {**base, "model": str(layout), "tokens": args.tokens or 24,
                 "prompt": flash_tokenizer(layout).encode(SMOL_PROMPT), "options": dict(base["options"])}
         rows, rounds = bench_model("smollm2-blocks", budget, spec, [
+            ("paged@55%", {"memory_budget": int(full_bytes * 0.55)}),  # just above the minimum: all layers stream
             ("paged@smollm2-budget", {"memory_budget": shared}),
             ("plain-gguf", {"model": str(default_model_path()), "memory_budget": None})], args.rounds,
             mlx_variant=False)
         result["models"]["smollm2-blocks"] = {
             "description": f"the same SmolLM2 prepared with --gguf-blocks (FFN as the file's Q4_1 blocks, one "
                            f"chunk per layer); fully resident {format_size(full_bytes)}, budget "
-                           f"{format_size(budget)} ({args.blocks_budget_fraction:.0%}); paged@smollm2-budget: "
+                           f"{format_size(budget)} ({args.blocks_budget_fraction:.0%}); paged@55%: every layer "
+                           f"streamed; paged@smollm2-budget: "
                            f"the smollm2 entries' budget {format_size(shared)}; plain-gguf: the GGUF file "
                            f"without a flash layout",
             "prepare_s": round(prep_s, 1), "resident_bytes": full_bytes, "resident_part_bytes": minimum,

@@ -8,6 +8,8 @@ GGUFLinear / GGUFEmbedding / AffineQuantizedLinear, which call these.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import mlx.core as mx
 import numpy as np
 
@@ -90,8 +92,11 @@ def _kernel_ok(x2: mx.array, *arrays: mx.array) -> bool:
     return all(a.size >= 8 for a in (x2, *arrays)) and x2.dtype in (mx.float32, mx.float16, mx.bfloat16)
 
 
-def gguf_matmul(x: mx.array, packed: mx.array, ggml_type: str, n_cols: int) -> mx.array:
-    """x (..., n_cols) @ W.T for packed GGUF rows W (N, row_bytes) -> (..., N), in x's dtype."""
+def gguf_matmul(x: mx.array, packed: mx.array, ggml_type: str, n_cols: int,
+                scratch_elements: Optional[int] = None) -> mx.array:
+    """x (..., n_cols) @ W.T for packed GGUF rows W (N, row_bytes) -> (..., N), in x's dtype.
+    scratch_elements: where rows are dequantized for a matmul (prompts), at most this many floats at a time
+    (default: reference.CHUNK_ELEMENTS on the CPU, GPU_SCRATCH_ELEMENTS on a GPU)."""
     reference.ggml_type_info(ggml_type)
     lead, n = x.shape[:-1], packed.shape[0]
     x2 = x.reshape(-1, n_cols)
@@ -106,7 +111,7 @@ def gguf_matmul(x: mx.array, packed: mx.array, ggml_type: str, n_cols: int) -> m
     if be == "cpu" or not _kernel_ok(x2, packed):
         if m <= CPU_BRIDGE_MAX_ROWS and ggml_type in cpu_bridge.BRIDGEABLE:
             return cpu_bridge.bridge_matmul(x, packed, ggml_type, n_cols)
-        return reference.gguf_matmul(x, packed, ggml_type, n_cols)
+        return reference.gguf_matmul(x, packed, ggml_type, n_cols, scratch_elements or reference.CHUNK_ELEMENTS)
     how = gguf_gpu_choice(ggml_type, n, n_cols, m)
     if how.startswith("matvec"):
         out = backends.gguf_matvec(be, x2, packed, ggml_type, n_cols, rows_per_warp=int(how[-1]))
@@ -116,11 +121,12 @@ def gguf_matmul(x: mx.array, packed: mx.array, ggml_type: str, n_cols: int) -> m
         # The scratch keeps x's dtype: an fp16 scratch under float32 activations cost 3e-4 relative error
         # on the H100 check (benchmarks/gpu_check_ops.py), against exact float32 elsewhere.
         out = _chunked_dense_matmul(x2, n, n_cols, lambda r0, r1: backends.gguf_dequant(
-            be, packed[r0:r1], ggml_type, n_cols, x2.dtype))
+            be, packed[r0:r1], ggml_type, n_cols, x2.dtype), scratch_elements or GPU_SCRATCH_ELEMENTS)
     return out.reshape(*lead, n)
 
 
-def gguf_matmul_host(x: mx.array, packed: np.ndarray, ggml_type: str, n_cols: int) -> mx.array:
+def gguf_matmul_host(x: mx.array, packed: np.ndarray, ggml_type: str, n_cols: int,
+                     scratch_elements: Optional[int] = None) -> mx.array:
     """gguf_matmul for packed rows in host memory (numpy, e.g. a flash read buffer): the CPU kernel reads
     them in place; every other path multiplies an MLX copy. Either way the buffer is free on return."""
     m = x.size // n_cols
@@ -130,7 +136,7 @@ def gguf_matmul_host(x: mx.array, packed: np.ndarray, ggml_type: str, n_cols: in
             return cpu_native.gguf_matmul_host(x, packed, ggml_type, n_cols)
         except cpu_native.Tracing:
             pass
-    return gguf_matmul(x, mx.array(packed), ggml_type, n_cols)
+    return gguf_matmul(x, mx.array(packed), ggml_type, n_cols, scratch_elements)
 
 
 def gguf_gpu_choice(ggml_type: str, n: int, n_cols: int, m: int) -> str:
@@ -140,9 +146,10 @@ def gguf_gpu_choice(ggml_type: str, n: int, n_cols: int, m: int) -> str:
     return how if m <= DECODE_MAX_ROWS or not how.startswith("matvec") else "dequant"
 
 
-def _chunked_dense_matmul(x2: mx.array, n: int, n_cols: int, dequant_rows) -> mx.array:
-    """x2 @ W.T with W dequantized `GPU_SCRATCH_ELEMENTS` at a time (bounded scratch for wide heads)."""
-    step = max(1, GPU_SCRATCH_ELEMENTS // n_cols)
+def _chunked_dense_matmul(x2: mx.array, n: int, n_cols: int, dequant_rows,
+                          scratch_elements: int = GPU_SCRATCH_ELEMENTS) -> mx.array:
+    """x2 @ W.T with W dequantized `scratch_elements` at a time (bounded scratch for wide heads)."""
+    step = max(1, scratch_elements // n_cols)
     outs = [x2 @ dequant_rows(r, min(n, r + step)).T.astype(x2.dtype) for r in range(0, n, step)]
     return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=-1)
 

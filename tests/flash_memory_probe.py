@@ -1,6 +1,6 @@
 """Run in a fresh process: load a flash layout under a budget, generate, print memory figures as JSON.
 
-    python flash_memory_probe.py FOLDER BUDGET_BYTES [extra load options as JSON]
+    python flash_memory_probe.py FOLDER BUDGET_BYTES [extra load options as JSON [prompt length]]
 """
 
 import json
@@ -45,7 +45,9 @@ def main() -> None:
     mx.reset_peak_memory()
     model, _, _ = load_model(folder, memory_budget=budget, **extra)
     after_load = rss()
-    toks = [t for t, _ in generate_step(mx.array([1, 5, 9, 33, 2]), model, max_tokens=16)]
+    n = int(sys.argv[4]) if len(sys.argv) > 4 else 5  # over 16: prompts take the dequantizing matmuls
+    prompt = ([1, 5, 9, 33, 2] * n)[:n]
+    toks = [t for t, _ in generate_step(mx.array(prompt), model, max_tokens=16)]
     print(json.dumps({
         "base_rss": base, "after_load_rss": after_load, "final_rss": rss(),
         "peak_rss": peak_rss(),

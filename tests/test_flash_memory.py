@@ -45,3 +45,26 @@ def test_peak_memory_within_budget_plus_overhead(layout, options):
     assert m["report"]["bytes_read"] > 0  # it did page
     assert m["mx_peak"] <= budget + MLX_ALLOWANCE, m
     assert m["peak_rss"] - m["base_rss"] <= budget + RSS_OVERHEAD, m
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc for peak RSS")
+def test_gguf_blocks_peak_memory_within_budget_plus_overhead(tmp_path):
+    """The GGUF-blocks store, half its layers streamed, with a 40-token prompt (its matmuls dequantize a
+    chunk at a time: the store's decode reserve) and then single tokens (the kernel reads the ring's buffers)."""
+    from applelm.flash.prepare import prepare
+    from gguf_fixtures import write_tiny_llama_gguf
+    from test_flash_blocks import TYPES, half_pinned
+
+    path = tmp_path / "tiny.gguf"
+    write_tiny_llama_gguf(path, types=TYPES, hidden_size=256, intermediate_size=1024, head_dim=64, num_hidden_layers=8)
+    out = prepare(path, tmp_path / "blocks", gguf_blocks=True, show_progress=False)
+    options = half_pinned(out)
+    budget = options.pop("memory_budget")
+    proc = subprocess.run([sys.executable, str(PROBE), str(out), str(budget), json.dumps(options), "40"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    m = json.loads(proc.stdout)
+    assert m["plan_total"] <= budget and "streamed" in m["plan"] and "pinned" in m["plan"], m["plan"]
+    assert m["report"]["bytes_read"] > 0
+    assert m["mx_peak"] <= budget + MLX_ALLOWANCE, m
+    assert m["peak_rss"] - m["base_rss"] <= budget + RSS_OVERHEAD, m

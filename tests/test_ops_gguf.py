@@ -188,3 +188,26 @@ def test_gpu_dispatch_runs_the_chosen_variant(monkeypatch, m, expect):
         assert called == [("dequant", mx.float32)] * 3
     else:
         assert called == [expect if expect == "tiled" else "matvec_r2"]
+
+
+@pytest.mark.parametrize("ggml_type", ["Q4_1", "Q6_K"])
+def test_prompt_scratch_bounds_the_dequantized_floats(ggml_type):
+    """dispatch.gguf_matmul(scratch_elements=s): a prompt's rows are dequantized s floats at a time (the
+    flash GGUF-blocks store budgets for that); the result is the unbounded one's."""
+    from applelm.ops import dispatch
+
+    packed = mx.array(random_blocks(ggml_type, 1024, 1024, seed=3))
+    x = mx.random.normal((40, 1024), key=mx.random.key(5))  # over the CPU kernel's rows: the dequantizing path
+    mx.eval(packed, x)
+    peaks, outs = [], []
+    for scratch in (None, 1 << 16):
+        mx.synchronize()
+        base = mx.get_active_memory()
+        mx.reset_peak_memory()
+        y = dispatch.gguf_matmul(x, packed, ggml_type, 1024, scratch_elements=scratch)
+        mx.eval(y)
+        peaks.append(mx.get_peak_memory() - base - y.nbytes)
+        outs.append(np.array(y))
+    np.testing.assert_array_equal(outs[1], outs[0])
+    assert peaks[0] >= 4 * 1024 * 1024  # the whole matrix as float32 at once
+    assert peaks[1] <= 8 * 4 * (1 << 16) < peaks[0] / 2, peaks

@@ -105,8 +105,9 @@ class Geometry:
     # Prompts decode a unit this many neurons at a time (None: whole units). With the kernel, floats are
     # only ever decoded for prompts, so small steps shrink the reserve and leave room to pin more layers.
     decode_neurons: Optional[int] = None
-    # Floats one bundle decodes to (None: a neuron's three vectors). A GGUF-blocks store's bundle is a
-    # chunk of neurons, and its layers are only ever held as stored (float_layers False).
+    # Float bytes one bundle decodes to (None: a neuron's three vectors). A GGUF-blocks store's bundle is a
+    # chunk of neurons, dequantized only by prompts in bounded steps, and its layers are only ever held as
+    # stored (float_layers False).
     bundle_floats: Optional[int] = None
     float_layers: bool = True
 

@@ -22,6 +22,7 @@ from ..errors import ModelFormatError, UnsupportedError, UserError
 from ..models import get_architecture
 from ..ops import GGUFEmbedding, GGUFLinear
 from ..quant import dequantize_model, swap_quantized
+from .blocks import PROMPT_SCRATCH_BYTES
 from .budget import Geometry, parse_size, plan_dense, plan_sparse
 from .io import AlignedBuffer, wait_all
 from .native import bundle_ffn
@@ -236,11 +237,12 @@ def load_flash_model(folder, *, dtype: Optional[str] = None, memory_budget=None,
         stored_layer = aligned(layout.intermediate * codec.bundle_bytes)
         decode_neurons = min(unit_neurons, max(64, (2 << 20) // (3 * layout.hidden * itemsize)))
     if layout.blocks:
-        # Chunks stay GGUF blocks in memory too. A prompt's matmuls may dequantize one chunk's three parts.
+        # Chunks stay GGUF blocks in memory too. A prompt's matmuls copy a streamed chunk into MLX and
+        # dequantize its rows a bounded step at a time (blocks.PROMPT_SCRATCH_BYTES).
         unit_neurons = max(1, min(codec.n_bundles, max_unit_bytes // codec.bundle_bytes))
         geom = Geometry(layout.n_layers, layout.hidden, codec.n_bundles, codec.bundle_bytes, 0, itemsize,
                         unit_neurons, aligned(max(e.n_bytes for e in layout.layers)), 1,
-                        bundle_floats=3 * codec.chunk * layout.hidden * itemsize, float_layers=False)
+                        bundle_floats=PROMPT_SCRATCH_BYTES, float_layers=False)
     else:
         geom = Geometry(layout.n_layers, layout.hidden, layout.intermediate, codec.bundle_bytes, codec.part_bytes,
                         itemsize, unit_neurons, stored_layer, decode_neurons)
@@ -263,7 +265,7 @@ def load_flash_model(folder, *, dtype: Optional[str] = None, memory_budget=None,
     else:
         # The ring's depth (unless given) trades queued reads against pinned layers (budget.plan_dense). The
         # native kernel reads units where they land: no in-flight MLX copies beyond one prompt decode step.
-        # A GGUF-blocks decode step is a whole chunk's floats (a prompt's dequantized matmuls): one at a time.
+        # A GGUF-blocks decode step (a prompt's copy of a chunk and its dequantizing scratch): one at a time.
         inflight = 1 if kernel or layout.blocks else 2
         plan = plan_dense(geom, resident, budget, depth=ring_depth, inflight=inflight, naive=naive)
 
