@@ -92,6 +92,12 @@ def _kernel_ok(x2: mx.array, *arrays: mx.array) -> bool:
     return all(a.size >= 8 for a in (x2, *arrays)) and x2.dtype in (mx.float32, mx.float16, mx.bfloat16)
 
 
+def _native_kernel_takes(be: str, m: int, ggml_type: str) -> bool:
+    """Whether m activation rows of a GGUF matmul go to the compiled CPU kernel (when it builds)."""
+    return (be == "cpu" and m <= CPU_NATIVE_MAX_ROWS and ggml_type in cpu_native.TYPES
+            and cpu_native.load() is not None)
+
+
 def gguf_matmul(x: mx.array, packed: mx.array, ggml_type: str, n_cols: int,
                 scratch_elements: Optional[int] = None) -> mx.array:
     """x (..., n_cols) @ W.T for packed GGUF rows W (N, row_bytes) -> (..., N), in x's dtype.
@@ -102,8 +108,7 @@ def gguf_matmul(x: mx.array, packed: mx.array, ggml_type: str, n_cols: int,
     x2 = x.reshape(-1, n_cols)
     m = x2.shape[0]
     be = backend()
-    native = be == "cpu" and m <= CPU_NATIVE_MAX_ROWS and ggml_type in cpu_native.TYPES
-    if native and cpu_native.load() is not None:
+    if _native_kernel_takes(be, m, ggml_type):
         try:
             return cpu_native.gguf_matmul(x, packed, ggml_type, n_cols)
         except cpu_native.Tracing:  # inside mx.compile: MLX ops only
@@ -129,9 +134,7 @@ def gguf_matmul_host(x: mx.array, packed: np.ndarray, ggml_type: str, n_cols: in
                      scratch_elements: Optional[int] = None) -> mx.array:
     """gguf_matmul for packed rows in host memory (numpy, e.g. a flash read buffer): the CPU kernel reads
     them in place; every other path multiplies an MLX copy. Either way the buffer is free on return."""
-    m = x.size // n_cols
-    if backend() == "cpu" and m <= CPU_NATIVE_MAX_ROWS and ggml_type in cpu_native.TYPES \
-            and cpu_native.load() is not None:
+    if _native_kernel_takes(backend(), x.size // n_cols, ggml_type):
         try:
             return cpu_native.gguf_matmul_host(x, packed, ggml_type, n_cols)
         except cpu_native.Tracing:

@@ -231,7 +231,7 @@ def load_flash_model(folder, *, dtype: Optional[str] = None, memory_budget=None,
     codec = layout.codec
     # With the kernel, pinned layers stay in the store's format (no float copies) and go through it too.
     # Prompts then decode ~2 MB of floats at a time (at least 64 neurons).
-    unit_neurons = max(1, min(layout.intermediate, max_unit_bytes // codec.bundle_bytes))
+    unit_neurons = max(1, min(layout.n_bundles, max_unit_bytes // codec.bundle_bytes))
     stored_layer = decode_neurons = None
     if kernel is not None:
         stored_layer = aligned(layout.intermediate * codec.bundle_bytes)
@@ -239,7 +239,6 @@ def load_flash_model(folder, *, dtype: Optional[str] = None, memory_budget=None,
     if layout.blocks:
         # Chunks stay GGUF blocks in memory too. A prompt's matmuls copy a streamed chunk into MLX and
         # dequantize its rows a bounded step at a time (blocks.PROMPT_SCRATCH_BYTES).
-        unit_neurons = max(1, min(codec.n_bundles, max_unit_bytes // codec.bundle_bytes))
         geom = Geometry(layout.n_layers, layout.hidden, codec.n_bundles, codec.bundle_bytes, 0, itemsize,
                         unit_neurons, aligned(max(e.n_bytes for e in layout.layers)), 1,
                         bundle_floats=PROMPT_SCRATCH_BYTES, float_layers=False)
