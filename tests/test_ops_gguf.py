@@ -190,12 +190,18 @@ def test_gpu_dispatch_runs_the_chosen_variant(monkeypatch, m, expect):
         assert called == [expect if expect == "tiled" else "matvec_r2"]
 
 
+@pytest.mark.parametrize("route", ["cpu", "gpu"])
 @pytest.mark.parametrize("ggml_type", ["Q4_1", "Q6_K"])
-def test_prompt_scratch_bounds_the_dequantized_floats(ggml_type):
+def test_prompt_scratch_bounds_the_dequantized_floats(ggml_type, route, monkeypatch):
     """dispatch.gguf_matmul(scratch_elements=s): a prompt's rows are dequantized s floats at a time (the
-    flash GGUF-blocks store budgets for that); the result is the unbounded one's."""
-    from applelm.ops import dispatch
+    flash GGUF-blocks store budgets for that); the result is the unbounded one's. route "gpu": the GPU's
+    dequantize-then-matmul steps, with the kernel stood in for by the reference (MLX ops, so the
+    ordering of the steps, which bounds the peak, is the one a GPU gets)."""
+    from applelm.ops import backends, dispatch
 
+    if route == "gpu":
+        monkeypatch.setattr(dispatch, "backend", lambda: "cuda")
+        monkeypatch.setattr(backends, "gguf_dequant", lambda be, p, t, k, dt: reference.dequantize(p, t, k).astype(dt))
     packed = mx.array(random_blocks(ggml_type, 1024, 1024, seed=3))
     x = mx.random.normal((40, 1024), key=mx.random.key(5))  # over the CPU kernel's rows: the dequantizing path
     mx.eval(packed, x)
