@@ -86,6 +86,32 @@ def test_paged_output_equals_the_gguf_model_bit_for_bit(blocks_layout, how):
     assert (read == 0) == (how == "resident")
 
 
+def test_the_gpu_route_pages_the_same_as_the_gguf_model(blocks_layout, monkeypatch):
+    """Off the CPU, streamed chunks are multiplied from an MLX copy by the GPU GGUF matmuls (matvec for a
+    token, bounded dequantize steps for a prompt). The GPU kernels are stood in for by the reference here,
+    so this checks the route and the copies on this CPU-only machine, not the kernels."""
+    from applelm.ops import backends, cpu_native, dispatch, reference
+
+    path, out = blocks_layout
+    routes = []
+    monkeypatch.setattr(dispatch, "backend", lambda: "cuda")
+    monkeypatch.setattr(dispatch, "_kernel_ok", lambda *arrays: True)
+    monkeypatch.setattr(backends, "gguf_matvec", lambda be, x2, p, t, k, rows_per_warp: routes.append("matvec") or
+                        reference.gguf_matmul(x2, p, t, k))
+    monkeypatch.setattr(backends, "gguf_tiled", lambda be, x2, p, t, k: routes.append("tiled") or
+                        reference.gguf_matmul(x2, p, t, k))
+    monkeypatch.setattr(backends, "gguf_dequant", lambda be, p, t, k, dt: routes.append("dequant") or
+                        reference.dequantize(p, t, k).astype(dt))
+    monkeypatch.setattr(cpu_native, "gguf_matmul_host", lambda *a: pytest.fail("the CPU kernel ran on the GPU route"))
+    plain, _, _ = load_model(path)
+    paged, _, _ = load_model(out, **half_pinned(out))
+    assert "stream" in {m.mlp.mode for m in paged.layers}
+    np.testing.assert_array_equal(logits(paged), logits(plain))
+    np.testing.assert_array_equal(logits(paged, [[5, 9, 200]]), logits(plain, [[5, 9, 200]]))
+    assert greedy(paged, PROMPT[0], 4) == greedy(plain, PROMPT[0], 4)
+    assert {"matvec", "dequant"} <= set(routes)
+
+
 def test_chunks_of_neurons_sum_to_the_layer(blocks_layout, tmp_path, monkeypatch):
     path, _ = blocks_layout
     monkeypatch.setattr(blocks, "MAX_CHUNK_BYTES", 4000)  # one chunk of 96 neurons is 7.8 KB here
