@@ -207,6 +207,20 @@ def test_a_bad_store_block_is_a_model_format_error(blocks_layout, tmp_path, caps
     assert_clean_error(code, err, needle)
 
 
+def test_prepare_points_a_quantized_gguf_to_its_own_blocks(blocks_layout, tmp_path, capsys):
+    path, _ = blocks_layout
+    code, text, err = run_cli(flash_main, capsys, "prepare", str(path), str(tmp_path / "f16"), "--no-calibrate", "-q")
+    assert code == 0 and "FFN store" in text
+    ratio = read_layout(tmp_path / "f16").ffn_bytes / read_layout(blocks_layout[1]).ffn_bytes
+    assert f"{ratio:.1f}x the file's" in err and "--gguf-blocks" in err and ratio > 2
+    code, _, err = run_cli(flash_main, capsys, "prepare", str(path), str(tmp_path / "b"), "--gguf-blocks", "-q")
+    assert code == 0 and err == ""
+    f16 = tmp_path / "f16.gguf"
+    write_tiny_llama_gguf(f16)  # F16 FFN: no blocks to keep, no note
+    code, _, err = run_cli(flash_main, capsys, "prepare", str(f16), str(tmp_path / "c"), "--no-calibrate", "-q")
+    assert code == 0 and err == ""
+
+
 def test_info_names_the_store(blocks_layout, capsys):
     code, text, _ = run_cli(flash_main, capsys, "info", str(blocks_layout[1]))
     assert code == 0

@@ -46,7 +46,7 @@ def build_parser() -> ArgumentParser:
 
 def _prepare(args) -> int:
     from ..loader import resolve_model_path
-    from .prepare import prepare
+    from .prepare import gguf_blocks_hint, prepare
 
     if args.gguf_blocks and (args.bits is not None or args.dtype is not None):
         raise UserError("--gguf-blocks keeps the file's own blocks: drop --bits / --dtype")
@@ -57,6 +57,9 @@ def _prepare(args) -> int:
                   predictor_rank=args.rank, calibration_tokens=args.calibration_tokens,
                   show_progress=not args.quiet)
     print(summary(out))
+    hint = None if args.gguf_blocks else gguf_blocks_hint(model, out)
+    if hint:
+        print(hint, file=sys.stderr)
     return 0
 
 

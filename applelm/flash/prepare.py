@@ -141,6 +141,30 @@ def prepare(model, out, *, bits: int = 16, dtype: Optional[str] = None, calibrat
     return out
 
 
+def gguf_blocks_hint(model, out) -> Optional[str]:
+    """For a layout of per-neuron bundles prepared from a quantized GGUF whose FFN blocks the GGUF-blocks
+    store could keep: how much bigger the bundles are than the file's blocks, and the option; else None."""
+    from .blocks import block_types
+    from .budget import format_size
+    from .layout import read_layout
+
+    src, layout = open_source(model), read_layout(out)
+    if src.kind != "gguf" or layout.blocks:
+        return None
+    file_bytes = 0
+    for i in range(layout.n_layers):
+        types, *parts = src.ffn_blocks(i)
+        if not set(types) <= block_types():
+            return None
+        file_bytes += sum(np.asarray(p).nbytes for p in parts)
+    ratio = layout.ffn_bytes / file_bytes
+    if ratio < 1.2:
+        return None
+    return (f"note: these FFN bundles take {format_size(layout.ffn_bytes)}, {ratio:.1f}x the file's "
+            f"{format_size(file_bytes)} of quantized blocks, and paging reads {ratio:.1f}x the bytes; "
+            "prepare with --gguf-blocks to page the file's own blocks (whole-layer paging, no sparsity)")
+
+
 def _calibration_ids(out: Path, text_path: Optional[str], n_tokens: int, ids: Optional[Sequence[int]]):
     if ids is not None:
         return [int(t) for t in ids][:n_tokens], {"source": "token ids", "tokens": min(len(ids), n_tokens)}
