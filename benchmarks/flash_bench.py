@@ -159,6 +159,17 @@ def prepared(src, out: Path, **options) -> tuple[Path, float]:
 # one run in a fresh process
 
 
+def resident_size(layout) -> tuple[int, int]:
+    """(bytes the flash layout holds fully resident, bytes of its resident part alone) from its plan."""
+    from applelm.loader import load_model
+
+    full = load_model(layout)[0].flash
+    try:
+        return full.plan.total_bytes, full.plan.resident_bytes
+    finally:
+        full.close()
+
+
 def round_args(doc: str) -> tuple[argparse.Namespace, Path]:
     """The options of the interleaved-round SmolLM2 studies (omp_wait, huge_pages, ring_depth) and their work
     folder, created if missing."""
@@ -699,9 +710,7 @@ def main() -> int:
         from applelm.flash.loader import flash_tokenizer
 
         layout, prep_s = smollm2_store(work, "smollm2_blocks")
-        full, _, _ = load_model(layout)
-        full_bytes, minimum = full.flash.plan.total_bytes, full.flash.plan.resident_bytes
-        full.flash.close()
+        full_bytes, minimum = resident_size(layout)
         budget = int(full_bytes * args.blocks_budget_fraction)
         _, _, shared = smollm2_stores(work)
         spec = {**base, "model": str(layout), "tokens": args.tokens or 24,

@@ -21,10 +21,11 @@ KEEP = ("decode_tok_s_median", "plan", "bytes_per_token", "read_GBps", "io_wait_
 
 def run_rounds(script: str, args, stores: dict[str, Path], runs: dict[str, dict], prompt: list[int],
                extra: dict, specs: dict[str, dict] | None = None,
-               store_options: dict[str, dict] | None = None) -> dict:
+               store_options: dict[str, dict] | None = None, store_budgets: dict[str, int] | None = None) -> dict:
     """Every store under every run's options, args.rounds times interleaved; the result (JSON-ready) holds
     each round's rows keyed "<store> <run>", the command, the machine and `extra`. specs[run]: more keys of
-    that run's flash_bench spec (e.g. stub_reads); store_options[store]: options under all of its runs."""
+    that run's flash_bench spec (e.g. stub_reads); store_options[store]: options under all of its runs;
+    store_budgets[store]: the memory budget of that store's runs that have one (instead of theirs)."""
     result = {"command": "python " + " ".join([os.path.relpath(script, flash_bench.ROOT)] + sys.argv[1:]),
               "machine": flash_bench.machine("cpu"), "load_start": machine_info.load_avg(),
               "date": time.strftime("%Y-%m-%d %H:%M"), **extra, "tokens": args.tokens, "rounds": []}
@@ -32,9 +33,11 @@ def run_rounds(script: str, args, stores: dict[str, Path], runs: dict[str, dict]
         rows = {}
         for store, model in stores.items():
             for label, options in runs.items():
+                opts = {**(store_options or {}).get(store, {}), **options}
+                if opts.get("memory_budget") and store in (store_budgets or {}):
+                    opts["memory_budget"] = store_budgets[store]
                 r = flash_bench.spawn({"device": "cpu", "label": label, "model": str(model), "tokens": args.tokens,
-                                       "prompt": prompt, "options": {**(store_options or {}).get(store, {}), **options},
-                                       **(specs or {}).get(label, {})})
+                                       "prompt": prompt, "options": opts, **(specs or {}).get(label, {})})
                 rows[f"{store} {label}"] = {k: r.get(k) for k in KEEP}
                 print(f"[round {rnd + 1}] {store} {label}: {r.get('decode_tok_s_median', r.get('error'))} tok/s, "
                       f"{(r.get('bytes_per_token') or 0) / 1e6:.1f} MB/token", file=sys.stderr, flush=True)
@@ -104,10 +107,12 @@ def write(result: dict, out: str | None, text: str) -> None:
 
 def study(doc: str, script: str, stores: tuple[str, ...], runs: Callable[[int], dict[str, dict]], baseline: str,
           markdown_of: Callable[[dict], str], pairs: dict[str, str] | None = None,
-          specs: dict[str, dict] | None = None, store_options: dict[str, dict] | None = None) -> int:
+          specs: dict[str, dict] | None = None, store_options: dict[str, dict] | None = None,
+          own_budget: dict[str, float] | None = None) -> int:
     """A whole study's main(): its options (flash_bench.round_args), the SmolLM2 `stores` ("bf16", "8bit",
     "blocks") under flash_bench's budget, every run of runs(budget) over args.rounds interleaved rounds, the
-    summary against `baseline` (and `pairs`), written by markdown_of; `specs`, `store_options` as in run_rounds."""
+    summary against `baseline` (and `pairs`), written by markdown_of; `specs`, `store_options` as in run_rounds;
+    own_budget[store]: that store's budgeted runs get this fraction of its own fully resident size instead."""
     args, work = flash_bench.round_args(doc)
     bf16, q8, budget = flash_bench.smollm2_stores(work)
     from applelm.flash.loader import flash_tokenizer
@@ -117,7 +122,9 @@ def study(doc: str, script: str, stores: tuple[str, ...], runs: Callable[[int], 
     if "blocks" in stores:
         paths["blocks"] = flash_bench.smollm2_store(work, "smollm2_blocks")[0]
     chosen = {name: paths[name] for name in stores}
-    result = run_rounds(script, args, chosen, runs(budget), prompt, {"budget_bytes": budget}, specs, store_options)
+    budgets = {name: int(f * flash_bench.resident_size(chosen[name])[0]) for name, f in (own_budget or {}).items()}
+    extra = {"budget_bytes": budget, **({"store_budget_bytes": budgets} if budgets else {})}
+    result = run_rounds(script, args, chosen, runs(budget), prompt, extra, specs, store_options, budgets)
     result["summary"] = summarize(result["rounds"], args.tokens, baseline, pairs)
     write(result, args.out, markdown_of(result))
     return 0
