@@ -144,13 +144,15 @@ def prepare(model, out, *, bits: int = 16, dtype: Optional[str] = None, calibrat
 def gguf_blocks_hint(model, out) -> Optional[str]:
     """For a layout of per-neuron bundles prepared from a quantized GGUF whose FFN blocks the GGUF-blocks
     store could keep: how much bigger the bundles are than the file's blocks, and the option; else None."""
+    from ..gguf_file import gguf_or_folder
     from .blocks import block_types
     from .budget import format_size
     from .layout import read_layout
 
-    src, layout = open_source(model), read_layout(out)
-    if src.kind != "gguf" or layout.blocks:
+    layout = read_layout(out)
+    if layout.blocks or not gguf_or_folder(Path(model)).is_file():  # a folder's weights are not opened again
         return None
+    src = open_source(model)
     file_bytes = 0
     for i in range(layout.n_layers):
         types, *parts = src.ffn_blocks(i)
