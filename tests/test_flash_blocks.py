@@ -207,6 +207,7 @@ def test_a_bad_store_block_is_a_model_format_error(blocks_layout, tmp_path, caps
     assert_clean_error(code, err, needle)
 
 
+@pytest.mark.filterwarnings("ignore:.*no tokenizer.json")
 def test_prepare_points_a_quantized_gguf_to_its_own_blocks(blocks_layout, tmp_path, capsys):
     path, _ = blocks_layout
     code, text, err = run_cli(flash_main, capsys, "prepare", str(path), str(tmp_path / "f16"), "--no-calibrate", "-q")
@@ -218,6 +219,11 @@ def test_prepare_points_a_quantized_gguf_to_its_own_blocks(blocks_layout, tmp_pa
     f16 = tmp_path / "f16.gguf"
     write_tiny_llama_gguf(f16)  # F16 FFN: no blocks to keep, no note
     code, _, err = run_cli(flash_main, capsys, "prepare", str(f16), str(tmp_path / "c"), "--no-calibrate", "-q")
+    assert code == 0 and err == ""
+    from conftest import build_tiny
+
+    folder = save_folder(*build_tiny("llama"), tmp_path / "folder")  # safetensors: no GGUF blocks to keep
+    code, _, err = run_cli(flash_main, capsys, "prepare", str(folder), str(tmp_path / "d"), "--no-calibrate", "-q")
     assert code == 0 and err == ""
 
 
