@@ -15,6 +15,9 @@ from typing import Callable
 import flash_bench  # benchmarks/flash_bench.py: layouts, the per-run process and the machine description
 import machine_info  # benchmarks/machine_info.py
 
+# Per-store options under which each store's runs load as flash_bench runs them: the per-neuron stores through
+# the native kernel (also fully resident, where it is otherwise off); the GGUF-blocks store has no such kernel.
+NATIVE_STORE_OPTIONS = {"bf16": {"native": True}, "8bit": {"native": True}}
 KEEP = ("decode_tok_s_median", "plan", "bytes_per_token", "read_GBps", "io_wait_s", "cpu_during_decode",
         "neurons_read_per_token", "ahead_read_per_token", "ahead_used_share", "reads_stubbed_at_GBps", "error")
 

@@ -32,7 +32,7 @@ def runs(budget: int) -> dict[str, dict]:
 def main() -> int:
     return paired_runs.study(__doc__, __file__, ("bf16", "8bit", "blocks"), runs, BASELINE, markdown,
                              specs={STUBBED: {"stub_reads": True}}, own_budget={"blocks": BLOCKS_FRACTION},
-                             store_options={"bf16": {"native": True}, "8bit": {"native": True}})  # as resident runs
+                             store_options=paired_runs.NATIVE_STORE_OPTIONS)
 
 
 def markdown(result: dict) -> str:

@@ -27,7 +27,7 @@ def runs(budget: int) -> dict[str, dict]:
 
 def main() -> int:
     return paired_runs.study(__doc__, __file__, STORES, runs, BASELINE, markdown,
-                             store_options={"bf16": {"native": True}, "8bit": {"native": True}})
+                             store_options=paired_runs.NATIVE_STORE_OPTIONS)
 
 
 def markdown(result: dict) -> str:

@@ -33,15 +33,16 @@ def greedy(model, prompt, n: int = 8) -> list[int]:
     return [t for t, _ in generate_step(mx.array(prompt), model, max_tokens=n)]
 
 
-def streaming_budget(out, **load_options) -> int:
-    """A budget under which the plan pins about half the FFN layers and streams the rest (computed from
-    the loader's own geometry for these options, so it holds with or without the native kernel)."""
+def streaming_budget(out, *, ring: int = 4, **load_options) -> int:
+    """A budget under which the plan pins about half the FFN layers and streams the rest through a ring of
+    `ring` units (computed from the loader's own geometry for these options, so it holds with or without the
+    native kernel)."""
     from applelm.loader import load_model
 
     probe, _, _ = load_model(out, memory_budget=10**12, **load_options)
     rt = probe.flash
     g = rt.geometry
-    budget = rt.plan.resident_bytes + 4 * g.unit_raw + g.decode_bytes + (g.n_layers // 2) * g.pin_bytes
+    budget = rt.plan.resident_bytes + ring * g.unit_raw + g.decode_bytes + (g.n_layers // 2) * g.pin_bytes
     # Never enough to hold every layer, as floats or as stored bundles.
     every_stored = rt.plan.resident_bytes + g.n_layers * g.pin_bytes + g.decode_bytes
     return min(budget, rt.plan.total_bytes - 1, every_stored - 1)

@@ -16,7 +16,7 @@ from applelm.flash.layout import INDEX_FILE, read_layout, write_index
 from applelm.flash.prepare import prepare
 from applelm.gguf_file import GGUFFile
 from applelm.loader import load_model
-from flash_fixtures import greedy
+from flash_fixtures import greedy, streaming_budget
 from gguf_blocks import random_blocks
 from gguf_fixtures import Q, write_tiny_llama_gguf
 from hf_fixtures import save_folder
@@ -40,10 +40,7 @@ def blocks_layout(tmp_path_factory):
 def half_pinned(out) -> dict:
     """Load options under which about half the layers are pinned and the rest stream through a 2-unit ring (these
     tiny layers are smaller than the ring's units, so the planner left alone would rather stream them all)."""
-    probe = load_model(out, memory_budget=10**12)[0].flash
-    g = probe.geometry
-    budget = probe.plan.resident_bytes + 2 * g.unit_raw + g.decode_bytes + (g.n_layers // 2) * g.pin_bytes
-    return {"memory_budget": min(budget, probe.plan.total_bytes - 1), "ring_depth": 2}  # never all pinned
+    return {"memory_budget": streaming_budget(out, ring=2), "ring_depth": 2}  # never all pinned
 
 
 def logits(model, prompt=PROMPT):

@@ -57,7 +57,7 @@ def _prepare(args) -> int:
                   predictor_rank=args.rank, calibration_tokens=args.calibration_tokens,
                   show_progress=not args.quiet)
     print(summary(out))
-    hint = None if args.gguf_blocks else gguf_blocks_hint(model, out)
+    hint = gguf_blocks_hint(model, out)
     if hint:
         print(hint, file=sys.stderr)
     return 0
