@@ -108,15 +108,9 @@ def write(result: dict, out: str | None, text: str) -> None:
     print(text)
 
 
-def study(doc: str, script: str, stores: tuple[str, ...], runs: Callable[[int], dict[str, dict]], baseline: str,
-          markdown_of: Callable[[dict], str], pairs: dict[str, str] | None = None,
-          specs: dict[str, dict] | None = None, store_options: dict[str, dict] | None = None,
-          own_budget: dict[str, float] | None = None) -> int:
-    """A whole study's main(): its options (flash_bench.round_args), the SmolLM2 `stores` ("bf16", "8bit",
-    "blocks") under flash_bench's budget, every run of runs(budget) over args.rounds interleaved rounds, the
-    summary against `baseline` (and `pairs`), written by markdown_of; `specs`, `store_options` as in run_rounds;
-    own_budget[store]: that store's budgeted runs get this fraction of its own fully resident size instead."""
-    args, work = flash_bench.round_args(doc)
+def smollm2_setup(work: Path, stores: tuple[str, ...], own_budget: dict[str, float] | None = None):
+    """The SmolLM2 `stores` ("bf16", "8bit", "blocks") under `work` (prepared if missing) as {name: folder},
+    flash_bench's budget, {store: own_budget[store] x its own fully resident size}, and the prompt's ids."""
     bf16, q8, budget = flash_bench.smollm2_stores(work)
     from applelm.flash.loader import flash_tokenizer
 
@@ -126,6 +120,19 @@ def study(doc: str, script: str, stores: tuple[str, ...], runs: Callable[[int], 
         paths["blocks"] = flash_bench.smollm2_store(work, "smollm2_blocks")[0]
     chosen = {name: paths[name] for name in stores}
     budgets = {name: int(f * flash_bench.resident_size(chosen[name])[0]) for name, f in (own_budget or {}).items()}
+    return chosen, budget, budgets, prompt
+
+
+def study(doc: str, script: str, stores: tuple[str, ...], runs: Callable[[int], dict[str, dict]], baseline: str,
+          markdown_of: Callable[[dict], str], pairs: dict[str, str] | None = None,
+          specs: dict[str, dict] | None = None, store_options: dict[str, dict] | None = None,
+          own_budget: dict[str, float] | None = None) -> int:
+    """A whole study's main(): its options (flash_bench.round_args), the SmolLM2 `stores` ("bf16", "8bit",
+    "blocks") under flash_bench's budget, every run of runs(budget) over args.rounds interleaved rounds, the
+    summary against `baseline` (and `pairs`), written by markdown_of; `specs`, `store_options` as in run_rounds;
+    own_budget[store]: that store's budgeted runs get this fraction of its own fully resident size instead."""
+    args, work = flash_bench.round_args(doc)
+    chosen, budget, budgets, prompt = smollm2_setup(work, stores, own_budget)
     extra = {"budget_bytes": budget, **({"store_budget_bytes": budgets} if budgets else {})}
     result = run_rounds(script, args, chosen, runs(budget), prompt, extra, specs, store_options, budgets)
     result["summary"] = summarize(result["rounds"], args.tokens, baseline, pairs)
