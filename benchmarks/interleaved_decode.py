@@ -5,7 +5,8 @@ same run drifts by tens of percent over minutes (fully resident SmolLM2 alone: 1
 rounds of one study), so a ratio of two such runs carries that drift. Here, per store, one process holds
 the fully resident model, the paged model and a second fully resident copy (the control), and decodes
 `--chunk` tokens from each in turn, `--cycles` times, rotating which goes first. Each chunk is timed between
-two `mx.synchronize()` calls, so every chunk holds exactly its own tokens' work. Per cycle:
+two `mx.synchronize()` calls, so every chunk holds exactly its own tokens' work, and runs under its own
+model's cap on MLX's buffer pool (a budget sets one, process-wide). Per cycle:
 paged / resident, and control / resident (the method's own spread and bias: it should sit around 1.0).
 
 Goal per cycle (flash_bench's): paged >= 80% of min(resident, I/O bound), the I/O bound being the direct-read
@@ -44,8 +45,13 @@ def child(spec: dict) -> dict:
     from applelm.loader import load_model
 
     opts = spec["options"]
-    models = {name: load_model(spec["model"], **opts, **({"memory_budget": spec["budget"]} if name == "paged"
-                                                         else {}))[0] for name in MODELS}
+    models = {name: load_model(spec["model"], **opts)[0] for name in MODELS if name != "paged"}
+    # A budget caps MLX's pool of freed buffers process-wide: each model decodes under its own setting.
+    unbudgeted = mx.set_cache_limit(0)  # returns the limit it replaces
+    mx.set_cache_limit(unbudgeted)
+    models["paged"] = load_model(spec["model"], **opts, memory_budget=spec["budget"])[0]
+    limits = {name: unbudgeted for name in models}
+    limits["paged"] = mx.set_cache_limit(unbudgeted)
     paged = models["paged"].flash
     prompt = mx.array(spec["prompt"], dtype=mx.int32)
     steps = {name: generate_step(prompt, m, max_tokens=1 << 20) for name, m in models.items()}
@@ -57,6 +63,7 @@ def child(spec: dict) -> dict:
         shift = cycle % len(MODELS)
         for name in MODELS[shift:] + MODELS[:shift]:
             mx.synchronize()
+            mx.set_cache_limit(limits[name])
             t0 = time.perf_counter()
             tokens[name] += [next(steps[name])[0] for _ in range(spec["chunk"])]
             mx.synchronize()
