@@ -151,17 +151,11 @@ def gguf_gpu_choice(ggml_type: str, n: int, n_cols: int, m: int) -> str:
 
 def _chunked_dense_matmul(x2: mx.array, parts: tuple, dequant,
                           scratch_elements: int = GPU_SCRATCH_ELEMENTS) -> mx.array:
-    """x2 @ W.T with W = dequant(*parts) (arrays of W's rows) dequantized `scratch_elements` at a time.
-    Each step's rows are ordered after the previous product, as reference.chain_chunks orders its steps:
-    unchained, MLX dequantized every step first (a 1024x1024 Q4_1 matrix in 64 Ki-float steps peaked at
-    4.55 MB beyond the output; chained, 1.29 MB)."""
+    """x2 @ W.T with W = dequant(*parts) (arrays of W's rows) dequantized `scratch_elements` at a time, each
+    step ordered after the previous product (reference.chain_chunks). Unchained, MLX dequantized every step
+    first: a 1024x1024 Q4_1 matrix in 64 Ki-float steps peaked at 4.55 MB beyond the output; chained, 1.29 MB."""
     step = max(1, scratch_elements // x2.shape[-1])
-    outs, n = [], parts[0].shape[0]
-    for r in range(0, n, step):
-        rows = [p[r: r + step] for p in parts]
-        if outs:
-            rows[0] = mx.depends(rows[0], outs[-1])
-        outs.append(x2 @ dequant(*rows).T.astype(x2.dtype))
+    outs = reference.chain_chunks(lambda *rows: x2 @ dequant(*rows).T.astype(x2.dtype), parts[0], step, *parts[1:])
     return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=-1)
 
 
