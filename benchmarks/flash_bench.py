@@ -184,6 +184,8 @@ def round_args(doc: str) -> tuple[argparse.Namespace, Path]:
     return args, work
 
 
+# smollm2-blocks budget, a fraction of its own fully resident size (at 0.5 it is below the store's minimum)
+BLOCKS_BUDGET_FRACTION = 0.75
 # The SmolLM2 stores every study here prepares alike (prepared() rebuilds a folder whose options differ).
 SMOL_STORES = {"smollm2_bf16": dict(bits=16, dtype="bfloat16", train_predictors=True),
                "smollm2_q8": dict(bits=8, train_predictors=False),
@@ -384,12 +386,25 @@ def run_one(spec: dict) -> dict:
     return out
 
 
-def spawn(spec: dict) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--run", json.dumps(spec)], capture_output=True, text=True)
+def run_child(script, flag: str, payload: dict) -> dict:
+    """`python script flag JSON` in a fresh process: the JSON its last stdout line holds, or {"error": the
+    last line of its stderr} when it fails."""
+    proc = subprocess.run([sys.executable, str(script), flag, json.dumps(payload)], capture_output=True, text=True)
     if proc.returncode != 0:
-        msg = (proc.stderr.strip().splitlines() or ["failed"])[-1]
-        return {"label": spec["label"], "error": msg}
+        return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def spawn(spec: dict) -> dict:
+    r = run_child(__file__, "--run", spec)
+    return {"label": spec["label"], **r} if "error" in r else r
+
+
+def study_header(script) -> dict:
+    """What every focused study's results start with: its command line, the machine, load and date."""
+    return {"command": "python " + " ".join([os.path.relpath(script, ROOT)] + sys.argv[1:]),
+            "machine": machine("cpu"), "load_start": machine_info.load_avg(),
+            "date": time.strftime("%Y-%m-%d %H:%M")}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -606,7 +621,7 @@ def main() -> int:
     p.add_argument("--synthetic", default="1024,14336,24", help="hidden,intermediate,layers")
     p.add_argument("--synthetic-budget", default="1GB")
     p.add_argument("--smollm2-budget-fraction", type=float, default=0.5)
-    p.add_argument("--blocks-budget-fraction", type=float, default=0.75,
+    p.add_argument("--blocks-budget-fraction", type=float, default=BLOCKS_BUDGET_FRACTION,
                    help="smollm2-blocks budget, a fraction of its own fully resident size (at 0.5 the resident "
                         "part, two read units and the prompt scratch do not fit)")
     p.add_argument("--smollm2-resident", choices=("packed", "float32"), default="packed",

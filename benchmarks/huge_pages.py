@@ -75,10 +75,8 @@ def main() -> int:
     decodes = [("naive-bf16", bf16, {"memory_budget": budget, "naive": True}),
                ("paged-bf16", bf16, {"memory_budget": budget}),
                ("paged-8bit", q8, {"memory_budget": budget})]
-    result = {"command": "python " + " ".join([os.path.relpath(__file__, flash_bench.ROOT)] + sys.argv[1:]),
-              "machine": flash_bench.machine("cpu"), "queue_limits": queue_limits(work / "disk_probe.bin"),
-              "disk_start_default_buffers": disk, "load_start": machine_info.load_avg(),
-              "date": time.strftime("%Y-%m-%d %H:%M"), "rounds": []}
+    result = {**flash_bench.study_header(__file__), "queue_limits": queue_limits(work / "disk_probe.bin"),
+              "disk_start_default_buffers": disk, "rounds": []}
     for rnd in range(args.rounds):
         row = {"reads": read_rows(work / "disk_probe.bin", {"smollm2_bf16": bf16, "smollm2_q8": q8}), "decode": {}}
         for label, model, options in decodes:

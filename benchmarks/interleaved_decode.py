@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,7 +29,6 @@ import flash_bench  # benchmarks/flash_bench.py: layouts, read speeds, machine d
 import machine_info  # benchmarks/machine_info.py
 import paired_runs  # benchmarks/paired_runs.py: the stores and their budgets, as the focused studies use them
 
-BLOCKS_FRACTION = 0.75  # flash_bench's --blocks-budget-fraction default
 MODELS = ("resident", "paged", "control")
 GOAL = 0.8
 
@@ -148,20 +146,14 @@ def main() -> int:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     paths, budget, budgets, prompt = paired_runs.smollm2_setup(
-        work, stores, {"blocks": BLOCKS_FRACTION} if "blocks" in stores else None)
-    result = {"command": "python " + " ".join([str(Path(__file__).relative_to(flash_bench.ROOT))] + sys.argv[1:]),
-              "machine": flash_bench.machine("cpu"), "load_start": machine_info.load_avg(),
-              "date": time.strftime("%Y-%m-%d %H:%M"), "budget_bytes": budget, "store_budget_bytes": budgets,
+        work, stores, {"blocks": flash_bench.BLOCKS_BUDGET_FRACTION} if "blocks" in stores else None)
+    result = {**flash_bench.study_header(__file__), "budget_bytes": budget, "store_budget_bytes": budgets,
               "cycles": args.cycles, "chunk": args.chunk, "stores": {}}
     for store, path in paths.items():
         spec = {"model": str(path), "options": paired_runs.NATIVE_STORE_OPTIONS.get(store, {}), "prompt": prompt,
                 "budget": budgets.get(store, budget), "cycles": args.cycles, "chunk": args.chunk}
-        proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
-        if proc.returncode:
-            result["stores"][store] = {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
-        else:
-            r = json.loads(proc.stdout.strip().splitlines()[-1])
-            result["stores"][store] = {**r, "summary": summarize(r)}
+        r = flash_bench.run_child(__file__, "--child", spec)
+        result["stores"][store] = r if "error" in r else {**r, "summary": summarize(r)}
         print(f"{store}: {result['stores'][store].get('summary', result['stores'][store].get('error'))}",
               file=sys.stderr, flush=True)
     result["load_end"] = machine_info.load_avg()

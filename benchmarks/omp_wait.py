@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import flash_bench  # benchmarks/flash_bench.py: layouts, the per-run process and the machine description
@@ -40,9 +39,7 @@ def main() -> int:
     from applelm.flash.loader import flash_tokenizer
 
     prompt = flash_tokenizer(plan[1][1]).encode(flash_bench.SMOL_PROMPT)
-    result = {"command": "python " + " ".join([os.path.relpath(__file__, flash_bench.ROOT)] + sys.argv[1:]),
-              "machine": flash_bench.machine("cpu"), "load_start": machine_info.load_avg(),
-              "date": time.strftime("%Y-%m-%d %H:%M"), "rounds": []}
+    result = {**flash_bench.study_header(__file__), "rounds": []}
     for rnd in range(args.rounds):
         rows = {}
         for label, model, options in plan:

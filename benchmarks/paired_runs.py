@@ -6,9 +6,7 @@ how many rounds each row beat its store's baseline row."""
 from __future__ import annotations
 
 import json
-import os
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -29,9 +27,7 @@ def run_rounds(script: str, args, stores: dict[str, Path], runs: dict[str, dict]
     each round's rows keyed "<store> <run>", the command, the machine and `extra`. specs[run]: more keys of
     that run's flash_bench spec (e.g. stub_reads); store_options[store]: options under all of its runs;
     store_budgets[store]: the memory budget of that store's runs that have one (instead of theirs)."""
-    result = {"command": "python " + " ".join([os.path.relpath(script, flash_bench.ROOT)] + sys.argv[1:]),
-              "machine": flash_bench.machine("cpu"), "load_start": machine_info.load_avg(),
-              "date": time.strftime("%Y-%m-%d %H:%M"), **extra, "tokens": args.tokens, "rounds": []}
+    result = {**flash_bench.study_header(script), **extra, "tokens": args.tokens, "rounds": []}
     for rnd in range(args.rounds):
         rows = {}
         for store, model in stores.items():

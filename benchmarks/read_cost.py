@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import sys
 
+import flash_bench  # benchmarks/flash_bench.py: the blocks store's budget fraction
 import paired_runs  # benchmarks/paired_runs.py: the study's runs, summary and markdown
 
 BASELINE = "paged"
 STUBBED = "paged, reads stubbed"
-BLOCKS_FRACTION = 0.75  # flash_bench's --blocks-budget-fraction default
 
 
 def runs(budget: int) -> dict[str, dict]:
@@ -31,7 +31,7 @@ def runs(budget: int) -> dict[str, dict]:
 
 def main() -> int:
     return paired_runs.study(__doc__, __file__, ("bf16", "8bit", "blocks"), runs, BASELINE, markdown,
-                             specs={STUBBED: {"stub_reads": True}}, own_budget={"blocks": BLOCKS_FRACTION},
+                             specs={STUBBED: {"stub_reads": True}}, own_budget={"blocks": flash_bench.BLOCKS_BUDGET_FRACTION},
                              store_options=paired_runs.NATIVE_STORE_OPTIONS)
 
 
