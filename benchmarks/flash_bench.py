@@ -33,7 +33,9 @@ SmolLM2 also gets perplexity on GPL-3 text for each sparsity setting. Every run 
                                      [--work DIR] [--tokens N] [--out FILE]
 
 --device gpu runs the same plan on MLX's GPU (float16 compute); compute is then fast and reads
-dominate (the paper reports 20-25x over naive there). Results: JSON + a markdown table next to it.
+dominate (the paper reports 20-25x over naive there). The native kernel is the CPU's: on a GPU, SmolLM2's
+pinned layers are float16 in MLX (benchmarks/gpu_smollm2.sh carries the model there). Results: JSON + a
+markdown table next to it.
 """
 
 from __future__ import annotations
@@ -159,11 +161,11 @@ def prepared(src, out: Path, **options) -> tuple[Path, float]:
 # one run in a fresh process
 
 
-def resident_size(layout) -> tuple[int, int]:
+def resident_size(layout, **load_options) -> tuple[int, int]:
     """(bytes the flash layout holds fully resident, bytes of its resident part alone) from its plan."""
     from applelm.loader import load_model
 
-    full = load_model(layout)[0].flash
+    full = load_model(layout, **load_options)[0].flash
     try:
         return full.plan.total_bytes, full.plan.resident_bytes
     finally:
@@ -199,14 +201,15 @@ def smollm2_store(work: Path, name: str) -> tuple[Path, float]:
     return prepared(default_model_path(), work / name, **SMOL_STORES[name])
 
 
-def smollm2_stores(work: Path) -> tuple[Path, Path, int]:
+def smollm2_stores(work: Path, resident_options: Optional[dict] = None) -> tuple[Path, Path, int]:
     """The embedded SmolLM2's bfloat16 and 8-bit flash layouts under `work` (prepared if missing) and this
-    benchmark's SmolLM2 budget: half of the smallest fully resident form (the default of --smollm2-*)."""
+    benchmark's SmolLM2 budget: half of the smallest fully resident form (the default of --smollm2-*), the
+    bfloat16 store loaded with `resident_options` (default: the CPU's, through the native kernel)."""
     import applelm  # noqa: F401  (BLAS preload before mlx)
     from applelm.loader import load_model
 
     (bf16, _), (q8, _) = smollm2_store(work, "smollm2_bf16"), smollm2_store(work, "smollm2_q8")
-    full, _, _ = load_model(bf16, native=True)
+    full, _, _ = load_model(bf16, **({"native": True} if resident_options is None else resident_options))
     budget = full.flash.plan.total_bytes // 2
     full.flash.close()
     return bf16, q8, budget
@@ -659,11 +662,11 @@ def main() -> int:
     models = args.models.split(",")
 
     if "smollm2" in models:
-        t16 = prepared(default_model_path(), work / "smollm2_f16", bits=16, dtype="float16", train_predictors=False)
         layout, prep_s = smollm2_store(work, "smollm2_bf16")
         dequantize = args.smollm2_resident == "float32"
-        resident_options = {} if dequantize else {"native": True}
-        full, _, _ = load_model(layout, dequantize=dequantize, **resident_options)
+        # The native kernel is the CPU's; a GPU holds pinned layers as float16 in MLX.
+        resident_options = {} if dequantize or args.device == "gpu" else {"native": True}
+        full, _, _ = load_model(layout, **base["options"], dequantize=dequantize, **resident_options)
         full_bytes = full.flash.plan.total_bytes
         full.flash.close()
         budget = int(full_bytes * args.smollm2_budget_fraction)
@@ -711,13 +714,17 @@ def main() -> int:
                                f"is in the smollm2 entry (resident_8bit_store)",
                 "prepare_s": round(q8_prep_s, 1), "resident_bytes": full_bytes, "budget_bytes": budget,
                 "runs": rows, "goals": goals(rows, rounds), "all_rounds": rounds}
-        stores = {}
-        if q8:
-            q4, _ = prepared(default_model_path(), work / "smollm2_q4", bits=4, train_predictors=False)
-            stores = {"8bit": q8, "4bit": q4}
-        print("perplexity ...", file=sys.stderr, flush=True)
-        result["models"]["smollm2"]["perplexity"] = None if not args.ppl_tokens else perplexities(t16[0], layout, args.ppl_tokens, args.tbt_tokens,
-                                                                 [0.3, 0.5, 0.7], stores)
+        result["models"]["smollm2"]["perplexity"] = None
+        if args.ppl_tokens:  # the float16 and 4-bit stores exist for these scores only
+            t16, _ = prepared(default_model_path(), work / "smollm2_f16", bits=16, dtype="float16",
+                              train_predictors=False)
+            stores = {}
+            if q8:
+                q4, _ = prepared(default_model_path(), work / "smollm2_q4", bits=4, train_predictors=False)
+                stores = {"8bit": q8, "4bit": q4}
+            print("perplexity ...", file=sys.stderr, flush=True)
+            result["models"]["smollm2"]["perplexity"] = perplexities(t16, layout, args.ppl_tokens, args.tbt_tokens,
+                                                                     [0.3, 0.5, 0.7], stores)
 
     if "smollm2-blocks" in models:
         # The GGUF's own Q4_1 blocks (prepare --gguf-blocks): a third of the bfloat16 store's bytes. Whole
@@ -725,9 +732,9 @@ def main() -> int:
         from applelm.flash.loader import flash_tokenizer
 
         layout, prep_s = smollm2_store(work, "smollm2_blocks")
-        full_bytes, minimum = resident_size(layout)
+        full_bytes, minimum = resident_size(layout, **base["options"])
         budget = int(full_bytes * args.blocks_budget_fraction)
-        _, _, shared = smollm2_stores(work)
+        _, _, shared = smollm2_stores(work, base["options"] if args.device == "gpu" else None)
         spec = {**base, "model": str(layout), "tokens": args.tokens or 24,
                 "prompt": flash_tokenizer(layout).encode(SMOL_PROMPT), "options": dict(base["options"])}
         rows, rounds = bench_model("smollm2-blocks", budget, spec, [

@@ -9,9 +9,11 @@ cached and against the masks applied densely in one pass, and with lookahead rea
 max |logit difference| and greedy tokens. Then the GGUF-blocks store (prepare --gguf-blocks) of a tiny
 6-layer GGUF (Q5_0 up, Q8_0 down, Q4_1 gate): resident, streamed and naive against the plain GGUF model
 (on the CPU they are equal bit for bit; on the GPU each streamed chunk is an MLX copy into the GGUF matmuls).
-Exit 1 when a check fails.
+Where the embedded SmolLM2 is installed (benchmarks/gpu_smollm2.sh carries it to the GPU machine), the same
+on its real Q4_1 weights: the GGUF-blocks store against the plain GGUF model and its bfloat16 store paged
+against fully resident. Exit 1 when a check fails.
 
-    python benchmarks/flash_gpu_check.py [--device gpu|cpu] [--out FILE.json]
+    python benchmarks/flash_gpu_check.py [--device gpu|cpu] [--no-smollm2] [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -119,10 +121,61 @@ def check_blocks(root: Path) -> dict:
     return result
 
 
+def check_smollm2(root: Path, tokens: int = 16) -> dict:
+    """The embedded SmolLM2 (real Q4_1 weights) where it is installed (on the GPU machine: after
+    benchmarks/gpu_smollm2.sh unpack): its GGUF-blocks store resident, half streamed and naive against the
+    plain GGUF model, and its bfloat16 store paged against the same store fully resident; greedy tokens
+    from a chat prompt and the first forward pass's logits."""
+    import mlx.core as mx
+    import numpy as np
+
+    from applelm.errors import UserError
+    from applelm.flash.loader import flash_tokenizer
+    from applelm.flash.prepare import prepare
+    from applelm.loader import default_model_path, load_model
+    from flash_fixtures import greedy, streaming_budget
+
+    try:
+        gguf = default_model_path()
+    except UserError as e:
+        return {"ok": True, "skipped": str(e)}
+    blocks = prepare(gguf, root / "blocks", gguf_blocks=True, show_progress=False)
+    bf16 = prepare(gguf, root / "bf16", bits=16, dtype="bfloat16", train_predictors=False, show_progress=False)
+    prompt = flash_tokenizer(blocks).encode("The capital of France is")
+    x = mx.array([prompt])
+
+    def compare(reference, runs: dict) -> dict:
+        ref, want = np.array(reference(x).astype(mx.float32)), greedy(reference, prompt, tokens)
+        out = {}
+        for name, (path, opts) in runs.items():
+            m, _, _ = load_model(path, **opts)
+            out[name] = {"plan": m.flash.plan.describe(), "greedy_equal": greedy(m, prompt, tokens) == want,
+                         "max_abs_diff": float(np.abs(np.array(m(x).astype(mx.float32)) - ref).max())}
+            m.flash.close()
+        out["reference_tokens"] = want
+        return out
+
+    plain, _, _ = load_model(gguf)
+    half = streaming_budget(blocks, ring=2)
+    result = {"gguf": str(gguf), "blocks_vs_gguf": compare(plain, {
+        "resident": (blocks, {}), "streamed": (blocks, {"memory_budget": half, "ring_depth": 2}),
+        "naive": (blocks, {"memory_budget": half, "naive": True})})}
+    resident, _, _ = load_model(bf16)
+    half = streaming_budget(bf16)
+    result["bf16_vs_resident"] = compare(resident, {"paged": (bf16, {"memory_budget": half}),
+                                                    "naive": (bf16, {"memory_budget": half, "naive": True})})
+    resident.flash.close()
+    # Greedy tokens must match; logits within float rounding of a real model's range (~±30).
+    result["ok"] = all(r["greedy_equal"] and r["max_abs_diff"] < 0.1 for part in ("blocks_vs_gguf", "bf16_vs_resident")
+                       for k, r in result[part].items() if k != "reference_tokens")
+    return result
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cpu", "gpu"), default="gpu")
     p.add_argument("--out", default=None)
+    p.add_argument("--no-smollm2", action="store_true", help="skip the embedded SmolLM2 even where it is installed")
     args = p.parse_args()
     import applelm  # noqa: F401  (BLAS preload before mlx)
     import mlx.core as mx
@@ -131,6 +184,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         results = {arch: check(arch, Path(tmp) / arch) for arch in ("llama", "gemma3")}
         results["gguf_blocks"] = check_blocks(Path(tmp) / "blocks")
+        if not args.no_smollm2:
+            results["smollm2"] = check_smollm2(Path(tmp) / "smollm2")
     results["device"] = str(mx.default_device())
     results["mlx"] = mx.__version__
     text = json.dumps(results, indent=1)
