@@ -4,8 +4,9 @@
  * follow ggml's block structs). Each block is decoded once into a small float buffer in L1 and used by
  * every activation row, so a product costs about one read of the packed bytes from memory: the CPU
  * counterpart of the Metal/CUDA matvec in kernel_source.py, for the few rows of decode and speculation.
- * Threads split the output rows; each output is computed by one thread in a fixed order, so results do
- * not depend on the thread count. Built at run time by ops/cpu_native.py (cc -O3 -march=native
+ * Threads take the output rows ROW_CHUNK at a time by OpenMP's runtime schedule (OMP_SCHEDULE; `import
+ * applelm` sets it: benchmarks/omp_schedule.py); each output is computed by one thread in a fixed order, so
+ * results do not depend on the thread count. Built at run time by ops/cpu_native.py (cc -O3 -march=native
  * -ffast-math [-fopenmp]).
  */
 #include <stdint.h>
@@ -18,7 +19,7 @@
 #endif
 
 enum { T_Q4_0 = 0, T_Q4_1 = 1, T_Q5_0 = 2, T_Q5_1 = 3, T_Q8_0 = 4, T_Q4_K = 5, T_Q6_K = 6 };
-enum { MAX_ROWS = 16, MAX_BLOCK = 256 };
+enum { MAX_ROWS = 16, MAX_BLOCK = 256, ROW_CHUNK = 32 };
 
 static const int BLOCK_ELEMS[] = {32, 32, 32, 32, 32, 256, 256};
 static const int BLOCK_BYTES[] = {18, 20, 22, 24, 34, 144, 210};
@@ -251,11 +252,10 @@ int applelm_gguf_matmul(const float *x, int64_t m, int64_t k, const uint8_t *w, 
     int64_t most = n / 64 > 0 ? n / 64 : 1;
     if (threads > most) threads = (int)most;
     if (threads > 1) {
-#pragma omp parallel num_threads(threads)
-        {
-            int t = omp_get_thread_num(), nt = omp_get_num_threads();
-            chunks(x, m, k, w, n, type, n * t / nt, n * (t + 1) / nt, y);
-        }
+        int64_t nc = (n + ROW_CHUNK - 1) / ROW_CHUNK;
+#pragma omp parallel for num_threads(threads) schedule(runtime)
+        for (int64_t c = 0; c < nc; c++)
+            chunks(x, m, k, w, n, type, c * ROW_CHUNK, (c + 1) * ROW_CHUNK < n ? (c + 1) * ROW_CHUNK : n, y);
         return 0;
     }
 #endif

@@ -62,6 +62,28 @@ def test_kernel_matches_reference(lib, bits, dtype, group, act, n, hidden):
         np.testing.assert_allclose(out - 0.25, want, rtol=2e-4, atol=2e-4 * np.abs(want).max())
 
 
+def test_kernel_result_does_not_depend_on_threads(lib):
+    """Neurons are summed in fixed chunks, whichever thread takes them (under any OpenMP schedule): 1, 2, 3
+    and 8 threads give the same bits, dense and sparse."""
+    rng = np.random.default_rng(7)
+    codec = codec_for(128, 8, "affine", 64)
+    raw = codec.encode((rng.standard_normal((300, 3, 128)) * 0.3).astype(np.float32))
+    x = rng.standard_normal(128).astype(np.float32)
+    offsets = np.arange(0, 300, 3, dtype=np.int64) * raw.shape[1]
+
+    def run(threads):
+        k = native.BundleFFN(lib, codec, "silu", threads)
+        dense, sparse = np.full(128, 0.25, np.float32), np.full(128, 0.25, np.float32)
+        k(x, raw, dense)
+        k.sparse(x, raw.reshape(-1), sparse, offsets=offsets, threshold=0.1)
+        return dense, sparse
+
+    one = run(1)
+    for threads in (2, 3, 8):
+        for got, want in zip(run(threads), one):
+            np.testing.assert_array_equal(got, want)
+
+
 def test_kernel_rejects_what_it_cannot_read(lib):
     codec = codec_for(64, 16, "bfloat16", None)
     k = native.BundleFFN(lib, codec, "silu", 1)

@@ -12,14 +12,17 @@
  * them, or cache slots), 2-part bundles with the caller's coefficients (resident gate), and the
  * threshold mask |a_i| > thr; neurons whose coefficient is 0 cost nothing.
  *
- * Threads split the neurons into contiguous ranges; each keeps its own accumulator and the
- * accumulators are summed in thread order, so a result depends only on the thread count.
+ * Neurons go in chunks of NEURON_CHUNK, each summed into its own accumulator; the accumulators are added
+ * to out in chunk order, so a result does not depend on the thread count. Threads take chunks by OpenMP's
+ * runtime schedule (OMP_SCHEDULE; `import applelm` sets it: benchmarks/omp_schedule.py).
  * Built at run time by applelm/flash/native.py (cc -O3 -march=native -ffast-math [-fopenmp]).
  */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+enum { NEURON_CHUNK = 64 };
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -195,30 +198,22 @@ static int run(const Bundles *B, const float *x, int64_t n, int threads, float *
     int64_t H = B->H;
     float *xsum;
     if (prepare_x(x, n, H, B->fmt, B->group, threads, &xsum)) return -1;
-    if (threads > n) threads = n > 0 ? (int)n : 1;
-#ifndef _OPENMP
-    threads = 1;
-#endif
-    if (threads == 1) {
-        neuron_range(B, x, xsum, 0, n, out);
-        free(xsum);
-        return 0;
-    }
-    float *acc = (float *)calloc((size_t)threads * (size_t)H, sizeof(float));
+    int64_t nc = (n + NEURON_CHUNK - 1) / NEURON_CHUNK;
+    float *acc = (float *)calloc((size_t)(nc > 0 ? nc : 1) * (size_t)H, sizeof(float));
     if (!acc) {
         free(xsum);
         return -1;
     }
+    if (threads > nc) threads = nc > 0 ? (int)nc : 1;
 #ifdef _OPENMP
-#pragma omp parallel num_threads(threads)
-    {
-        int t = omp_get_thread_num(), nt = omp_get_num_threads();
-        int64_t lo = n * t / nt, hi = n * (t + 1) / nt;
-        neuron_range(B, x, xsum, lo, hi, acc + (int64_t)t * H);
-    }
+#pragma omp parallel for num_threads(threads) schedule(runtime) if (threads > 1)
 #endif
-    for (int t = 0; t < threads; t++)
-        for (int64_t j = 0; j < H; j++) out[j] += acc[(int64_t)t * H + j];
+    for (int64_t c = 0; c < nc; c++) {
+        int64_t hi = (c + 1) * NEURON_CHUNK < n ? (c + 1) * NEURON_CHUNK : n;
+        neuron_range(B, x, xsum, c * NEURON_CHUNK, hi, acc + c * H);
+    }
+    for (int64_t c = 0; c < nc; c++)
+        for (int64_t j = 0; j < H; j++) out[j] += acc[c * H + j];
     free(acc);
     free(xsum);
     return 0;
