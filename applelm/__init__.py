@@ -12,6 +12,9 @@ import os as _os
 # OpenMP workers (MKL's and the C kernels') spin after each call, on the core MLX's own CPU thread needs
 # next: sleeping at once decoded 1.05-1.31x faster on 2 cores (benchmarks/omp_wait.py). Read when OpenMP loads.
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# The C kernels hand out fixed chunks by the runtime schedule (libgomp's default: dynamic). Dynamic was not
+# consistently faster on 2 cores (0.88-1.09x, benchmarks/omp_schedule.py); static keeps the earlier split.
+_os.environ.setdefault("OMP_SCHEDULE", "static")
 
 from . import _blas  # noqa: E402
 

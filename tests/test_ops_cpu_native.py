@@ -2,8 +2,11 @@
 dispatcher's use of it: every format it handles, activation row counts across its 16-row passes, thread
 counts, its argument checks, the mx.compile fallback and the fallback when it is unavailable."""
 
+import os
 import platform
 import shutil
+import subprocess
+import sys
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -53,6 +56,20 @@ def test_result_does_not_depend_on_thread_count(ggml_type):
     one = cpu_native.matmul_numpy(x, packed, ggml_type, threads=1)
     for threads in (2, 3, 8):
         np.testing.assert_array_equal(cpu_native.matmul_numpy(x, packed, ggml_type, threads=threads), one)
+
+
+def test_import_sets_openmp_defaults_unless_set():
+    """`import applelm` sets the libgomp settings the C kernels run under (OMP_WAIT_POLICY=PASSIVE,
+    OMP_SCHEDULE=static) before anything loads OpenMP, and keeps values the user set."""
+    code = "import os, applelm; print(os.environ['OMP_WAIT_POLICY'], os.environ['OMP_SCHEDULE'])"
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_SCHEDULE")}
+
+    def imported(**preset):
+        return subprocess.run([sys.executable, "-c", code], env={**env, **preset}, capture_output=True, text=True,
+                              check=True).stdout.split()
+
+    assert imported() == ["PASSIVE", "static"]
+    assert imported(OMP_WAIT_POLICY="ACTIVE", OMP_SCHEDULE="dynamic,1") == ["ACTIVE", "dynamic,1"]
 
 
 def test_argument_checks():
