@@ -90,9 +90,27 @@ def check(arch: str, root: Path) -> dict:
     return result
 
 
-def check_blocks(root: Path) -> dict:
+def against(reference, runs: dict, x, prompt: list[int], tokens: int) -> tuple[dict, list[int]]:
+    """Each of runs {name: (flash folder, load options)} against `reference`: its plan, whether its greedy
+    tokens from `prompt` equal the reference's, and max |logit difference| on `x`; and the reference tokens."""
     import mlx.core as mx
     import numpy as np
+
+    from applelm.loader import load_model
+    from flash_fixtures import greedy
+
+    ref, want = np.array(reference(x).astype(mx.float32)), greedy(reference, prompt, tokens)
+    out = {}
+    for name, (path, opts) in runs.items():
+        m, _, _ = load_model(path, **opts)
+        out[name] = {"plan": m.flash.plan.describe(), "max_abs_diff": float(np.abs(np.array(m(x).astype(mx.float32)) - ref).max()),
+                     "greedy_equal": greedy(m, prompt, tokens) == want}
+        m.flash.close()
+    return out, want
+
+
+def check_blocks(root: Path) -> dict:
+    import mlx.core as mx
 
     try:
         from gguf_fixtures import Q, write_tiny_llama_gguf
@@ -100,7 +118,7 @@ def check_blocks(root: Path) -> dict:
         return {"ok": True, "skipped": f"no tiny GGUF writer here ({e})"}
     from applelm.flash.prepare import prepare
     from applelm.loader import load_model
-    from flash_fixtures import greedy, streaming_budget
+    from flash_fixtures import streaming_budget
 
     root.mkdir(parents=True, exist_ok=True)
     path = root / "tiny.gguf"
@@ -109,14 +127,8 @@ def check_blocks(root: Path) -> dict:
     plain, _, _ = load_model(path)
     budget = streaming_budget(out, ring=2)  # 3 of the 6 layers pinned
     x = mx.array([[3, 14, 15, 92, 65, 35, 89, 79]])
-    ref, want = np.array(plain(x)), greedy(plain, [5, 7, 11], 12)
-    result = {}
-    for name, opts in (("resident", {}), ("streamed", {"memory_budget": budget, "ring_depth": 2}),
-                       ("naive", {"memory_budget": budget, "naive": True})):
-        m, _, _ = load_model(out, **opts)
-        result[name] = {"plan": m.flash.plan.describe(), "max_abs_diff": float(np.abs(np.array(m(x)) - ref).max()),
-                        "greedy_equal": greedy(m, [5, 7, 11], 12) == want}
-        m.flash.close()
+    result, _ = against(plain, {"resident": (out, {}), "streamed": (out, {"memory_budget": budget, "ring_depth": 2}),
+                                "naive": (out, {"memory_budget": budget, "naive": True})}, x, [5, 7, 11], 12)
     result["ok"] = all(r["greedy_equal"] and r["max_abs_diff"] < 1e-3 for r in result.values())
     return result
 
@@ -127,13 +139,12 @@ def check_smollm2(root: Path, tokens: int = 16) -> dict:
     plain GGUF model, and its bfloat16 store paged against the same store fully resident; greedy tokens
     from a chat prompt and the first forward pass's logits."""
     import mlx.core as mx
-    import numpy as np
 
     from applelm.errors import UserError
     from applelm.flash.loader import flash_tokenizer
     from applelm.flash.prepare import prepare
     from applelm.loader import default_model_path, load_model
-    from flash_fixtures import greedy, streaming_budget
+    from flash_fixtures import streaming_budget
 
     try:
         gguf = default_model_path()
@@ -145,15 +156,8 @@ def check_smollm2(root: Path, tokens: int = 16) -> dict:
     x = mx.array([prompt])
 
     def compare(reference, runs: dict) -> dict:
-        ref, want = np.array(reference(x).astype(mx.float32)), greedy(reference, prompt, tokens)
-        out = {}
-        for name, (path, opts) in runs.items():
-            m, _, _ = load_model(path, **opts)
-            out[name] = {"plan": m.flash.plan.describe(), "greedy_equal": greedy(m, prompt, tokens) == want,
-                         "max_abs_diff": float(np.abs(np.array(m(x).astype(mx.float32)) - ref).max())}
-            m.flash.close()
-        out["reference_tokens"] = want
-        return out
+        out, want = against(reference, runs, x, prompt, tokens)
+        return {**out, "reference_tokens": want}
 
     plain, _, _ = load_model(gguf)
     half = streaming_budget(blocks, ring=2)

@@ -7,7 +7,8 @@
 # Steps: ops (kernel check + qmatmul bench), decode (decode_bench), flash (flash_bench --device gpu),
 # flashcheck (flash_gpu_check: paged equals resident, GGUF-blocks store included), and with the embedded
 # SmolLM2 carried over (benchmarks/gpu_smollm2.sh: two more calls) flash-smollm2 (its bfloat16 and 8-bit
-# stores at half the resident size, one round: SMOL_ROUNDS) and flash-blocks (its GGUF-blocks store).
+# stores at half the resident size, 1 round) and flash-blocks (its GGUF-blocks store, 2 rounds; SMOL_ROUNDS
+# sets both).
 # Measured on the H100 (2026-11-22): flash ~6 min, decode ~4 min, qmatmul ~6 min for all formats, and the
 # kernel check ~3-4 min per GGUF format (NVRTC compiles every template): one step per device call, and
 # CHECK_FORMATS to split the check. The SmolLM2 steps have not run there yet (times unknown).

@@ -21,7 +21,9 @@ from pathlib import Path
 import flash_bench  # benchmarks/flash_bench.py: layouts, the per-run process and the machine description
 import machine_info  # benchmarks/machine_info.py
 
-POLICIES = ("ACTIVE", "PASSIVE")
+SETTINGS = {"active": "ACTIVE", "passive": "PASSIVE"}
+TITLE = "OpenMP wait policy and decode speed"
+COLUMNS = {"active": "ACTIVE (spin)", "passive": "PASSIVE (sleep)"}
 
 
 def runs(work: Path) -> list[tuple[str, str, dict]]:
@@ -78,13 +80,10 @@ def main() -> int:
     from applelm.flash.loader import flash_tokenizer
 
     prompt = flash_tokenizer(plan[1][1]).encode(flash_bench.SMOL_PROMPT)
-    return env_study(args, __file__, "OMP_WAIT_POLICY", {"active": "ACTIVE", "passive": "PASSIVE"}, plan, prompt,
-                     "OpenMP wait policy and decode speed", {"active": "ACTIVE (spin)", "passive": "PASSIVE (sleep)"})
+    return env_study(args, __file__, "OMP_WAIT_POLICY", SETTINGS, plan, prompt, TITLE, COLUMNS)
 
 
-def markdown(result: dict, title: str = "OpenMP wait policy and decode speed",
-             columns: dict[str, str] | None = None) -> str:
-    columns = columns or {"active": "ACTIVE (spin)", "passive": "PASSIVE (sleep)"}
+def markdown(result: dict, title: str = TITLE, columns: dict[str, str] = COLUMNS) -> str:
     base, last = list(columns)[0], list(columns)[-1]
     m = result["machine"]
     lines = [f"# {title} ({m.get('cpu', 'cpu')})", "",

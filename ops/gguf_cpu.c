@@ -11,9 +11,6 @@
  */
 #include <stdint.h>
 #include <string.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 #if defined(__F16C__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif

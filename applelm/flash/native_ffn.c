@@ -23,9 +23,6 @@
 #include <string.h>
 
 enum { NEURON_CHUNK = 64 };
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 #if defined(__F16C__) && defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define HAVE_F16C_AVX2 1 /* float16 -> float32 eight at a time (the compiler does not vectorize it) */
