@@ -38,7 +38,7 @@ GPU_FORMATS = ["Q4_0", "Q4_K", "Q6_K", "Q8_0", "affine4_g64"]
 # SmolLM2's FFN shape (Q4_1 in its file).
 CPU_SHAPES = [(640, 2048), (2048, 640), (1024, 640), (1536, 576), (262144, 640)]
 CPU_ROWS = [1, 2, 4, 16, 64]
-CPU_FORMATS = ["Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q4_K", "Q6_K", "affine4_g64"]
+CPU_FORMATS = ["Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q4_K", "Q6_K", "affine4_g64", "affine8_g64", "affine4_g32"]
 
 
 def timed(fn, iters: int, batch: int) -> float:
@@ -52,10 +52,12 @@ def timed(fn, iters: int, batch: int) -> float:
     return best
 
 
-def make_weights(fmt: str, n: int, k: int):
+def make_weights(fmt: str, n: int, k: int, dtype=mx.float16):
+    """Packed weights of `fmt` and their bytes; affine scales and biases in `dtype` (the CPU loader keeps them
+    as float32, a GPU as the checkpoint's float16)."""
     if fmt.startswith("affine"):
         bits, gs = int(fmt[6]), int(fmt.split("_g")[1])
-        w = mx.random.normal((n, k), key=mx.random.key(0)).astype(mx.float16)
+        w = mx.random.normal((n, k), key=mx.random.key(0)).astype(dtype)
         wq, s, b = mx.quantize(w, group_size=gs, bits=bits)
         mx.eval(wq, s, b)
         return (wq, s, b, bits, gs), wq.nbytes + s.nbytes + b.nbytes
@@ -70,6 +72,10 @@ def variants(backend: str, fmt: str, weights, n: int, k: int, m: int, cpu_small:
     if fmt.startswith("affine"):
         wq, s, b, bits, gs = weights
         out["mlx_qmm"] = lambda x: mx.quantized_matmul(x, wq, s, b, transpose=True, group_size=gs, bits=bits)
+        if backend == "cpu":
+            out["ours_dispatch"] = lambda x: dispatch.affine_matmul(x, wq, s, b, bits, gs)
+            if cpu_native.affine_supported(bits, gs, s):
+                out["cpu_native"] = lambda x: cpu_native.affine_matmul(x, wq, s, b, bits, gs)
         if backend != "cpu" and m <= backends.MAX_DECODE_ROWS:
             for r in (1, 2, 4):
                 out[f"ours_matvec_R{r}"] = (lambda r: lambda x: backends.affine_matvec(backend, x, wq, s, b, bits, gs,
@@ -124,9 +130,9 @@ def main() -> int:
         for fmt in formats:
             if not fmt.startswith("affine") and k % GGML_TYPES_BY_NAME[fmt].block_size:
                 continue
-            if args.cpu_small and n > 100000 and fmt not in ("Q8_0", "affine4_g64"):
+            if args.cpu_small and n > 100000 and fmt not in ("Q8_0", "affine4_g64", "affine8_g64"):
                 continue  # the tied head is Q8_0 in the Gemma file; keep the CPU run short
-            weights, nbytes = make_weights(fmt, n, k)
+            weights, nbytes = make_weights(fmt, n, k, dtype)
             for m in rows:
                 if args.cpu_small and n > 100000 and m > 1:
                     continue

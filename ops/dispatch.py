@@ -1,7 +1,7 @@
 """One entry point per op that picks the implementation for the current device and problem shape.
 
-Metal GPU -> the Metal form of our kernels, CUDA GPU -> the CUDA form, CPU -> our compiled C kernel for GGUF
-rows (cpu_native) where it builds, else the plain-MLX reference path (or the CPU bridge to
+Metal GPU -> the Metal form of our kernels, CUDA GPU -> the CUDA form, CPU -> our compiled C kernels for GGUF
+and MLX-affine rows (cpu_native) where they build, else the plain-MLX reference path (or the CPU bridge to
 mx.quantized_matmul where it was measured faster). Model code never sees this choice: it calls
 GGUFLinear / GGUFEmbedding / AffineQuantizedLinear, which call these.
 """
@@ -61,6 +61,12 @@ CPU_NATIVE_MAX_ROWS = 16
 # Smallest row count from which the latter wins, per shape class, measured on the 2-core x86-64 dev machine
 # with MKL preloaded (benchmarks/results/cpu_affine_crossover.json):
 CPU_AFFINE_DEQUANT_MIN_ROWS = {"small": 4, "large": 64}
+# Our compiled affine kernel (cpu_native.affine_matmul: 4/8-bit, groups 32/64/128), float32 scales as the CPU
+# loader keeps them (benchmarks/results/qmatmul_bench_cpu-small_linux-x86_64-2core-affine.json): fastest of
+# every variant at 1-64 rows on every small shape, 1.4-9x the time of the next best (e.g. 1536x576 4-bit g64,
+# 1 row: 0.26 against 1.06 ms for mx.quantized_matmul; 64 rows: 3.7 against 10.2 for dequantize-then-GEMM);
+# on the 262144x640 head, measured at 1 row only, 13.8 against 202 ms. Largest row count that takes it:
+CPU_AFFINE_NATIVE_MAX_ROWS = {"small": 64, "large": 1}
 
 DECODE_MAX_ROWS = backends.MAX_DECODE_ROWS
 # Prefill scratch chunk on GPU: fp16 elements dequantized at once (128 Mi = 256 MiB).
@@ -173,12 +179,19 @@ def gguf_embedding(ids: mx.array, packed: mx.array, ggml_type: str, n_cols: int,
 
 def affine_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, bits: int,
                   group_size: int) -> mx.array:
-    """x @ W.T for MLX affine-quantized W; our decode kernel where the table says so, else MLX's."""
+    """x @ W.T for MLX affine-quantized W: on the CPU our compiled kernel up to CPU_AFFINE_NATIVE_MAX_ROWS rows;
+    on a GPU our decode kernel where the table says so; else MLX's quantized matmul or dequantize-then-matmul."""
     lead, n = x.shape[:-1], w.shape[0]
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
     be = backend()
+    if (be == "cpu" and m <= CPU_AFFINE_NATIVE_MAX_ROWS[shape_class(n, k)] and biases is not None
+            and cpu_native.affine_supported(bits, group_size, scales)):
+        try:
+            return cpu_native.affine_matmul(x, w, scales, biases, bits, group_size)
+        except cpu_native.Tracing:  # inside mx.compile: MLX ops only
+            pass
     if be == "cpu" and m >= CPU_AFFINE_DEQUANT_MIN_ROWS[shape_class(n, k)]:
         return x @ mx.dequantize(w, scales, biases, group_size, bits).T.astype(x.dtype)
     if be != "cpu" and m >= GPU_AFFINE_DEQUANT_MIN_ROWS:

@@ -111,11 +111,21 @@ class AffineQuantizedLinear(nn.QuantizedLinear):
         return y
 
 
+class AffineQuantizedEmbedding(nn.QuantizedEmbedding):
+    """nn.QuantizedEmbedding whose tied-head product (as_linear) goes through dispatch.affine_matmul, as
+    AffineQuantizedLinear's does; lookups stay MLX's (they decode only the gathered rows)."""
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        if self.mode != "affine" or self.get("biases") is None:
+            return super().as_linear(x)
+        return dispatch.affine_matmul(x, self["weight"], self["scales"], self["biases"], self.bits, self.group_size)
+
+
 def make_quantized_module(module: nn.Module, spec: dict) -> nn.Module:
     """The quantized replacement for `module` (nn.Linear or nn.Embedding) described by `spec`.
 
     spec: {"mode": "gguf", "ggml_type": "Q4_K"} -> GGUFLinear / GGUFEmbedding;
-          {"mode": "affine", "bits": b, "group_size": g} -> AffineQuantizedLinear / nn.QuantizedEmbedding;
+          {"mode": "affine", "bits": b, "group_size": g} -> AffineQuantizedLinear / AffineQuantizedEmbedding;
           {"mode": "mxfp4" | other MLX mode, ...} -> module.to_quantized(...).
     An optional "name" (tensor or layer name) is used in error messages. Unsupported GGML types raise
     applelm.errors.UnsupportedError naming the type and the tensor.
@@ -135,7 +145,7 @@ def make_quantized_module(module: nn.Module, spec: dict) -> nn.Module:
     if mode == "affine":
         if is_linear:
             return AffineQuantizedLinear.from_linear(module, group_size, bits)
-        return nn.QuantizedEmbedding.from_embedding(module, group_size, bits)
+        return AffineQuantizedEmbedding.from_embedding(module, group_size, bits)
     try:
         return module.to_quantized(group_size=group_size, bits=bits, mode=mode)
     except ValueError as e:

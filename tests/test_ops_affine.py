@@ -21,7 +21,9 @@ def test_affine_linear_equals_quantized_matmul(bits, group_size):
         x = mx.random.normal((rows, 256))
         want = mx.quantized_matmul(x, q.weight, q.scales, q.biases, transpose=True, group_size=group_size,
                                    bits=bits) + q.bias
-        np.testing.assert_allclose(np.array(q(x)), np.array(want), rtol=1e-6, atol=1e-6)
+        # on the CPU the compiled kernel sums in another order: float32 rounding, relative to the magnitudes
+        scale = float((mx.abs(x) @ mx.abs(mx.dequantize(q.weight, q.scales, q.biases, group_size, bits)).T).max())
+        np.testing.assert_allclose(np.array(q(x)) / scale, np.array(want) / scale, rtol=0, atol=2e-6)
 
 
 def test_affine_strict_load_weights_roundtrip():
@@ -32,9 +34,11 @@ def test_affine_strict_load_weights_roundtrip():
     np.testing.assert_array_equal(np.array(dst(x)), np.array(src(x)))
 
 
-def test_affine_decode_table_has_no_ours_entry():
-    # The H100 run found our matvec no faster than MLX's beyond noise, so decode keeps mx.quantized_matmul.
+def test_affine_decode_table_has_no_ours_entry(monkeypatch):
+    # The H100 run found our matvec no faster than MLX's beyond noise, so GPU decode keeps mx.quantized_matmul
+    # (checked here on the CPU with the backend reported as CUDA).
     assert "ours" not in dispatch.AFFINE_TABLE.values()
+    monkeypatch.setattr(dispatch, "backend", lambda: "cuda")
     w, s, b = mx.quantize(mx.random.normal((16, 128)), group_size=64, bits=4)
     x = mx.random.normal((1, 128))
     np.testing.assert_array_equal(np.array(affine_matmul(x, w, s, b, 4, 64)),
@@ -57,6 +61,6 @@ def test_gpu_affine_prefill_dequantizes_in_bounded_chunks(monkeypatch):
 
 def test_embedding_and_other_modes():
     emb = make_quantized_module(nn.Embedding(32, 128), {"mode": "affine", "bits": 8, "group_size": 32})
-    assert isinstance(emb, nn.QuantizedEmbedding)
+    assert isinstance(emb, nn.QuantizedEmbedding)  # an AffineQuantizedEmbedding (tests/test_ops_cpu_affine.py)
     other = make_quantized_module(nn.Linear(128, 16), {"mode": "mxfp4"})
     assert isinstance(other, nn.QuantizedLinear) and other.mode == "mxfp4"
