@@ -75,7 +75,9 @@ def build(source: Path, signatures: dict[str, list], fallback: str) -> Optional[
         if not compiler:
             warnings.warn(f"no C compiler found: {fallback}", stacklevel=3)
             return None
-        key = hashlib.sha256(source.read_bytes() + compiler.encode() + _cpu_id().encode()).hexdigest()[:16]
+        # The headers beside the source (ops/cpu_vec.h) are part of what gets compiled.
+        headers = b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))
+        key = hashlib.sha256(source.read_bytes() + headers + compiler.encode() + _cpu_id().encode()).hexdigest()[:16]
         suffix = ".dylib" if sys.platform == "darwin" else ".so"
         target = _cache_dir() / f"{source.stem}_{key}{suffix}"
         try:

@@ -35,8 +35,9 @@ GPU_SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (128256, 4096)]
 GPU_ROWS = [1, 4, 16, 512]
 GPU_FORMATS = ["Q4_0", "Q4_K", "Q6_K", "Q8_0", "affine4_g64"]
 # CPU: the Gemma 3 270M shapes the runtime actually meets (out x in), plus the 262144x640 tied head, and
-# SmolLM2's FFN shape (Q4_1 in its file).
-CPU_SHAPES = [(640, 2048), (2048, 640), (1024, 640), (1536, 576), (262144, 640)]
+# SmolLM2's FFN shape (Q4_1 in its file); Llama-3.2-1B's FFN shape, a "large" one, for the affine formats
+# (decode_bench's 1b-q4 row).
+CPU_SHAPES = [(640, 2048), (2048, 640), (1024, 640), (1536, 576), (262144, 640), (8192, 2048)]
 CPU_ROWS = [1, 2, 4, 16, 64]
 CPU_FORMATS = ["Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q4_K", "Q6_K", "affine4_g64", "affine8_g64", "affine4_g32"]
 
@@ -132,6 +133,8 @@ def main() -> int:
                 continue
             if args.cpu_small and n > 100000 and fmt not in ("Q8_0", "affine4_g64", "affine8_g64"):
                 continue  # the tied head is Q8_0 in the Gemma file; keep the CPU run short
+            if args.cpu_small and n == 8192 and not fmt.startswith("affine"):
+                continue
             weights, nbytes = make_weights(fmt, n, k, dtype)
             for m in rows:
                 if args.cpu_small and n > 100000 and m > 1:

@@ -6,38 +6,18 @@
  * Per group, sum_j (s q_j + b) x_j = s (q . x) + b sum(x over the group): the codes are multiplied as small
  * integers turned float, and each activation row's group sums are computed once per call. For 4-bit, each
  * 16-element run of x is reordered once (even elements, then odd), so the low and high nibbles of 8 bytes
- * meet their activations as two whole vectors. MLX's CPU quantized matmul ran these shapes at ~0.4 GB/s
+ * meet their activations as two whole vectors. MLX's CPU quantized matmul read ~0.5 GB/s at one row
  * (benchmarks/qmatmul_bench.py --cpu-small); the packed bytes are read once per call here.
  * Threads take the output rows ROW_CHUNK at a time by OpenMP's runtime schedule; each output is computed by
  * one thread in a fixed order, so results do not depend on the thread count. Built at run time by
  * ops/cpu_native.py (cc -O3 -march=native -ffast-math [-fopenmp]).
  */
-#include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
-#if defined(__F16C__) || defined(__AVX2__)
-#include <immintrin.h>
-#endif
+
+#include "cpu_vec.h"
 
 enum { S_F32 = 0, S_F16 = 1, S_BF16 = 2 };
 enum { MAX_ROWS = 16, MAX_GROUP = 128, ROW_CHUNK = 32 };
-
-typedef float v8f __attribute__((vector_size(32)));
-typedef int32_t v8i __attribute__((vector_size(32)));
-typedef uint8_t v8b __attribute__((vector_size(8)));
-
-static inline v8f splat(float f) { return (v8f){f, f, f, f, f, f, f, f}; }
-
-/* 8 bytes -> 8 int32 lanes (AVX2 widening directly: GCC scalarizes the generic conversion). */
-static inline v8i bytes8(const uint8_t *p) {
-#if defined(__AVX2__)
-    return (v8i)_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
-#else
-    v8b b;
-    memcpy(&b, p, 8);
-    return __builtin_convertvector(b, v8i);
-#endif
-}
 
 static inline float scalar(const void *a, int64_t i, int fmt) {
     if (fmt == S_F32) return ((const float *)a)[i];
@@ -48,23 +28,7 @@ static inline float scalar(const void *a, int64_t i, int fmt) {
         memcpy(&f, &u, 4);
         return f;
     }
-#if defined(__F16C__)
-    return _cvtsh_ss(h);
-#elif defined(__FLT16_MAX__)
-    _Float16 v;
-    memcpy(&v, &h, 2);
-    return (float)v;
-#else
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 31, mant = h & 1023, u;
-    float f;
-    if (e == 0) {
-        f = (float)mant * 5.9604644775390625e-8f;
-        return sign ? -f : f;
-    }
-    u = sign | (e == 31 ? 0x7f800000u : (e + 112) << 23) | (mant << 13);
-    memcpy(&f, &u, 4);
-    return f;
-#endif
+    return half_to_float(h);
 }
 
 /* Rows [lo, hi) of W against m <= MAX_ROWS activation rows: xs (m, k) in kernel order (4-bit: reordered),
@@ -88,12 +52,12 @@ static inline __attribute__((always_inline)) void rows_range(const float *xs, co
             const uint8_t *p = row + g * gbytes;
             if (bits == 4) {
                 for (int c = 0; c < vecs / 2; c++) {
-                    v8i b = bytes8(p + 8 * c);
+                    v8i b = ints8(p + 8 * c);
                     q[2 * c] = __builtin_convertvector(b & 15, v8f);
                     q[2 * c + 1] = __builtin_convertvector(b >> 4, v8f);
                 }
             } else {
-                for (int c = 0; c < vecs; c++) q[c] = __builtin_convertvector(bytes8(p + 8 * c), v8f);
+                for (int c = 0; c < vecs; c++) q[c] = __builtin_convertvector(ints8(p + 8 * c), v8f);
             }
             const float s = scalar(scales, i * ng + g, sfmt), b = scalar(biases, i * ng + g, sfmt);
             for (int64_t r = 0; r < m; r++) {

@@ -1,10 +1,12 @@
 """GGUF and MLX-affine matmuls on the CPU through gguf_cpu.c and affine_cpu.c (compiled on first use, ctypes).
 
 MLX's CPU backend has no fast path for packed GGUF rows: its quantized matmul ran SmolLM2 at ~5 tok/s,
-and dequantizing to float32 takes 4-5x the memory. This kernel reads the packed rows once per call and
-decodes each block in L1. Each call evaluates its input and returns a new array, so it runs eagerly: only
-on the CPU, and not inside mx.compile (`Tracing` is raised there; the dispatcher then takes MLX ops).
-Without a C compiler, or with APPLELM_NATIVE=off, `load()` is None and the MLX paths run.
+and dequantizing to float32 takes 4-5x the memory. Even on MLX's own affine rows its CPU quantized matmul
+reads ~0.5 GB/s at one row (benchmarks/qmatmul_bench.py --cpu-small). These kernels read the packed rows
+once per call and decode each block or group in registers. Each call evaluates its input and returns a new
+array, so it runs eagerly: only on the CPU, and not inside mx.compile (`Tracing` is raised there; the
+dispatcher then takes MLX ops). Without a C compiler, or with APPLELM_NATIVE=off, `load()` and
+`load_affine()` are None and the MLX paths run.
 """
 
 from __future__ import annotations

@@ -62,11 +62,11 @@ CPU_NATIVE_MAX_ROWS = 16
 # with MKL preloaded (benchmarks/results/cpu_affine_crossover.json):
 CPU_AFFINE_DEQUANT_MIN_ROWS = {"small": 4, "large": 64}
 # Our compiled affine kernel (cpu_native.affine_matmul: 4/8-bit, groups 32/64/128), float32 scales as the CPU
-# loader keeps them (benchmarks/results/qmatmul_bench_cpu-small_linux-x86_64-2core-affine.json): fastest of
-# every variant at 1-64 rows on every small shape, 1.4-9x the time of the next best (e.g. 1536x576 4-bit g64,
-# 1 row: 0.26 against 1.06 ms for mx.quantized_matmul; 64 rows: 3.7 against 10.2 for dequantize-then-GEMM);
-# on the 262144x640 head, measured at 1 row only, 13.8 against 202 ms. Largest row count that takes it:
-CPU_AFFINE_NATIVE_MAX_ROWS = {"small": 64, "large": 1}
+# loader keeps them (benchmarks/results/qmatmul_bench_cpu-small_linux-x86_64-2core-affine.json, 4-bit g32/g64 and
+# 8-bit g64): faster than mx.quantized_matmul and dequantize-then-GEMM at 1-64 rows on every shape, 1.1-28x the
+# best of them (1536x576 4-bit g64, 1 row: 0.14 against 0.94 ms; 8192x2048, 1 row: 1.38 against 17.5 ms, 64 rows:
+# 58 against 201; 640x2048 at 64 rows: 5.1 against 5.7). Above 64 rows (not measured) prompts dequantize.
+CPU_AFFINE_NATIVE_MAX_ROWS = 64
 
 DECODE_MAX_ROWS = backends.MAX_DECODE_ROWS
 # Prefill scratch chunk on GPU: fp16 elements dequantized at once (128 Mi = 256 MiB).
@@ -186,7 +186,7 @@ def affine_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, 
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
     be = backend()
-    if (be == "cpu" and m <= CPU_AFFINE_NATIVE_MAX_ROWS[shape_class(n, k)] and biases is not None
+    if (be == "cpu" and m <= CPU_AFFINE_NATIVE_MAX_ROWS and biases is not None
             and cpu_native.affine_supported(bits, group_size, scales)):
         try:
             return cpu_native.affine_matmul(x, w, scales, biases, bits, group_size)

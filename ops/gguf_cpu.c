@@ -9,11 +9,7 @@
  * results do not depend on the thread count. Built at run time by ops/cpu_native.py (cc -O3 -march=native
  * -ffast-math [-fopenmp]).
  */
-#include <stdint.h>
-#include <string.h>
-#if defined(__F16C__) || defined(__AVX2__)
-#include <immintrin.h>
-#endif
+#include "cpu_vec.h"
 
 enum { T_Q4_0 = 0, T_Q4_1 = 1, T_Q5_0 = 2, T_Q5_1 = 3, T_Q8_0 = 4, T_Q4_K = 5, T_Q6_K = 6 };
 enum { MAX_ROWS = 16, MAX_BLOCK = 256, ROW_CHUNK = 32 };
@@ -24,23 +20,7 @@ static const int BLOCK_BYTES[] = {18, 20, 22, 24, 34, 144, 210};
 static inline float f16(const uint8_t *p) {
     uint16_t h;
     memcpy(&h, p, 2);
-#if defined(__F16C__) /* x86 compilers turn _Float16 conversions into library calls without AVX512-FP16 */
-    return _cvtsh_ss(h);
-#elif defined(__FLT16_MAX__)
-    _Float16 v;
-    memcpy(&v, &h, 2);
-    return (float)v;
-#else
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 31, mant = h & 1023, u;
-    float f;
-    if (e == 0) { /* zero or subnormal: mant * 2^-24 */
-        f = (float)mant * 5.9604644775390625e-8f;
-        return sign ? -f : f;
-    }
-    u = sign | (e == 31 ? 0x7f800000u : (e + 112) << 23) | (mant << 13);
-    memcpy(&f, &u, 4);
-    return f;
-#endif
+    return half_to_float(h);
 }
 
 static inline uint32_t u32(const uint8_t *p) {
@@ -48,37 +28,6 @@ static inline uint32_t u32(const uint8_t *p) {
     memcpy(&v, p, 4);
     return v;
 }
-
-/* Eight lanes as GCC/clang vector types: AVX2 registers on x86, pairs of NEON registers on arm64. The
- * decoders write whole vectors, and the products keep vector accumulators across blocks. */
-typedef float v8f __attribute__((vector_size(32)));
-typedef int32_t v8i __attribute__((vector_size(32)));
-typedef uint8_t v8b __attribute__((vector_size(8)));
-typedef int8_t v8s __attribute__((vector_size(8)));
-
-/* 8 bytes -> 8 int32 lanes, unsigned or signed. GCC scalarizes the generic byte conversion (one
- * vcvtsi2ss per lane, measured 2x slower overall), so AVX2 takes the widening instructions directly. */
-static inline v8i ints8(const uint8_t *p) {
-#if defined(__AVX2__)
-    return (v8i)_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
-#else
-    v8b b;
-    memcpy(&b, p, 8);
-    return __builtin_convertvector(b, v8i);
-#endif
-}
-
-static inline v8i sints8(const uint8_t *p) {
-#if defined(__AVX2__)
-    return (v8i)_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p));
-#else
-    v8s b;
-    memcpy(&b, p, 8);
-    return __builtin_convertvector(b, v8i);
-#endif
-}
-
-static inline v8f splat(float f) { return (v8f){f, f, f, f, f, f, f, f}; }
 
 static const v8i LANE = {0, 1, 2, 3, 4, 5, 6, 7};
 

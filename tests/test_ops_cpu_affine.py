@@ -96,7 +96,7 @@ def test_dispatch_takes_the_kernel_up_to_the_measured_rows(monkeypatch):
     calls = []
     real = cpu_native.affine_matmul
     monkeypatch.setattr(cpu_native, "affine_matmul", lambda *a: calls.append(a[0].shape) or real(*a))
-    most = dispatch.CPU_AFFINE_NATIVE_MAX_ROWS["small"]
+    most = dispatch.CPU_AFFINE_NATIVE_MAX_ROWS
     for rows in (1, most, most + 1):
         x = mx.random.normal((rows, 256), key=mx.random.key(rows))
         check(np.array(dispatch.affine_matmul(x, wq, s, b, 8, 64)), np.array(x), w)

@@ -1,0 +1,61 @@
+/* What the CPU kernels of ops/ share (gguf_cpu.c, affine_cpu.c): eight-lane vector types, byte widening and
+ * float16 -> float32. native_build.py puts this header's bytes into each kernel's build key. */
+#ifndef APPLELM_CPU_VEC_H
+#define APPLELM_CPU_VEC_H
+#include <stdint.h>
+#include <string.h>
+#if defined(__F16C__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+/* Eight lanes as GCC/clang vector types: AVX2 registers on x86, pairs of NEON registers on arm64. The
+ * decoders write whole vectors, and the products keep vector accumulators across blocks. */
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+typedef uint8_t v8b __attribute__((vector_size(8)));
+typedef int8_t v8s __attribute__((vector_size(8)));
+
+static inline v8f splat(float f) { return (v8f){f, f, f, f, f, f, f, f}; }
+
+static inline float half_to_float(uint16_t h) {
+#if defined(__F16C__) /* x86 compilers turn _Float16 conversions into library calls without AVX512-FP16 */
+    return _cvtsh_ss(h);
+#elif defined(__FLT16_MAX__)
+    _Float16 v;
+    memcpy(&v, &h, 2);
+    return (float)v;
+#else
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 31, mant = h & 1023, u;
+    float f;
+    if (e == 0) { /* zero or subnormal: mant * 2^-24 */
+        f = (float)mant * 5.9604644775390625e-8f;
+        return sign ? -f : f;
+    }
+    u = sign | (e == 31 ? 0x7f800000u : (e + 112) << 23) | (mant << 13);
+    memcpy(&f, &u, 4);
+    return f;
+#endif
+}
+
+/* 8 bytes -> 8 int32 lanes, unsigned or signed. GCC scalarizes the generic byte conversion (one
+ * vcvtsi2ss per lane, measured 2x slower overall), so AVX2 takes the widening instructions directly. */
+static inline v8i ints8(const uint8_t *p) {
+#if defined(__AVX2__)
+    return (v8i)_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+#else
+    v8b b;
+    memcpy(&b, p, 8);
+    return __builtin_convertvector(b, v8i);
+#endif
+}
+
+static inline v8i sints8(const uint8_t *p) {
+#if defined(__AVX2__)
+    return (v8i)_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p));
+#else
+    v8s b;
+    memcpy(&b, p, 8);
+    return __builtin_convertvector(b, v8i);
+#endif
+}
+#endif
