@@ -22,13 +22,7 @@ enum { MAX_ROWS = 16, MAX_GROUP = 128, ROW_CHUNK = 32 };
 static inline float scalar(const void *a, int64_t i, int fmt) {
     if (fmt == S_F32) return ((const float *)a)[i];
     uint16_t h = ((const uint16_t *)a)[i];
-    if (fmt == S_BF16) {
-        uint32_t u = (uint32_t)h << 16;
-        float f;
-        memcpy(&f, &u, 4);
-        return f;
-    }
-    return half_to_float(h);
+    return fmt == S_BF16 ? bf16_to_float(h) : half_to_float(h);
 }
 
 /* Rows [lo, hi) of W against m <= MAX_ROWS activation rows: xs (m, k) in kernel order (4-bit: reordered),
@@ -129,21 +123,14 @@ int applelm_affine_matmul(const float *x, int64_t m, int64_t k, const uint8_t *w
             sums[r * ng + g] = s;
         }
     }
+    int64_t most = n / 64 > 0 ? n / 64 : 1, nc = (n + ROW_CHUNK - 1) / ROW_CHUNK;
+    if (threads > most) threads = (int)most; /* ~64 rows per thread at least, as in gguf_cpu.c */
 #ifdef _OPENMP
-    int64_t most = n / 64 > 0 ? n / 64 : 1; /* ~64 rows per thread at least, as in gguf_cpu.c */
-    if (threads > most) threads = (int)most;
-    if (threads > 1) {
-        int64_t nc = (n + ROW_CHUNK - 1) / ROW_CHUNK;
-#pragma omp parallel for num_threads(threads) schedule(runtime)
-        for (int64_t c = 0; c < nc; c++)
-            rows_of(xs, sums, m, k, w, scales, biases, sfmt, n, bits, group, c * ROW_CHUNK,
-                    (c + 1) * ROW_CHUNK < n ? (c + 1) * ROW_CHUNK : n, y);
-        free(xs);
-        free(sums);
-        return 0;
-    }
+#pragma omp parallel for num_threads(threads) schedule(runtime) if (threads > 1)
 #endif
-    rows_of(xs, sums, m, k, w, scales, biases, sfmt, n, bits, group, 0, n, y);
+    for (int64_t c = 0; c < nc; c++)
+        rows_of(xs, sums, m, k, w, scales, biases, sfmt, n, bits, group, c * ROW_CHUNK,
+                (c + 1) * ROW_CHUNK < n ? (c + 1) * ROW_CHUNK : n, y);
     free(xs);
     free(sums);
     return 0;

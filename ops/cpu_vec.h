@@ -1,5 +1,5 @@
 /* What the CPU kernels of ops/ share (gguf_cpu.c, affine_cpu.c): eight-lane vector types, byte widening and
- * float16 -> float32. native_build.py puts this header's bytes into each kernel's build key. */
+ * float16/bfloat16 -> float32. native_build.py puts this header's bytes into each kernel's build key. */
 #ifndef APPLELM_CPU_VEC_H
 #define APPLELM_CPU_VEC_H
 #include <stdint.h>
@@ -35,6 +35,13 @@ static inline float half_to_float(uint16_t h) {
     memcpy(&f, &u, 4);
     return f;
 #endif
+}
+
+static inline float bf16_to_float(uint16_t h) { /* bfloat16 is the top half of a float32 */
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
 }
 
 /* 8 bytes -> 8 int32 lanes, unsigned or signed. GCC scalarizes the generic byte conversion (one
