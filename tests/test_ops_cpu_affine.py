@@ -2,6 +2,10 @@
 and the dispatcher's use of it: bits, group sizes, scale dtypes, activation row counts across its 16-row
 passes, thread counts, argument checks, the tied head, the mx.compile fallback and the fallback when off."""
 
+import platform
+import shutil
+import subprocess
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -134,3 +138,30 @@ def test_unavailable_kernel_falls_back_to_mlx(monkeypatch):
     x = mx.random.normal((1, 128))
     np.testing.assert_array_equal(np.array(dispatch.affine_matmul(x, wq, s, b, 4, 64)), np.array(
         mx.quantized_matmul(x, wq, s, b, transpose=True, group_size=64, bits=4)))
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64" or not shutil.which("gcc"), reason="x86-64 with gcc")
+def test_portable_build_equals_the_vectorized_one(tmp_path):
+    """The source built without AVX2 (cpu_vec.h's generic vector code, which other CPUs compile) gives the
+    results of the AVX2 build to float32 rounding, over bits, groups, scale formats and 16-row passes."""
+    import ctypes
+
+    lib_path = tmp_path / "generic.so"
+    subprocess.run(["gcc", "-O3", "-ffast-math", "-fPIC", "-shared", "-std=c11", "-march=x86-64", "-Wno-psabi",
+                    str(cpu_native.AFFINE_SOURCE), "-o", str(lib_path)], check=True, capture_output=True)
+    fn = ctypes.CDLL(str(lib_path)).applelm_affine_matmul
+    fn.restype, fn.argtypes = ctypes.c_int, cpu_native.AFFINE_SIGNATURES["applelm_affine_matmul"]
+    rng = np.random.default_rng(4)
+    for bits, group_size, scale_dtype in [(4, 32, mx.float32), (4, 64, mx.bfloat16), (4, 128, mx.float16),
+                                          (8, 32, mx.float16), (8, 64, mx.float32), (8, 128, mx.bfloat16)]:
+        wq, s, b = quantized(70, 256, bits, group_size, scale_dtype, seed=bits * group_size)
+        w, raw_s, raw_b = np.array(wq), cpu_native._raw(s), cpu_native._raw(b)
+        fmt = cpu_native.SCALE_FORMATS[scale_dtype]
+        for rows in (1, 17):
+            x = rng.standard_normal((rows, 256)).astype(np.float32)
+            out = np.empty((rows, 70), np.float32)
+            assert fn(x.ctypes.data, rows, 256, w.ctypes.data, raw_s.ctypes.data, raw_b.ctypes.data, fmt, 70,
+                      bits, group_size, 1, out.ctypes.data) == 0
+            vectorized = cpu_native.affine_numpy(x, w, raw_s, raw_b, fmt, bits, group_size)
+            check(out, x, dense(wq, s, b, bits, group_size))
+            np.testing.assert_allclose(out, vectorized, rtol=1e-5, atol=1e-5 * np.abs(vectorized).max())
