@@ -9,12 +9,14 @@ affine 4-bit groups of 32, so mlx-lm gets the very same quantized tensors, writt
   - mlx-lm q4    : the same tensors with float16 scales, as an MLX checkpoint stores them (mlx-lm default)
   - mlx-lm q4/f32: the same tensors with float32 scales (what applelm computes with on CPU)
   - mlx-lm dense : the same weights dequantized to float32
+  - llama.cpp    : the GGUF file itself through llama-cpp-python (optional: --llama-cpp-python names an
+                   interpreter that has it; it builds from source in ~10 minutes here), 2 threads
 Every engine runs in its own fresh process (clean peak-memory figures), from the same prompt token ids,
 greedy; the report checks that all of them produce the same tokens. Every process preloads the same fast
 BLAS before MLX (applelm/_blas.py), so mlx-lm is measured with it too (out of the box on Linux it gets
 the wheel's reference BLAS, much slower for prefill).
 
-    python benchmarks/generate_bench.py [--prompt-tokens 104] [--gen-tokens 128] [--out FILE]
+    python benchmarks/generate_bench.py [--gen-tokens 128] [--llama-cpp-python PYTHON] [--out FILE]
 """
 
 from __future__ import annotations
@@ -127,6 +129,34 @@ def run_engine(engine: str, path: str, prompt_ids: list[int], gen_tokens: int) -
             "peak_rss_gb": round((machine_info.peak_rss_bytes() or float("nan")) / 1e9, 4), "tokens": tokens}
 
 
+def run_llama_cpp(path: str, prompt_ids: list[int], gen_tokens: int) -> dict:
+    """Runs inside a fresh worker process of an interpreter with llama-cpp-python (no applelm or MLX there)."""
+    from llama_cpp import Llama
+
+    start = time.perf_counter()
+    llm = Llama(model_path=path, n_ctx=1024, n_batch=512, n_threads=os.cpu_count(), verbose=False)
+    load_s = time.perf_counter() - start
+
+    def once(n_gen: int):
+        llm.reset()  # drop the KV cache: generate() would otherwise reuse the prompt evaluated last time
+        t0 = time.perf_counter()
+        tokens = []
+        for i, tok in enumerate(llm.generate(prompt_ids, temp=0.0, repeat_penalty=1.0)):
+            if i == 0:
+                t1 = time.perf_counter()
+            tokens.append(int(tok))
+            if len(tokens) == n_gen:
+                break
+        t2 = time.perf_counter()
+        return tokens, len(prompt_ids) / (t1 - t0), (len(tokens) - 1) / (t2 - t1)
+
+    once(4)
+    tokens, prompt_tps, decode_tps = once(gen_tokens)
+    return {"engine": "llama.cpp", "load_s": round(load_s, 3), "prompt_tps": round(prompt_tps, 2),
+            "decode_tps": round(decode_tps, 2), "peak_rss_gb": round((machine_info.peak_rss_bytes() or float("nan")) / 1e9, 4),
+            "tokens": tokens, "threads": os.cpu_count()}
+
+
 def markdown(report: dict) -> str:
     m = report["machine"]
     lines = [f"# generate_bench ({m['device']}, {m['cpu']}, {m['cores']} cores)", "",
@@ -142,8 +172,9 @@ def markdown(report: dict) -> str:
         rss = f"{r['peak_rss_gb']:.3f}" if "peak_rss_gb" in r else "not recorded"
         div = next((i for i, (a, b) in enumerate(zip(first, r["tokens"])) if a != b), None)
         same = "all" if div is None else f"first {div}"
+        mlx_peak = f"{r['peak_memory_gb']:.3f}" if "peak_memory_gb" in r else "(not MLX)"
         lines.append(f"| {r['label']} | {r['load_s']:.2f} | {r['prompt_tps']:.1f} | {r['decode_tps']:.2f} | "
-                     f"{r['peak_memory_gb']:.3f} | {rss} | {same} |")
+                     f"{mlx_peak} | {rss} | {same} |")
     if "note" in report:
         lines += ["", report["note"]]
     return "\n".join(lines) + "\n"
@@ -154,6 +185,8 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="GGUF file (default: embedded SmolLM2 Q4_1)")
     ap.add_argument("--gen-tokens", type=int, default=128)
     ap.add_argument("--out", default=str(HERE / "results" / "generate_cpu.json"))
+    ap.add_argument("--llama-cpp-python", metavar="PYTHON", default=None,
+                    help="an interpreter with llama-cpp-python installed: adds llama.cpp on the same GGUF file")
     ap.add_argument("--worker", nargs=2, metavar=("ENGINE", "PATH"), help=argparse.SUPPRESS)
     ap.add_argument("--prompt-ids", help=argparse.SUPPRESS)
     ap.add_argument("--render", metavar="JSON", help="only rewrite the markdown summary of a results file")
@@ -162,6 +195,9 @@ def main() -> None:
         Path(args.render).with_suffix(".md").write_text(markdown(json.loads(Path(args.render).read_text())))
         return
 
+    if args.worker and args.worker[0] == "llama.cpp":
+        print("RESULT " + json.dumps(run_llama_cpp(args.worker[1], json.loads(args.prompt_ids), args.gen_tokens)))
+        return
     if args.worker:
         result = run_engine(args.worker[0], args.worker[1], json.loads(args.prompt_ids), args.gen_tokens)
         print("RESULT " + json.dumps(result))
@@ -182,15 +218,18 @@ def main() -> None:
                 ("mlx-lm q4 (f16 scales)", "mlx-lm", folders["q4_f16"], {}),
                 ("mlx-lm q4 (f32 scales)", "mlx-lm", folders["q4_f32"], {}),
                 ("mlx-lm dense f32", "mlx-lm", folders["dense_f32"], {})]
+        if args.llama_cpp_python:
+            runs.append(("llama.cpp (llama-cpp-python)", "llama.cpp", gguf, {}))
         for label, engine, path, env in runs:
-            cmd = [sys.executable, __file__, "--worker", engine, str(path), "--prompt-ids", json.dumps(prompt_ids),
+            python = args.llama_cpp_python if engine == "llama.cpp" else sys.executable
+            cmd = [python, __file__, "--worker", engine, str(path), "--prompt-ids", json.dumps(prompt_ids),
                    "--gen-tokens", str(args.gen_tokens)]
             proc = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ, **env})
-            result = json.loads(proc.stdout.split("RESULT ", 1)[1])
+            result = json.loads(proc.stdout.split("RESULT ", 1)[1].splitlines()[0])
             result["label"] = label
             rows.append(result)
             print(f"{label:24s} load {result['load_s']:6.2f} s  prompt {result['prompt_tps']:8.1f} tok/s  "
-                  f"decode {result['decode_tps']:6.1f} tok/s  peak {result['peak_memory_gb']:.3f} GB", flush=True)
+                  f"decode {result['decode_tps']:6.1f} tok/s  peak RSS {result['peak_rss_gb']:.3f} GB", flush=True)
     same = all(r["tokens"] == rows[0]["tokens"] for r in rows)
     report = {"benchmark": "generate_bench", "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(),
               "commit": machine_info.commit() or None, "command": "python " + " ".join(["benchmarks/" + Path(__file__).name] + sys.argv[1:]),
