@@ -9,8 +9,10 @@ affine 4-bit groups of 32, so mlx-lm gets the very same quantized tensors, writt
   - mlx-lm q4    : the same tensors with float16 scales, as an MLX checkpoint stores them (mlx-lm default)
   - mlx-lm q4/f32: the same tensors with float32 scales (what applelm computes with on CPU)
   - mlx-lm dense : the same weights dequantized to float32
-  - llama.cpp    : the GGUF file itself through llama-cpp-python (optional: --llama-cpp-python names an
-                   interpreter that has it; it builds from source in ~10 minutes here), 2 threads
+  - llama.cpp    : the GGUF file itself through llama-cpp-python, all CPU threads (optional:
+                   --llama-cpp-python names an interpreter that has it, e.g. after
+                   `python -m venv /tmp/lcp && CMAKE_ARGS=-DGGML_NATIVE=ON /tmp/lcp/bin/pip install
+                   llama-cpp-python==0.3.16 numpy`, a 4-10 minute build here)
 Every engine runs in its own fresh process (clean peak-memory figures), from the same prompt token ids,
 greedy; the report checks that all of them produce the same tokens. Every process preloads the same fast
 BLAS before MLX (applelm/_blas.py), so mlx-lm is measured with it too (out of the box on Linux it gets
