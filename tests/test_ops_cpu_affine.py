@@ -2,14 +2,11 @@
 and the dispatcher's use of it: bits, group sizes, scale dtypes, activation row counts across its 16-row
 passes, thread counts, argument checks, the tied head, the mx.compile fallback and the fallback when off."""
 
-import platform
-import shutil
-import subprocess
-
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from portable_build import needs_x86_gcc, portable_function
 
 from applelm import native_build
 from applelm.ops import AffineQuantizedEmbedding, cpu_native, dispatch, make_quantized_module
@@ -140,17 +137,12 @@ def test_unavailable_kernel_falls_back_to_mlx(monkeypatch):
         mx.quantized_matmul(x, wq, s, b, transpose=True, group_size=64, bits=4)))
 
 
-@pytest.mark.skipif(platform.machine() != "x86_64" or not shutil.which("gcc"), reason="x86-64 with gcc")
+@needs_x86_gcc
 def test_portable_build_equals_the_vectorized_one(tmp_path):
     """The source built without AVX2 (cpu_vec.h's generic vector code, which other CPUs compile) gives the
     results of the AVX2 build to float32 rounding, over bits, groups, scale formats and 16-row passes."""
-    import ctypes
-
-    lib_path = tmp_path / "generic.so"
-    subprocess.run(["gcc", "-O3", "-ffast-math", "-fPIC", "-shared", "-std=c11", "-march=x86-64", "-Wno-psabi",
-                    str(cpu_native.AFFINE_SOURCE), "-o", str(lib_path)], check=True, capture_output=True)
-    fn = ctypes.CDLL(str(lib_path)).applelm_affine_matmul
-    fn.restype, fn.argtypes = ctypes.c_int, cpu_native.AFFINE_SIGNATURES["applelm_affine_matmul"]
+    fn = portable_function(cpu_native.AFFINE_SOURCE, "applelm_affine_matmul",
+                           cpu_native.AFFINE_SIGNATURES["applelm_affine_matmul"], tmp_path)
     rng = np.random.default_rng(4)
     for bits, group_size, scale_dtype in [(4, 32, mx.float32), (4, 64, mx.bfloat16), (4, 128, mx.float16),
                                           (8, 32, mx.float16), (8, 64, mx.float32), (8, 128, mx.bfloat16)]:

@@ -3,8 +3,6 @@ dispatcher's use of it: every format it handles, activation row counts across it
 counts, its argument checks, the mx.compile fallback and the fallback when it is unavailable."""
 
 import os
-import platform
-import shutil
 import subprocess
 import sys
 
@@ -13,6 +11,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from gguf_blocks import make_blocks, numpy_dequantize, random_blocks
+from portable_build import needs_x86_gcc, portable_function
 
 from applelm import native_build
 from applelm.ops import GGUFLinear, cpu_native, dispatch, gguf_matmul
@@ -156,18 +155,12 @@ def test_model_layers_decode_through_the_kernel(monkeypatch):
     np.testing.assert_allclose(np.array(model(x)), np.array(fast), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.skipif(platform.machine() != "x86_64" or not shutil.which("gcc"), reason="x86-64 with gcc")
+@needs_x86_gcc
 def test_portable_build_equals_the_vectorized_one(tmp_path):
     """The source built without AVX2 (the generic vector code other CPUs, such as arm64, compile) gives
     the results of the AVX2 build to float32 rounding."""
-    import ctypes
-    import subprocess
-
-    lib_path = tmp_path / "generic.so"
-    subprocess.run(["gcc", "-O3", "-ffast-math", "-fPIC", "-shared", "-std=c11", "-march=x86-64", "-Wno-psabi",
-                    str(cpu_native.SOURCE), "-o", str(lib_path)], check=True, capture_output=True)
-    fn = ctypes.CDLL(str(lib_path)).applelm_gguf_matmul
-    fn.restype, fn.argtypes = ctypes.c_int, cpu_native.SIGNATURES["applelm_gguf_matmul"]
+    fn = portable_function(cpu_native.SOURCE, "applelm_gguf_matmul", cpu_native.SIGNATURES["applelm_gguf_matmul"],
+                           tmp_path)
     rng = np.random.default_rng(9)
     for ggml_type in TYPES:
         n_cols = cols(ggml_type, 2)
