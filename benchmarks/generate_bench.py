@@ -159,6 +159,13 @@ def run_llama_cpp(path: str, prompt_ids: list[int], gen_tokens: int) -> dict:
             "tokens": tokens, "threads": os.cpu_count()}
 
 
+def llama_cpp_importable(python: str) -> bool:
+    try:
+        return subprocess.run([python, "-c", "import llama_cpp"], capture_output=True).returncode == 0
+    except OSError:  # no such file, not executable
+        return False
+
+
 def markdown(report: dict) -> str:
     m = report["machine"]
     lines = [f"# generate_bench ({m['device']}, {m['cpu']}, {m['cores']} cores)", "",
@@ -205,6 +212,8 @@ def main() -> None:
         print("RESULT " + json.dumps(result))
         return
 
+    if args.llama_cpp_python and not llama_cpp_importable(args.llama_cpp_python):
+        sys.exit(f"--llama-cpp-python {args.llama_cpp_python}: not an interpreter that can import llama_cpp")
     from applelm.loader import default_model_path, load
 
     gguf = Path(args.model) if args.model else default_model_path()
