@@ -1,4 +1,6 @@
-"""Compile the CPU kernels written in C (ops/gguf_cpu.c, flash/native_ffn.c) on first use and load them.
+"""Compile the CPU kernels written in C (ops/gguf_cpu.c, ops/affine_cpu.c, flash/native_ffn.c) on first use
+and load them. Every kernel is compiled with the ops package's folder on the include path, for the helpers
+they share (ops/cpu_vec.h); those headers are part of each build's cache key.
 
 Each is optional: without a C compiler, or with APPLELM_NATIVE=off, callers take their MLX path. The shared
 library is cached per source, compiler and CPU under ~/.cache/applelm/native (or $APPLELM_CACHE/native),
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import importlib.util
 import os
 import platform
 import shutil
@@ -22,6 +25,9 @@ from typing import Optional
 
 from .switches import switched_off
 
+# The ops package's folder: ops/ in the repository, applelm/ops/ in an installed wheel (found without importing
+# it: applelm.ops imports this module).
+SHARED_INCLUDE = Path(importlib.util.find_spec("applelm.ops").submodule_search_locations[0])
 _lock = threading.Lock()
 _built: dict[Path, Optional[ctypes.CDLL]] = {}
 
@@ -47,7 +53,7 @@ def _cpu_id() -> str:
 
 
 def _compile(compiler: str, source: Path, out: Path) -> None:
-    base = [compiler, "-O3", "-ffast-math", "-fPIC", "-shared", "-std=c11"]
+    base = [compiler, "-O3", "-ffast-math", "-fPIC", "-shared", "-std=c11", f"-I{SHARED_INCLUDE}"]
     arch = ["-march=native"] if platform.machine() in ("x86_64", "AMD64") else ["-mcpu=native"]
     attempts = [base + arch + ["-fopenmp"], base + arch, base]  # OpenMP and native tuning are optional
     err = ["failed"]
@@ -75,8 +81,7 @@ def build(source: Path, signatures: dict[str, list], fallback: str) -> Optional[
         if not compiler:
             warnings.warn(f"no C compiler found: {fallback}", stacklevel=3)
             return None
-        # The headers beside the source (ops/cpu_vec.h) are part of what gets compiled.
-        headers = b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))
+        headers = b"".join(h.read_bytes() for h in sorted(SHARED_INCLUDE.glob("*.h")))
         key = hashlib.sha256(source.read_bytes() + headers + compiler.encode() + _cpu_id().encode()).hexdigest()[:16]
         suffix = ".dylib" if sys.platform == "darwin" else ".so"
         target = _cache_dir() / f"{source.stem}_{key}{suffix}"

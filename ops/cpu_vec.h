@@ -1,5 +1,6 @@
-/* What the CPU kernels of ops/ share (gguf_cpu.c, affine_cpu.c): eight-lane vector types, byte widening and
- * float16/bfloat16 -> float32. native_build.py puts this header's bytes into each kernel's build key. */
+/* What the CPU kernels share (ops/gguf_cpu.c, ops/affine_cpu.c, applelm/flash/native_ffn.c): eight-lane vector
+ * types, byte widening and float16/bfloat16 -> float32. native_build.py compiles every kernel with this
+ * folder on the include path and puts this header's bytes into each kernel's build key. */
 #ifndef APPLELM_CPU_VEC_H
 #define APPLELM_CPU_VEC_H
 #include <stdint.h>

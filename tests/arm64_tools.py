@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from applelm.native_build import SHARED_INCLUDE
+
 CLANG = shutil.which("clang")
 QEMU = shutil.which("qemu-aarch64")
 SYSROOT = Path("/usr/aarch64-linux-gnu")
@@ -21,11 +23,12 @@ FLAVOURS = ["openmp", "no-openmp"]  # Apple's clang has no OpenMP by default: th
 
 def build_driver(source: Path, driver_code: str, out: Path, flavour: str) -> Path:
     """A static aarch64 executable of `source` plus `driver_code`, built with native_build.py's flags
-    (-O3 -ffast-math -std=c11, -mcpu=native on arm64) with an Apple M1 as the native CPU."""
+    (-O3 -ffast-math -std=c11, its shared include folder, -mcpu=native on arm64) with an Apple M1 as the
+    native CPU."""
     (out / "driver.c").write_text(driver_code)
     cmd = [CLANG, "--target=aarch64-linux-gnu", f"--sysroot={SYSROOT}", "--gcc-toolchain=/usr", "-fuse-ld=lld",
-           "-static", "-O3", "-ffast-math", "-std=c11", "-mcpu=apple-m1", str(source), str(out / "driver.c"),
-           "-o", str(out / "driver"), "-lm"]
+           "-static", "-O3", "-ffast-math", "-std=c11", "-mcpu=apple-m1", f"-I{SHARED_INCLUDE}", str(source),
+           str(out / "driver.c"), "-o", str(out / "driver"), "-lm"]
     if flavour == "openmp":
         cmd[1:1] = ["-fopenmp=libgomp"]
         cmd += ["-lpthread"]

@@ -18,9 +18,9 @@
  * Built at run time by applelm/flash/native.py (cc -O3 -march=native -ffast-math [-fopenmp]).
  */
 #include <math.h>
-#include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
+
+#include "cpu_vec.h" /* ops/cpu_vec.h: float16/bfloat16 -> float32 (native_build.py's include path) */
 
 enum { NEURON_CHUNK = 64 };
 #if defined(__F16C__) && defined(__AVX2__) && defined(__FMA__)
@@ -30,35 +30,6 @@ enum { NEURON_CHUNK = 64 };
 
 enum { FMT_F32 = 0, FMT_F16 = 1, FMT_BF16 = 2, FMT_Q8 = 3, FMT_Q4 = 4 };
 enum { ACT_SILU = 0, ACT_GELU_TANH = 1 };
-
-static inline float half_to_float(uint16_t h) {
-#if defined(__FLT16_MAX__)
-    _Float16 v;
-    memcpy(&v, &h, 2);
-    return (float)v;
-#else
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, u;
-    if (exp == 0x1f) {
-        u = sign | 0x7f800000u | (man << 13);
-    } else if (exp == 0) {
-        float f = ldexpf((float)man, -24);
-        memcpy(&u, &f, 4);
-        u |= sign;
-    } else {
-        u = sign | ((exp + 112) << 23) | (man << 13);
-    }
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-#endif
-}
-
-static inline float bf16_to_float(uint16_t b) {
-    uint32_t u = (uint32_t)b << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
 
 static inline float activation(float g, int act) {
     if (act == ACT_GELU_TANH) {
