@@ -45,9 +45,11 @@ def token_split(tokens: int, rounds: int) -> list[dict]:
                 calls[name] += 1
         return wrapper
 
-    originals = {"matmul_numpy": cpu_native.matmul_numpy, "_evaluated_f32": cpu_native._evaluated_f32,
+    originals = {"matmul_numpy": cpu_native.matmul_numpy, "matmuls_numpy": cpu_native.matmuls_numpy,
+                 "ffn_numpy": cpu_native.ffn_numpy, "_evaluated_f32": cpu_native._evaluated_f32,
                  "_finish": cpu_native._finish}
-    names = {"matmul_numpy": "kernel", "_evaluated_f32": "input_eval", "_finish": "result_wrap"}
+    names = {"matmul_numpy": "kernel", "matmuls_numpy": "kernel", "ffn_numpy": "kernel", "_evaluated_f32": "input_eval",
+             "_finish": "result_wrap"}
     model, tokenizer = load()
     prompt = mx.array(tokenizer.encode(PROMPT), dtype=mx.int32)
     out = []

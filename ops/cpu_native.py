@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import ctypes
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -24,7 +24,12 @@ from .ggml_types import GGML_TYPES_BY_NAME
 SOURCE = Path(__file__).with_name("gguf_cpu.c")
 TYPES = {"Q4_0": 0, "Q4_1": 1, "Q5_0": 2, "Q5_1": 3, "Q8_0": 4, "Q4_K": 5, "Q6_K": 6}
 _VEC, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-SIGNATURES = {"applelm_gguf_matmul": [_VEC, _I64, _I64, _VEC, _I64, _INT, _INT, _VEC]}
+SIGNATURES = {"applelm_gguf_matmul": [_VEC, _I64, _I64, _VEC, _I64, _INT, _INT, _VEC],
+              "applelm_gguf_matmul_many": [_VEC, _I64, _I64, _INT, _VEC, _VEC, _VEC, _INT, _VEC],
+              "applelm_gguf_ffn": [_VEC, _I64, _I64, _I64, _VEC, _INT, _VEC, _INT, _VEC, _INT, _INT, _INT, _VEC,
+                                   _VEC]}
+ACTIVATIONS = {"silu": 0, "gelu_tanh": 1}  # the gated FFN's activation (ops/cpu_vec.h)
+MAX_PRODUCTS = 8  # weights one applelm_gguf_matmul_many call takes
 AFFINE_SOURCE = Path(__file__).with_name("affine_cpu.c")
 AFFINE_SIGNATURES = {"applelm_affine_matmul": [_VEC, _I64, _I64, _VEC, _VEC, _VEC, _INT, _I64, _INT, _INT, _INT,
                                                _VEC]}
@@ -57,27 +62,88 @@ def host(a: mx.array) -> np.ndarray:
     return np.array(a, copy=False)
 
 
+def _check_x(x: np.ndarray) -> None:
+    if x.dtype != np.float32 or x.ndim != 2 or not x.flags.c_contiguous:
+        raise ValueError("GGUF CPU kernel: x must be a contiguous (m, k) float32 array")
+
+
+def _check_rows(packed: np.ndarray, ggml_type: str, k: int, what: str) -> None:
+    """packed must be contiguous (n, row_bytes) bytes of ggml_type rows of k values (the kernel trusts it)."""
+    if packed.dtype != np.uint8 or packed.ndim != 2 or not packed.flags.c_contiguous:
+        raise ValueError(f"GGUF CPU kernel: {what} must be contiguous (n, row_bytes) bytes")
+    if ggml_type not in TYPES:
+        raise ValueError(f"GGUF CPU kernel: {ggml_type} is not one of {', '.join(TYPES)}")
+    t = GGML_TYPES_BY_NAME[ggml_type]
+    if k % t.block_size or packed.shape[1] != t.row_bytes(k):
+        raise ValueError(f"GGUF CPU kernel: cannot multiply {k} values by {what}: {ggml_type} rows of "
+                         f"{packed.shape[1]} bytes")
+
+
 def matmul_numpy(x: np.ndarray, packed: np.ndarray, ggml_type: str, threads: Optional[int] = None) -> np.ndarray:
     """x (m, k) float32 @ W.T for packed rows W (n, row_bytes) uint8 -> (m, n) float32."""
     lib = load()
     if lib is None:
         raise RuntimeError("the GGUF CPU kernel is unavailable")
-    if x.dtype != np.float32 or x.ndim != 2 or not x.flags.c_contiguous:
-        raise ValueError("GGUF CPU kernel: x must be a contiguous (m, k) float32 array")
-    if packed.dtype != np.uint8 or packed.ndim != 2 or not packed.flags.c_contiguous:
-        raise ValueError("GGUF CPU kernel: the weight must be contiguous (n, row_bytes) bytes")
-    if ggml_type not in TYPES:
-        raise ValueError(f"GGUF CPU kernel: {ggml_type} is not one of {', '.join(TYPES)}")
+    _check_x(x)
+    _check_rows(packed, ggml_type, x.shape[1], "the weight")
     m, k = x.shape
-    t = GGML_TYPES_BY_NAME[ggml_type]
-    if k % t.block_size or packed.shape[1] != t.row_bytes(k):  # the kernel trusts the row length
-        raise ValueError(f"GGUF CPU kernel: cannot multiply {m} rows of {k} by {ggml_type} rows of "
-                         f"{packed.shape[1]} bytes")
     out = np.empty((m, packed.shape[0]), np.float32)
     rc = lib.applelm_gguf_matmul(x.ctypes.data, m, k, packed.ctypes.data, packed.shape[0], TYPES[ggml_type],
                                  threads or default_threads(), out.ctypes.data)
     if rc:
         raise ValueError(f"GGUF CPU kernel: cannot multiply {m} rows of {k} by {ggml_type} weights")
+    return out
+
+
+def matmuls_numpy(x: np.ndarray, weights: Sequence[tuple[np.ndarray, str]],
+                  threads: Optional[int] = None) -> list[np.ndarray]:
+    """[x @ W.T for (W, ggml_type) in weights] in one kernel call (up to MAX_PRODUCTS weights sharing x)."""
+    lib = load()
+    if lib is None:
+        raise RuntimeError("the GGUF CPU kernel is unavailable")
+    if not 1 <= len(weights) <= MAX_PRODUCTS:
+        raise ValueError(f"GGUF CPU kernel: 1 to {MAX_PRODUCTS} weights per call, got {len(weights)}")
+    _check_x(x)
+    m, k = x.shape
+    for packed, ggml_type in weights:
+        _check_rows(packed, ggml_type, k, "each weight")
+    outs = [np.empty((m, packed.shape[0]), np.float32) for packed, _ in weights]
+    count = len(weights)
+    rc = lib.applelm_gguf_matmul_many(
+        x.ctypes.data, m, k, count, (ctypes.c_void_p * count)(*[p.ctypes.data for p, _ in weights]),
+        (ctypes.c_int64 * count)(*[p.shape[0] for p, _ in weights]),
+        (ctypes.c_int * count)(*[TYPES[t] for _, t in weights]), threads or default_threads(),
+        (ctypes.c_void_p * count)(*[o.ctypes.data for o in outs]))
+    if rc:
+        raise ValueError(f"GGUF CPU kernel: cannot multiply {m} rows of {k} by these weights")
+    return outs
+
+
+def ffn_numpy(x: np.ndarray, gate: tuple[np.ndarray, str], up: tuple[np.ndarray, str], down: tuple[np.ndarray, str],
+              activation: str, threads: Optional[int] = None) -> np.ndarray:
+    """The gated FFN (act(x @ gate.T) * (x @ up.T)) @ down.T of x (m, k) float32 in one kernel call; each
+    weight is (packed rows, ggml_type): gate and up (hidden, ...) of k values, down (k, ...) of hidden."""
+    lib = load()
+    if lib is None:
+        raise RuntimeError("the GGUF CPU kernel is unavailable")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"GGUF CPU kernel: activation {activation!r} is not one of {', '.join(ACTIVATIONS)}")
+    _check_x(x)
+    m, k = x.shape
+    hidden = gate[0].shape[0] if gate[0].ndim == 2 else -1
+    _check_rows(gate[0], gate[1], k, "the gate")
+    _check_rows(up[0], up[1], k, "the up projection")
+    _check_rows(down[0], down[1], hidden, "the down projection")
+    if up[0].shape[0] != hidden or down[0].shape[0] != k:
+        raise ValueError(f"GGUF CPU kernel: FFN shapes do not chain: gate {gate[0].shape[0]} rows, up "
+                         f"{up[0].shape[0]}, down {down[0].shape[0]} for {k} inputs")
+    out = np.empty((m, k), np.float32)
+    scratch = np.empty(2 * m * hidden, np.float32)
+    rc = lib.applelm_gguf_ffn(x.ctypes.data, m, k, hidden, gate[0].ctypes.data, TYPES[gate[1]], up[0].ctypes.data,
+                              TYPES[up[1]], down[0].ctypes.data, TYPES[down[1]], ACTIVATIONS[activation],
+                              threads or default_threads(), scratch.ctypes.data, out.ctypes.data)
+    if rc:
+        raise ValueError(f"GGUF CPU kernel: cannot compute this FFN for {m} rows of {k}")
     return out
 
 
@@ -137,6 +203,22 @@ def gguf_matmul_host(x: mx.array, packed: np.ndarray, ggml_type: str, n_cols: in
     """gguf_matmul for packed rows held in host memory (a read buffer): the kernel reads them in place."""
     xf = _evaluated_f32(x)
     return _finish(x, matmul_numpy(np.ascontiguousarray(host(xf)).reshape(-1, n_cols), packed, ggml_type))
+
+
+def gguf_matmuls(x: mx.array, weights: Sequence[tuple[mx.array, str]], n_cols: int) -> list[mx.array]:
+    """[x @ W.T for (W, ggml_type) in weights] through one kernel call, in x's dtype (eager)."""
+    xf = _evaluated_f32(x, *[w for w, _ in weights])
+    outs = matmuls_numpy(np.ascontiguousarray(host(xf)).reshape(-1, n_cols), [(host(w), t) for w, t in weights])
+    return [_finish(x, o) for o in outs]
+
+
+def gguf_ffn(x: mx.array, gate: tuple, up: tuple, down: tuple, activation: str) -> mx.array:
+    """The gated FFN of x (..., k) through one kernel call (ffn_numpy), in x's dtype (eager). Each weight is
+    (packed rows, ggml_type), the rows an MLX array or host memory (numpy, read in place)."""
+    xf = _evaluated_f32(x, *[w for w, _ in (gate, up, down) if isinstance(w, mx.array)])
+    k = x.shape[-1]
+    gate, up, down = ((w if isinstance(w, np.ndarray) else host(w), t) for w, t in (gate, up, down))
+    return _finish(x, ffn_numpy(np.ascontiguousarray(host(xf)).reshape(-1, k), gate, up, down, activation))
 
 
 def _evaluated_f32(x: mx.array, *also: mx.array) -> mx.array:

@@ -1,8 +1,9 @@
 /* What the CPU kernels share (ops/gguf_cpu.c, ops/affine_cpu.c, applelm/flash/native_ffn.c): eight-lane vector
- * types, byte widening and float16/bfloat16 -> float32. native_build.py compiles every kernel with this
+ * types, byte widening, float16/bfloat16 -> float32 and the gated FFNs' activations. native_build.py compiles every kernel with this
  * folder on the include path and puts this header's bytes into each kernel's build key. */
 #ifndef APPLELM_CPU_VEC_H
 #define APPLELM_CPU_VEC_H
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 #if defined(__F16C__) || defined(__AVX2__)
@@ -36,6 +37,21 @@ static inline float half_to_float(uint16_t h) {
     memcpy(&f, &u, 4);
     return f;
 #endif
+}
+
+enum { ACT_SILU = 0, ACT_GELU_TANH = 1 };
+
+/* The gate's activation: silu, or gelu with the tanh approximation (Gemma), as MLX's nn.silu / nn.gelu_approx.
+ * Written so no intermediate overflows (-ffast-math assumes no infinities: expf(88+) would turn into NaN). */
+static inline float activation(float g, int act) {
+    if (act == ACT_GELU_TANH) {
+        const float k = 0.7978845608028654f; /* sqrt(2 / pi) */
+        float t = k * (g + 0.044715f * g * g * g);
+        t = t > 10.0f ? 10.0f : t < -10.0f ? -10.0f : t; /* tanh(10) rounds to 1 in float32 */
+        return 0.5f * g * (1.0f + tanhf(t));
+    }
+    const float e = expf(g < 0.0f ? g : -g); /* exp(-|g|) <= 1 */
+    return g < 0.0f ? g * e / (1.0f + e) : g / (1.0f + e);
 }
 
 static inline float bf16_to_float(uint16_t h) { /* bfloat16 is the top half of a float32 */

@@ -8,11 +8,12 @@ GGUFLinear / GGUFEmbedding / AffineQuantizedLinear, which call these.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import mlx.core as mx
 import numpy as np
 
+from ..switches import switched_off
 from . import backends, cpu_bridge, cpu_native, reference
 
 # --- tables: every entry comes from a benchmark run, never a guess ----------------------------------
@@ -146,6 +147,37 @@ def gguf_matmul_host(x: mx.array, packed: np.ndarray, ggml_type: str, n_cols: in
         except cpu_native.Tracing:
             pass
     return gguf_matmul(x, mx.array(packed), ggml_type, n_cols, scratch_elements)
+
+
+def gguf_matmuls(x: mx.array, weights: Sequence[tuple[mx.array, str]], n_cols: int) -> list[mx.array]:
+    """[gguf_matmul(x, W, ggml_type, n_cols) for (W, ggml_type) in weights]: one call of the CPU kernel where it
+    takes every weight (q, k and v, say: one hand-off and one wake-up of its threads instead of three).
+    APPLELM_FUSE=off makes one call per weight (benchmarks/fused_decode.py compares the two)."""
+    m = x.size // n_cols
+    be = backend()
+    if not switched_off("APPLELM_FUSE") and 1 < len(weights) <= cpu_native.MAX_PRODUCTS and all(_native_kernel_takes(be, m, t) for _, t in weights):
+        try:
+            return cpu_native.gguf_matmuls(x, weights, n_cols)
+        except cpu_native.Tracing:
+            pass
+    return [gguf_matmul(x, w, t, n_cols) for w, t in weights]
+
+
+def gguf_ffn_fused(x: mx.array, gate: tuple, up: tuple, down: tuple, activation: str) -> Optional[mx.array]:
+    """The gated FFN of x through one call of the CPU kernel (no round trip to MLX between its products), or
+    None where that kernel does not take it, or with APPLELM_FUSE=off (then the caller composes gguf_matmul and
+    MLX's activation). Each weight is (packed rows, ggml_type), the rows an MLX array or numpy (host memory,
+    such as a flash read buffer: read in place)."""
+    m = x.size // x.shape[-1]
+    be = backend()
+    if switched_off("APPLELM_FUSE"):
+        return None
+    if activation in cpu_native.ACTIVATIONS and all(_native_kernel_takes(be, m, t) for _, t in (gate, up, down)):
+        try:
+            return cpu_native.gguf_ffn(x, gate, up, down, activation)
+        except cpu_native.Tracing:
+            pass
+    return None
 
 
 def gguf_gpu_choice(ggml_type: str, n: int, n_cols: int, m: int) -> str:

@@ -6,8 +6,10 @@
  * counterpart of the Metal/CUDA matvec in kernel_source.py, for the few rows of decode and speculation.
  * Threads take the output rows ROW_CHUNK at a time by OpenMP's runtime schedule (OMP_SCHEDULE; `import
  * applelm` sets it: benchmarks/omp_schedule.py); each output is computed by one thread in a fixed order, so
- * results do not depend on the thread count. Built at run time by ops/cpu_native.py (cc -O3 -march=native
- * -ffast-math [-fopenmp]).
+ * results do not depend on the thread count. Two fused entry points serve decoding, where each call is small
+ * and its fixed costs (waking the workers, the round trip through Python and MLX) rival the product itself:
+ * several weights against one input (q, k, v) and a whole gated FFN. Built at run time by ops/cpu_native.py
+ * (cc -O3 -march=native -ffast-math [-fopenmp]).
  */
 #include "cpu_vec.h"
 
@@ -187,6 +189,12 @@ static void chunks(const float *x, int64_t m, int64_t k, const uint8_t *w, int64
         rows_of(x + r0 * k, m - r0 < MAX_ROWS ? m - r0 : MAX_ROWS, k, w, n, type, lo, hi, y + r0 * n);
 }
 
+/* Threads for `rows` output rows: ~64 rows per thread at least (smaller shares cost more in wake-up). */
+static int threads_for(int64_t rows, int threads) {
+    int64_t most = rows / 64 > 0 ? rows / 64 : 1;
+    return threads > most ? (int)most : threads;
+}
+
 /* y (m, n) = x (m, k) @ W.T for n packed rows of `type`. Returns 0, or -1 for arguments it cannot handle
  * (the caller then takes the MLX path). */
 int applelm_gguf_matmul(const float *x, int64_t m, int64_t k, const uint8_t *w, int64_t n, int type,
@@ -194,9 +202,7 @@ int applelm_gguf_matmul(const float *x, int64_t m, int64_t k, const uint8_t *w, 
     if (type < T_Q4_0 || type > T_Q6_K || m < 1 || k <= 0 || n < 0 || threads < 1) return -1;
     if (k % BLOCK_ELEMS[type]) return -1;
 #ifdef _OPENMP
-    /* ~64 rows per thread at least: smaller shares cost more in thread wake-up than they save */
-    int64_t most = n / 64 > 0 ? n / 64 : 1;
-    if (threads > most) threads = (int)most;
+    threads = threads_for(n, threads);
     if (threads > 1) {
         int64_t nc = (n + ROW_CHUNK - 1) / ROW_CHUNK;
 #pragma omp parallel for num_threads(threads) schedule(runtime)
@@ -206,5 +212,72 @@ int applelm_gguf_matmul(const float *x, int64_t m, int64_t k, const uint8_t *w, 
     }
 #endif
     chunks(x, m, k, w, n, type, 0, n, y);
+    return 0;
+}
+
+/* y[p] (m, n[p]) = x (m, k) @ W[p].T for `count` weights that share x (q, k and v; gate and up): one parallel
+ * region, the row chunks of every product handed out together, so the workers wake once instead of once per
+ * product. Each output row is computed as applelm_gguf_matmul computes it. Returns 0, or -1 as it does. */
+int applelm_gguf_matmul_many(const float *x, int64_t m, int64_t k, int count, const uint8_t *const *w,
+                             const int64_t *n, const int *types, int threads, float *const *y) {
+    enum { MAX_PRODUCTS = 8 };
+    int64_t first[MAX_PRODUCTS + 1] = {0}, rows = 0; /* first chunk of each product */
+    if (count < 1 || count > MAX_PRODUCTS || m < 1 || k <= 0 || threads < 1) return -1;
+    for (int p = 0; p < count; p++) {
+        if (types[p] < T_Q4_0 || types[p] > T_Q6_K || n[p] < 0 || k % BLOCK_ELEMS[types[p]]) return -1;
+        first[p + 1] = first[p] + (n[p] + ROW_CHUNK - 1) / ROW_CHUNK;
+        rows += n[p];
+    }
+    threads = threads_for(rows, threads);
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(threads) schedule(runtime) if (threads > 1)
+#endif
+    for (int64_t c = 0; c < first[count]; c++) {
+        int p = 0;
+        while (c >= first[p + 1]) p++;
+        const int64_t lo = (c - first[p]) * ROW_CHUNK, hi = lo + ROW_CHUNK < n[p] ? lo + ROW_CHUNK : n[p];
+        chunks(x, m, k, w[p], n[p], types[p], lo, hi, y[p]);
+    }
+    return 0;
+}
+
+/* The gated FFN of m activation rows in one call: y (m, k) = (act(x @ gate.T) * (x @ up.T)) @ down.T, with
+ * gate and up (hidden, k) and down (k, hidden) packed rows of their own types, act 0 = silu, 1 = gelu (tanh).
+ * scratch holds 2 * m * hidden floats. Threads take chunks of gate and up rows (each computing its rows of the
+ * gated product), meet at one barrier, then take chunks of down rows: one wake-up per FFN, and no round trip
+ * to the caller between the three products. Returns 0, or -1 for arguments it cannot handle. */
+int applelm_gguf_ffn(const float *x, int64_t m, int64_t k, int64_t hidden, const uint8_t *gate, int gate_type,
+                     const uint8_t *up, int up_type, const uint8_t *down, int down_type, int act, int threads,
+                     float *scratch, float *y) {
+    const int ts[3] = {gate_type, up_type, down_type};
+    for (int p = 0; p < 3; p++)
+        if (ts[p] < T_Q4_0 || ts[p] > T_Q6_K) return -1;
+    if (m < 1 || k <= 0 || hidden <= 0 || threads < 1 || (act != ACT_SILU && act != ACT_GELU_TANH)) return -1;
+    if (k % BLOCK_ELEMS[gate_type] || k % BLOCK_ELEMS[up_type] || hidden % BLOCK_ELEMS[down_type]) return -1;
+    float *h = scratch, *u = scratch + m * hidden;
+    const int64_t up_chunks = (hidden + ROW_CHUNK - 1) / ROW_CHUNK, down_chunks = (k + ROW_CHUNK - 1) / ROW_CHUNK;
+    threads = threads_for(hidden, threads);
+#ifdef _OPENMP
+#pragma omp parallel num_threads(threads) if (threads > 1)
+#endif
+    {
+#ifdef _OPENMP
+#pragma omp for schedule(runtime)
+#endif
+        for (int64_t c = 0; c < up_chunks; c++) {
+            const int64_t lo = c * ROW_CHUNK, hi = lo + ROW_CHUNK < hidden ? lo + ROW_CHUNK : hidden;
+            chunks(x, m, k, gate, hidden, gate_type, lo, hi, h);
+            chunks(x, m, k, up, hidden, up_type, lo, hi, u);
+            for (int64_t r = 0; r < m; r++)
+                for (int64_t i = lo; i < hi; i++) h[r * hidden + i] = activation(h[r * hidden + i], act) * u[r * hidden + i];
+        }
+#ifdef _OPENMP
+#pragma omp for schedule(runtime)
+#endif
+        for (int64_t c = 0; c < down_chunks; c++) {
+            const int64_t lo = c * ROW_CHUNK, hi = lo + ROW_CHUNK < k ? lo + ROW_CHUNK : k;
+            chunks(h, m, hidden, down, k, down_type, lo, hi, y);
+        }
+    }
     return 0;
 }

@@ -121,6 +121,35 @@ class AffineQuantizedEmbedding(nn.QuantizedEmbedding):
         return dispatch.affine_matmul(x, self["weight"], self["scales"], self["biases"], self.bits, self.group_size)
 
 
+# The gated FFNs' activations by name: the fused CPU kernel computes the same function in C.
+ACTIVATIONS = {"silu": nn.silu, "gelu_tanh": nn.gelu_approx}
+
+
+def shared_input(x: mx.array, *layers: nn.Module) -> list[mx.array]:
+    """[layer(x) for layer in layers] (q, k and v of one input, say): one kernel call where the layers are all
+    packed GGUF rows that the device's kernel takes, else each layer as usual."""
+    if len(layers) > 1 and all(type(layer) is GGUFLinear for layer in layers) and len(
+            {layer.in_features for layer in layers}) == 1:
+        outs = dispatch.gguf_matmuls(x, [(layer["weight"], layer.ggml_type) for layer in layers],
+                                     layers[0].in_features)
+        return [y + layer["bias"].astype(y.dtype) if "bias" in layer else y for y, layer in zip(outs, layers)]
+    return [layer(x) for layer in layers]
+
+
+def gated_ffn(x: mx.array, gate_proj: nn.Module, up_proj: nn.Module, down_proj: nn.Module,
+              activation: str) -> mx.array:
+    """down_proj(act(gate_proj(x)) * up_proj(x)), act one of ACTIVATIONS: one kernel call where all three are
+    packed GGUF rows the CPU kernel takes, else the three layers and MLX's activation."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown FFN activation {activation!r}; known: {', '.join(ACTIVATIONS)}")
+    if all(type(p) is GGUFLinear and "bias" not in p for p in (gate_proj, up_proj, down_proj)):
+        y = dispatch.gguf_ffn_fused(x, *((p["weight"], p.ggml_type) for p in (gate_proj, up_proj, down_proj)),
+                                    activation)
+        if y is not None:
+            return y
+    return down_proj(ACTIVATIONS[activation](gate_proj(x)) * up_proj(x))
+
+
 def make_quantized_module(module: nn.Module, spec: dict) -> nn.Module:
     """The quantized replacement for `module` (nn.Linear or nn.Embedding) described by `spec`.
 

@@ -21,7 +21,7 @@ def portable_function(source: Path, name: str, argtypes: list, out: Path):
     """Function `name` of `source` compiled with native_build.py's flags but -march=x86-64, returning int."""
     lib_path = out / "generic.so"
     subprocess.run(["gcc", "-O3", "-ffast-math", "-fPIC", "-shared", "-std=c11", "-march=x86-64", "-Wno-psabi",
-                    f"-I{SHARED_INCLUDE}", str(source), "-o", str(lib_path)], check=True, capture_output=True)
+                    f"-I{SHARED_INCLUDE}", str(source), "-o", str(lib_path), "-lm"], check=True, capture_output=True)
     fn = getattr(ctypes.CDLL(str(lib_path)), name)
     fn.restype, fn.argtypes = ctypes.c_int, argtypes
     return fn

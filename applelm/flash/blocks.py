@@ -143,18 +143,22 @@ class BlockCodec:
         return (chunk[:su].reshape(self.chunk, -1), chunk[su: su + sd].reshape(self.hidden, -1),
                 chunk[su + sd:].reshape(self.chunk, -1))
 
-    def ffn(self, layer: int, x, chunks, act: Callable):
+    def ffn(self, layer: int, x, chunks, act: Callable, act_name: str = ""):
         """The gated FFN for input x (..., H) over `chunks` ((up, down, gate) triples from split: MLX
         arrays, or numpy views of a read buffer, which the CPU kernel reads in place and which are free
-        again on return): the sum over chunks of down_c(act(gate_c x) * up_c x), by the models' GGUF matmuls."""
-        from ..ops.dispatch import gguf_matmul, gguf_matmul_host
+        again on return): the sum over chunks of down_c(act(gate_c x) * up_c x), computed as the models
+        compute a GGUF FFN (ops.gated_ffn: one fused kernel call per chunk where the CPU kernel takes it, for
+        the activation named act_name; else the GGUF matmuls and act)."""
+        from ..ops.dispatch import gguf_ffn_fused, gguf_matmul, gguf_matmul_host
 
         tu, td, tg = self.types[layer]
         s = PROMPT_SCRATCH_ELEMENTS
         y = None
         for up, down, gate in chunks:
-            matmul = gguf_matmul_host if isinstance(up, np.ndarray) else gguf_matmul
-            a = act(matmul(x, gate, tg, self.hidden, s)) * matmul(x, up, tu, self.hidden, s)
-            part = matmul(a, down, td, self.chunk, s)
+            part = gguf_ffn_fused(x, (gate, tg), (up, tu), (down, td), act_name) if act_name else None
+            if part is None:
+                matmul = gguf_matmul_host if isinstance(up, np.ndarray) else gguf_matmul
+                a = act(matmul(x, gate, tg, self.hidden, s)) * matmul(x, up, tu, self.hidden, s)
+                part = matmul(a, down, td, self.chunk, s)
             y = part if y is None else y + part
         return y

@@ -277,7 +277,7 @@ def load_flash_model(folder, *, dtype: Optional[str] = None, memory_budget=None,
     pinned = set(plan.pinned)
     for i, block in enumerate(model.layers):
         mode = {"naive": "naive", "sparse": "sparse"}.get(plan.mode) or ("pinned" if i in pinned else "stream")
-        block.mlp = FlashMLP(i, rt, acts[i][1], mode)
+        block.mlp = FlashMLP(i, rt, acts[i][1], mode, act_name=acts[i][0])
         if mode == "sparse":
             rt.sparse_layers[i] = block.mlp
     try:

@@ -20,7 +20,7 @@
 #include <math.h>
 #include <stdlib.h>
 
-#include "cpu_vec.h" /* ops/cpu_vec.h: float16/bfloat16 -> float32 (native_build.py's include path) */
+#include "cpu_vec.h" /* ops/cpu_vec.h: float16/bfloat16 -> float32, activations (native_build.py's include path) */
 
 enum { NEURON_CHUNK = 64 };
 #if defined(__F16C__) && defined(__AVX2__) && defined(__FMA__)
@@ -29,16 +29,6 @@ enum { NEURON_CHUNK = 64 };
 #endif
 
 enum { FMT_F32 = 0, FMT_F16 = 1, FMT_BF16 = 2, FMT_Q8 = 3, FMT_Q4 = 4 };
-enum { ACT_SILU = 0, ACT_GELU_TANH = 1 };
-
-static inline float activation(float g, int act) {
-    if (act == ACT_GELU_TANH) {
-        const float k = 0.7978845608028654f; /* sqrt(2 / pi) */
-        return 0.5f * g * (1.0f + tanhf(k * (g + 0.044715f * g * g * g)));
-    }
-    return g / (1.0f + expf(-g));
-}
-
 /* part . x for one stored part; xsum[g] = sum of x over group g (affine formats only). */
 static float dot_part(const uint8_t *p, const float *x, const float *xsum, int64_t H, int fmt, int group) {
     float acc = 0.0f;

@@ -55,10 +55,10 @@ class FlashMLP(nn.Module):
     """The paged feed-forward block of layer `layer`. Holds no parameters (the weights live in the flash
     store and in this module's private state), so load_weights(strict=True) of the resident part works."""
 
-    def __init__(self, layer: int, runtime: FlashRuntime, act: Callable, mode: str):
+    def __init__(self, layer: int, runtime: FlashRuntime, act: Callable, mode: str, act_name: str = ""):
         super().__init__()
         self.layer, self.mode = layer, mode
-        self._rt, self._act = runtime, act
+        self._rt, self._act, self._act_name = runtime, act, act_name
         self._pinned: Optional[tuple] = None  # (up, down_t, gate) in the compute dtype
         self._stored = None  # or the layer's bundles as stored (numpy for the native kernel, MLX for GGUF blocks)
         self._gate: Optional[mx.array] = None  # resident gate (threshold sparsity)
@@ -103,7 +103,8 @@ class FlashMLP(nn.Module):
         steps of rt.decode_neurons: each step but the last is evaluated before the next is decoded."""
         rt = self._rt
         if rt.blocks is not None:  # chunks of GGUF blocks, multiplied where they were read
-            return rt.blocks.ffn(self.layer, x, [rt.blocks.split(self.layer, c) for c in bundles], self._act)
+            return rt.blocks.ffn(self.layer, x, [rt.blocks.split(self.layer, c) for c in bundles], self._act,
+                                 self._act_name)
         if x.shape[0] * x.shape[1] == 1 and not rt.codec.quantized and rt.recorder is None:
             raw = rt.to_mlx(bundles)  # the one copy out of the staging buffer, which can then be reused
             return interleaved_ffn(x, rt.codec.decode_interleaved_mx(raw, rt.dtype), self._act)
@@ -163,7 +164,7 @@ class FlashMLP(nn.Module):
         """A pinned layer held as stored bundles: the kernel for a token; prompts decode it one unit at a
         time through MLX, like a streamed layer (the decoded floats stay within the budgeted buffers)."""
         if self._rt.blocks is not None:  # no in-flight bound: nothing new enters memory
-            return self._rt.blocks.ffn(self.layer, x, self._stored, self._act)
+            return self._rt.blocks.ffn(self.layer, x, self._stored, self._act, self._act_name)
         if self._native_ready(x):
             return self._native_ffn(x, ((self._stored, 0),))
         return self._mlx_ffn(x, ((self._stored[u.start: u.stop], u.start) for u in self._rt.units[self.layer]))

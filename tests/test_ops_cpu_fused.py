@@ -1,0 +1,156 @@
+"""The GGUF CPU kernel's fused calls (ops/gguf_cpu.c): several products of one input (q, k, v) and the whole
+gated FFN, against the kernel's single products and numpy's float64 FFN, and the model-facing helpers
+(shared_input, gated_ffn) that take them on the CPU and fall back everywhere else."""
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from gguf_blocks import make_blocks, numpy_dequantize
+
+from applelm.ops import GGUFLinear, cpu_native, dispatch, gated_ffn, shared_input
+
+if cpu_native.load() is None:
+    pytest.skip("no C compiler: the GGUF CPU kernel cannot be built here", allow_module_level=True)
+
+ACTS = {"silu": lambda g: g * np.where(g < 0, np.exp(np.minimum(g, 0)), 1) / (1 + np.exp(-np.abs(g))),
+        "gelu_tanh": lambda g: 0.5 * g * (1 + np.tanh(np.sqrt(2 / np.pi) * (g + 0.044715 * g**3)))}
+
+
+def ffn_reference(x, gate, up, down, act):
+    """float64 (act(x @ G.T) * (x @ U.T)) @ D.T from the gguf package's dequantized weights."""
+    g, u, d = (numpy_dequantize(p, t).astype(np.float64) for p, t in (gate, up, down))
+    x = x.astype(np.float64)
+    return (ACTS[act](x @ g.T) * (x @ u.T)) @ d.T
+
+
+def ffn_weights(k, hidden, types, seed=0):
+    (tg, tu, td) = types
+    return ((make_blocks(tg, hidden, k, seed=seed), tg), (make_blocks(tu, hidden, k, seed=seed + 1), tu),
+            (make_blocks(td, k, hidden, seed=seed + 2), td))
+
+
+@pytest.mark.parametrize("rows", [1, 3, 17])
+def test_many_products_equal_single_ones_exactly(rows):
+    """Each output row is computed as the single-product call computes it, whatever the mix of formats."""
+    k = 512
+    weights = [(make_blocks(t, n, k, seed=i), t) for i, (t, n) in enumerate(
+        [("Q4_1", 96), ("Q8_0", 33), ("Q4_K", 40), ("Q6_K", 1), ("Q5_0", 300)])]
+    x = np.random.default_rng(rows).standard_normal((rows, k)).astype(np.float32)
+    for threads in (1, 2, 5):
+        got = cpu_native.matmuls_numpy(x, weights, threads=threads)
+        assert [g.shape for g in got] == [(rows, w.shape[0]) for w, _ in weights]
+        for g, (w, t) in zip(got, weights):
+            np.testing.assert_array_equal(g, cpu_native.matmul_numpy(x, w, t, threads=1))
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize("types", [("Q4_1", "Q4_1", "Q4_1"), ("Q4_K", "Q4_K", "Q6_K"), ("Q8_0", "Q5_1", "Q4_0")])
+@pytest.mark.parametrize("rows", [1, 5, 20])
+def test_ffn_equals_float64_reference(act, types, rows):
+    # 768: 24 row chunks, so threads share both phases. The K formats' blocks give gates of +-1000 and more,
+    # where a naive exp(-g) overflows.
+    k, hidden = 256, 768
+    gate, up, down = ffn_weights(k, hidden, types, seed=rows)
+    x = np.random.default_rng(7).standard_normal((rows, k)).astype(np.float32)
+    want = ffn_reference(x, gate, up, down, act)
+    got = cpu_native.ffn_numpy(x, gate, up, down, act)
+    assert got.shape == (rows, k) and got.dtype == np.float32
+    scale = np.abs(want).max() + 1e-9
+    np.testing.assert_allclose(got / scale, want / scale, rtol=0, atol=3e-5)
+    for threads in (1, 3):  # one thread per output in a fixed order: the same bits at any thread count
+        np.testing.assert_array_equal(cpu_native.ffn_numpy(x, gate, up, down, act, threads=threads), got)
+
+
+def test_ffn_equals_the_three_single_products():
+    """The fused FFN is the unfused one: the same kernel products, the same activation, in float32."""
+    k, hidden = 64, 192
+    gate, up, down = ffn_weights(k, hidden, ("Q4_1", "Q4_1", "Q8_0"), seed=3)
+    x = np.random.default_rng(2).standard_normal((2, k)).astype(np.float32)
+    g, u = (cpu_native.matmul_numpy(x, *w) for w in (gate, up))
+    h = (g / (1 + np.exp(-g)) * u).astype(np.float32)
+    np.testing.assert_allclose(cpu_native.ffn_numpy(x, gate, up, down, "silu"), cpu_native.matmul_numpy(h, *down),
+                               rtol=2e-5, atol=2e-6)
+
+
+def test_argument_checks():
+    k, hidden = 64, 96
+    gate, up, down = ffn_weights(k, hidden, ("Q8_0", "Q8_0", "Q8_0"))
+    x = np.ones((1, k), np.float32)
+    with pytest.raises(ValueError, match="activation 'relu'"):
+        cpu_native.ffn_numpy(x, gate, up, down, "relu")
+    with pytest.raises(ValueError, match="do not chain"):  # up with fewer rows than gate: never read
+        cpu_native.ffn_numpy(x, gate, (up[0][:32], "Q8_0"), down, "silu")
+    with pytest.raises(ValueError, match="cannot multiply"):  # down's rows hold 64 values, not hidden
+        cpu_native.ffn_numpy(x, gate, up, (make_blocks("Q8_0", k, 64), "Q8_0"), "silu")
+    with pytest.raises(ValueError, match="float32"):
+        cpu_native.ffn_numpy(x.astype(np.float64), gate, up, down, "silu")
+    with pytest.raises(ValueError, match="1 to 8 weights"):
+        cpu_native.matmuls_numpy(x, [gate] * 9)
+    with pytest.raises(ValueError, match="not one of"):
+        cpu_native.matmuls_numpy(x, [gate, (gate[0], "Q2_K")])
+    with pytest.raises(ValueError, match="cannot multiply"):
+        cpu_native.matmuls_numpy(x, [gate, down])  # down's rows hold 96 values
+
+
+def gguf_linear(packed, ggml_type, k, bias=None):
+    layer = GGUFLinear(k, packed.shape[0], ggml_type, bias=bias is not None)
+    layer.weight = mx.array(packed)
+    if bias is not None:
+        layer.bias = mx.array(bias)
+    return layer
+
+
+def test_helpers_take_one_call_and_match_the_layers(monkeypatch):
+    k, hidden = 64, 160
+    gate, up, down = ffn_weights(k, hidden, ("Q4_1", "Q4_1", "Q4_1"), seed=9)
+    layers = [gguf_linear(p, t, k) for p, t in (gate, up)] + [gguf_linear(down[0], down[1], hidden)]
+    bias = np.linspace(-1, 1, hidden).astype(np.float32)
+    biased = gguf_linear(up[0], up[1], k, bias)
+    x = mx.random.normal((2, 3, k), key=mx.random.key(1))
+    calls = []
+    for name in ("matmul_numpy", "matmuls_numpy", "ffn_numpy"):
+        real = getattr(cpu_native, name)
+        monkeypatch.setattr(cpu_native, name, lambda *a, _n=name, _f=real, **kw: calls.append(_n) or _f(*a, **kw))
+
+    fused = gated_ffn(x, *layers, "silu")
+    assert calls == ["ffn_numpy"] and fused.shape == (2, 3, k)
+    calls.clear()
+    both = shared_input(x, layers[0], biased)
+    assert calls == ["matmuls_numpy"]
+    calls.clear()
+    monkeypatch.setenv("APPLELM_FUSE", "off")
+    unfused = gated_ffn(x, *layers, "silu")
+    assert calls == ["matmul_numpy"] * 3
+    np.testing.assert_allclose(np.array(fused), np.array(unfused), rtol=2e-5, atol=2e-6)
+    np.testing.assert_array_equal(np.array(both[0]), np.array(layers[0](x)))
+    np.testing.assert_array_equal(np.array(both[1]), np.array(biased(x)))
+    calls.clear()
+    assert len(shared_input(x, layers[0], biased)) == 2 and calls == ["matmul_numpy"] * 2
+
+
+def test_helpers_fall_back_off_the_kernel(monkeypatch):
+    """Dense layers, a biased FFN, mx.compile and a missing kernel all compute the plain composition."""
+    k, hidden = 32, 64
+    dense = [nn.Linear(k, hidden), nn.Linear(k, hidden), nn.Linear(hidden, k)]
+    x = mx.random.normal((1, 2, k), key=mx.random.key(3))
+    want = dense[2](nn.gelu_approx(dense[0](x)) * dense[1](x))
+    np.testing.assert_allclose(np.array(gated_ffn(x, *dense, "gelu_tanh")), np.array(want), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="unknown FFN activation"):
+        gated_ffn(x, *dense, "relu")
+    gate, up, down = ffn_weights(k, hidden, ("Q8_0", "Q8_0", "Q8_0"), seed=4)
+    layers = [gguf_linear(gate[0], "Q8_0", k), gguf_linear(up[0], "Q8_0", k, np.ones(hidden, np.float32)),
+              gguf_linear(down[0], "Q8_0", hidden)]
+    calls = []
+    real = cpu_native.ffn_numpy
+    monkeypatch.setattr(cpu_native, "ffn_numpy", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    with_bias = gated_ffn(x, *layers, "silu")  # an up bias: the three layers, each adding its bias
+    want = layers[2](nn.silu(layers[0](x)) * layers[1](x))
+    np.testing.assert_array_equal(np.array(with_bias), np.array(want))
+    assert calls == []
+    layers[1] = gguf_linear(up[0], "Q8_0", k)
+    compiled = mx.compile(lambda v: gated_ffn(v, *layers, "silu"))(x)  # tracing: MLX ops only
+    np.testing.assert_allclose(np.array(compiled), np.array(gated_ffn(x, *layers, "silu")), rtol=1e-4, atol=1e-5)
+    monkeypatch.setattr(cpu_native, "load", lambda: None)
+    assert dispatch.gguf_ffn_fused(x, *((w, t) for w, t in (gate, up, down)), "silu") is None
+    assert len(dispatch.gguf_matmuls(x, [(mx.array(gate[0]), "Q8_0")] * 2, k)) == 2
