@@ -7,6 +7,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from gguf_blocks import make_blocks, numpy_dequantize
+from portable_build import needs_x86_gcc, portable_function
 
 from applelm.ops import GGUFLinear, cpu_native, dispatch, gated_ffn, shared_input
 
@@ -154,3 +155,22 @@ def test_helpers_fall_back_off_the_kernel(monkeypatch):
     monkeypatch.setattr(cpu_native, "load", lambda: None)
     assert dispatch.gguf_ffn_fused(x, *((w, t) for w, t in (gate, up, down)), "silu") is None
     assert len(dispatch.gguf_matmuls(x, [(mx.array(gate[0]), "Q8_0")] * 2, k)) == 2
+
+
+@needs_x86_gcc
+def test_portable_build_of_the_fused_ffn_equals_the_vectorized_one(tmp_path):
+    """The fused FFN built without AVX2 (the generic vector code, and the activation as other CPUs compile it)
+    gives the AVX2 build's results to float32 rounding, both activations, gates large enough to overflow exp."""
+    fn = portable_function(cpu_native.SOURCE, "applelm_gguf_ffn", cpu_native.SIGNATURES["applelm_gguf_ffn"], tmp_path)
+    k, hidden, rows = 256, 512, 3
+    gate, up, down = ffn_weights(k, hidden, ("Q4_K", "Q4_1", "Q6_K"), seed=11)
+    x = np.random.default_rng(4).standard_normal((rows, k)).astype(np.float32)
+    for act, code in cpu_native.ACTIVATIONS.items():
+        out, scratch = np.empty((rows, k), np.float32), np.empty(2 * rows * hidden, np.float32)
+        assert fn(x.ctypes.data, rows, k, hidden, gate[0].ctypes.data, cpu_native.TYPES[gate[1]], up[0].ctypes.data,
+                  cpu_native.TYPES[up[1]], down[0].ctypes.data, cpu_native.TYPES[down[1]], code, 1,
+                  scratch.ctypes.data, out.ctypes.data) == 0
+        want = cpu_native.ffn_numpy(x, gate, up, down, act)
+        assert np.isfinite(out).all()
+        scale = np.abs(want).max()
+        np.testing.assert_allclose(out / scale, want / scale, rtol=0, atol=2e-5)
