@@ -1,11 +1,12 @@
 """Where a CPU decode token goes: SmolLM2-135M Q4_1 GGUF (the embedded default) through the C kernel.
 
 Per token, over `--tokens` greedy steps after a warm-up, in rounds (the VM drifts): wall time, time inside
-the compiled kernel (ops/gguf_cpu.c, through ops/cpu_native.matmul_numpy), time waiting for MLX to evaluate
+the compiled kernel (ops/gguf_cpu.c, through ops/cpu_native's matmul_numpy, and matmuls_numpy and ffn_numpy
+for the fused q/k/v and FFN calls), time waiting for MLX to evaluate
 each kernel call's input (the norms, RoPE, attention and SwiGLU gating MLX computes between the products, plus
 the hand-off to its CPU stream), time turning the kernel's result back into an MLX array, and the rest
 (Python, graph building, sampling). Also each product shape's kernel time alone on random blocks, one
-activation row, 1 and all threads (best of 5 batches), and its read speed.
+activation row, 1 and all threads (best of 5 batches), and its read speed, single and fused calls.
 
     python benchmarks/decode_profile.py [--tokens 48] [--rounds 3] [--out FILE.json]
 """
@@ -91,22 +92,35 @@ def shape_times(threads: list[int]) -> list[dict]:
               ("gate_proj, up_proj", "Q4_1", 1536, 576), ("down_proj", "Q4_1", 576, 1536),
               ("tied head", "Q8_0", 49152, 576)]
     rng = np.random.default_rng(0)
-    rows = []
+    x = rng.standard_normal((1, 576)).astype(np.float32)
+    cases = []
     for name, ggml_type, n, k in shapes:
         packed = random_blocks(ggml_type, n, k)
-        x = rng.standard_normal((1, k)).astype(np.float32)
-        row = {"product": name, "type": ggml_type, "shape": f"{n}x{k}", "bytes": int(packed.nbytes)}
-        reps = 20 if n > 10000 else 300
+        xk = rng.standard_normal((1, k)).astype(np.float32)
+        cases.append((name, ggml_type, f"{n}x{k}", packed.nbytes,
+                      lambda t, xk=xk, p=packed, g=ggml_type: cpu_native.matmul_numpy(xk, p, g, threads=t)))
+    # The fused calls decoding makes (ops.shared_input, ops.gated_ffn): q, k, v together; a whole FFN.
+    qkv = [(random_blocks("Q4_1", n, 576), "Q4_1") for n in (576, 192, 192)]
+    cases.append(("q, k, v in one call", "Q4_1", "960x576", sum(p.nbytes for p, _ in qkv),
+                  lambda t: cpu_native.matmuls_numpy(x, qkv, threads=t)))
+    ffn = [(random_blocks("Q4_1", 1536, 576), "Q4_1"), (random_blocks("Q4_1", 1536, 576), "Q4_1"),
+           (random_blocks("Q4_1", 576, 1536), "Q4_1")]
+    cases.append(("gated FFN in one call", "Q4_1", "3x1536x576", sum(p.nbytes for p, _ in ffn),
+                  lambda t: cpu_native.ffn_numpy(x, *ffn, "silu", threads=t)))
+    rows = []
+    for name, ggml_type, shape, nbytes, call in cases:
+        row = {"product": name, "type": ggml_type, "shape": shape, "bytes": int(nbytes)}
+        reps = 20 if nbytes > 10e6 else 300
         for t in threads:
-            cpu_native.matmul_numpy(x, packed, ggml_type, threads=t)
+            call(t)
             best = float("inf")
             for _ in range(5):
                 t0 = time.perf_counter()
                 for _ in range(reps):
-                    cpu_native.matmul_numpy(x, packed, ggml_type, threads=t)
+                    call(t)
                 best = min(best, (time.perf_counter() - t0) / reps)
             row[f"us_{t}t"] = round(best * 1e6, 1)
-            row[f"GBps_{t}t"] = round(packed.nbytes / best / 1e9, 2)
+            row[f"GBps_{t}t"] = round(nbytes / best / 1e9, 2)
         rows.append(row)
     return rows
 
