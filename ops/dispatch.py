@@ -153,9 +153,9 @@ def gguf_matmuls(x: mx.array, weights: Sequence[tuple[mx.array, str]], n_cols: i
     """[gguf_matmul(x, W, ggml_type, n_cols) for (W, ggml_type) in weights]: one call of the CPU kernel where it
     takes every weight (q, k and v, say: one hand-off and one wake-up of its threads instead of three).
     APPLELM_FUSE=off makes one call per weight (benchmarks/fused_decode.py compares the two)."""
-    m = x.size // n_cols
-    be = backend()
-    if not switched_off("APPLELM_FUSE") and 1 < len(weights) <= cpu_native.MAX_PRODUCTS and all(_native_kernel_takes(be, m, t) for _, t in weights):
+    m, be = x.size // n_cols, backend()
+    fuse = not switched_off("APPLELM_FUSE") and 1 < len(weights) <= cpu_native.MAX_PRODUCTS
+    if fuse and all(_native_kernel_takes(be, m, t) for _, t in weights):
         try:
             return cpu_native.gguf_matmuls(x, weights, n_cols)
         except cpu_native.Tracing:
@@ -168,10 +168,9 @@ def gguf_ffn_fused(x: mx.array, gate: tuple, up: tuple, down: tuple, activation:
     None where that kernel does not take it, or with APPLELM_FUSE=off (then the caller composes gguf_matmul and
     MLX's activation). Each weight is (packed rows, ggml_type), the rows an MLX array or numpy (host memory,
     such as a flash read buffer: read in place)."""
-    m = x.size // x.shape[-1]
-    be = backend()
     if switched_off("APPLELM_FUSE"):
         return None
+    m, be = x.size // x.shape[-1], backend()
     if activation in cpu_native.ACTIVATIONS and all(_native_kernel_takes(be, m, t) for _, t in (gate, up, down)):
         try:
             return cpu_native.gguf_ffn(x, gate, up, down, activation)
