@@ -189,6 +189,9 @@ static void chunks(const float *x, int64_t m, int64_t k, const uint8_t *w, int64
         rows_of(x + r0 * k, m - r0 < MAX_ROWS ? m - r0 : MAX_ROWS, k, w, n, type, lo, hi, y + r0 * n);
 }
 
+/* The end of the row chunk that starts at lo, in n rows. */
+static inline int64_t chunk_end(int64_t lo, int64_t n) { return lo + ROW_CHUNK < n ? lo + ROW_CHUNK : n; }
+
 /* Threads for `rows` output rows: ~64 rows per thread at least (smaller shares cost more in wake-up). */
 static int threads_for(int64_t rows, int threads) {
     int64_t most = rows / 64 > 0 ? rows / 64 : 1;
@@ -207,7 +210,7 @@ int applelm_gguf_matmul(const float *x, int64_t m, int64_t k, const uint8_t *w, 
         int64_t nc = (n + ROW_CHUNK - 1) / ROW_CHUNK;
 #pragma omp parallel for num_threads(threads) schedule(runtime)
         for (int64_t c = 0; c < nc; c++)
-            chunks(x, m, k, w, n, type, c * ROW_CHUNK, (c + 1) * ROW_CHUNK < n ? (c + 1) * ROW_CHUNK : n, y);
+            chunks(x, m, k, w, n, type, c * ROW_CHUNK, chunk_end(c * ROW_CHUNK, n), y);
         return 0;
     }
 #endif
@@ -235,8 +238,8 @@ int applelm_gguf_matmul_many(const float *x, int64_t m, int64_t k, int count, co
     for (int64_t c = 0; c < first[count]; c++) {
         int p = 0;
         while (c >= first[p + 1]) p++;
-        const int64_t lo = (c - first[p]) * ROW_CHUNK, hi = lo + ROW_CHUNK < n[p] ? lo + ROW_CHUNK : n[p];
-        chunks(x, m, k, w[p], n[p], types[p], lo, hi, y[p]);
+        const int64_t lo = (c - first[p]) * ROW_CHUNK;
+        chunks(x, m, k, w[p], n[p], types[p], lo, chunk_end(lo, n[p]), y[p]);
     }
     return 0;
 }
@@ -265,18 +268,17 @@ int applelm_gguf_ffn(const float *x, int64_t m, int64_t k, int64_t hidden, const
 #pragma omp for schedule(runtime)
 #endif
         for (int64_t c = 0; c < up_chunks; c++) {
-            const int64_t lo = c * ROW_CHUNK, hi = lo + ROW_CHUNK < hidden ? lo + ROW_CHUNK : hidden;
+            const int64_t lo = c * ROW_CHUNK, hi = chunk_end(lo, hidden);
             chunks(x, m, k, gate, hidden, gate_type, lo, hi, h);
             chunks(x, m, k, up, hidden, up_type, lo, hi, u);
             for (int64_t r = 0; r < m; r++)
-                for (int64_t i = lo; i < hi; i++) h[r * hidden + i] = activation(h[r * hidden + i], act) * u[r * hidden + i];
+                for (int64_t i = r * hidden + lo; i < r * hidden + hi; i++) h[i] = activation(h[i], act) * u[i];
         }
 #ifdef _OPENMP
 #pragma omp for schedule(runtime)
 #endif
         for (int64_t c = 0; c < down_chunks; c++) {
-            const int64_t lo = c * ROW_CHUNK, hi = lo + ROW_CHUNK < k ? lo + ROW_CHUNK : k;
-            chunks(h, m, hidden, down, k, down_type, lo, hi, y);
+            chunks(h, m, hidden, down, k, down_type, c * ROW_CHUNK, chunk_end(c * ROW_CHUNK, k), y);
         }
     }
     return 0;
