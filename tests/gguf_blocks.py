@@ -1,4 +1,5 @@
-"""Shared test helper: valid GGUF blocks of every supported format, made with numpy (and `gguf` where it can).
+"""Shared test helper: valid GGUF blocks of every supported format, made with numpy (and `gguf` where it can),
+and a gated FFN of such blocks with its float64 reference.
 
 Random bytes are valid blocks once their fp16 scale fields are finite and small, so types that the `gguf`
 package cannot quantize (the K-quants) get random blocks with those fields overwritten.
@@ -46,3 +47,22 @@ def numpy_dequantize(packed: np.ndarray, ggml_type: str) -> np.ndarray:
     import gguf
 
     return gguf.quants.dequantize(packed, gguf.GGMLQuantizationType[ggml_type])
+
+
+# The gated FFN's activations in float64, written so that large gates do not overflow.
+FFN_ACTS = {"silu": lambda g: g * np.where(g < 0, np.exp(np.minimum(g, 0)), 1) / (1 + np.exp(-np.abs(g))),
+            "gelu_tanh": lambda g: 0.5 * g * (1 + np.tanh(np.sqrt(2 / np.pi) * (g + 0.044715 * g**3)))}
+
+
+def ffn_reference(x, gate, up, down, act):
+    """float64 (act(x @ G.T) * (x @ U.T)) @ D.T from the gguf package's dequantized weights."""
+    g, u, d = (numpy_dequantize(p, t).astype(np.float64) for p, t in (gate, up, down))
+    x = x.astype(np.float64)
+    return (FFN_ACTS[act](x @ g.T) * (x @ u.T)) @ d.T
+
+
+def ffn_weights(k, hidden, types, seed=0):
+    """((gate, type), (up, type), (down, type)) packed blocks of a gated FFN: k inputs, `hidden` neurons."""
+    (tg, tu, td) = types
+    return ((make_blocks(tg, hidden, k, seed=seed), tg), (make_blocks(tu, hidden, k, seed=seed + 1), tu),
+            (make_blocks(td, k, hidden, seed=seed + 2), td))

@@ -6,29 +6,13 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from gguf_blocks import make_blocks, numpy_dequantize
+from gguf_blocks import ffn_reference, ffn_weights, make_blocks
 from portable_build import needs_x86_gcc, portable_function
 
 from applelm.ops import GGUFLinear, cpu_native, dispatch, gated_ffn, shared_input
 
 if cpu_native.load() is None:
     pytest.skip("no C compiler: the GGUF CPU kernel cannot be built here", allow_module_level=True)
-
-ACTS = {"silu": lambda g: g * np.where(g < 0, np.exp(np.minimum(g, 0)), 1) / (1 + np.exp(-np.abs(g))),
-        "gelu_tanh": lambda g: 0.5 * g * (1 + np.tanh(np.sqrt(2 / np.pi) * (g + 0.044715 * g**3)))}
-
-
-def ffn_reference(x, gate, up, down, act):
-    """float64 (act(x @ G.T) * (x @ U.T)) @ D.T from the gguf package's dequantized weights."""
-    g, u, d = (numpy_dequantize(p, t).astype(np.float64) for p, t in (gate, up, down))
-    x = x.astype(np.float64)
-    return (ACTS[act](x @ g.T) * (x @ u.T)) @ d.T
-
-
-def ffn_weights(k, hidden, types, seed=0):
-    (tg, tu, td) = types
-    return ((make_blocks(tg, hidden, k, seed=seed), tg), (make_blocks(tu, hidden, k, seed=seed + 1), tu),
-            (make_blocks(td, k, hidden, seed=seed + 2), td))
 
 
 @pytest.mark.parametrize("rows", [1, 3, 17])
