@@ -135,3 +135,28 @@ def test_cuda_prefetch_is_a_no_op_off_cuda(monkeypatch):
     assert p.calls == 0
     monkeypatch.setenv("APPLELM_CUDA_PREFETCH", "off")
     assert CudaPrefetcher().error == "off (APPLELM_CUDA_PREFETCH)"
+
+
+def test_pin_layouts_place_pinned_layers_and_both_equal_resident(layouts):
+    """"spread" interleaves pinned layers with streamed ones (the last layer pinned), "tail" pins the last
+    ones; either way the ring follows the forward order and paged output equals resident."""
+    from applelm.flash.budget import pinned_layers
+
+    assert pinned_layers(24, 6) == [3, 7, 11, 15, 19, 23]
+    assert pinned_layers(24, 6, "tail") == [18, 19, 20, 21, 22, 23]
+    assert pinned_layers(30, 29) == [i for i in range(30) if i != 28] and pinned_layers(5, 0) == []
+    with pytest.raises(ValueError, match="pin layout"):
+        pinned_layers(4, 2, "middle")
+    _, _, out = layouts["llama"]
+    resident, _, _ = load_model(out)
+    want = greedy(resident, PROMPT, 10)
+    budget = streaming_budget(out, max_unit_bytes=16384)
+    for layout in ("spread", "tail"):
+        paged, _, _ = load_model(out, memory_budget=budget, max_unit_bytes=16384, pin_layout=layout)
+        plan = paged.flash.plan
+        n = len(plan.pinned) + len(plan.streamed)
+        assert plan.pinned == pinned_layers(n, len(plan.pinned), layout) and plan.streamed
+        assert sorted(plan.pinned + plan.streamed) == list(range(n))
+        assert greedy(paged, PROMPT, 10) == want and paged.flash.ring.resyncs <= 1
+    with pytest.raises(UserError, match="pin layout"):
+        load_model(out, memory_budget=budget, pin_layout="middle")

@@ -149,13 +149,30 @@ def ring_depths(g: Geometry) -> list[int]:
     return [d for d in (4, 3, 2) if (d - 1) * g.unit_raw >= MIN_READ_AHEAD] or [4]
 
 
+PIN_LAYOUTS = ("spread", "tail")
+
+
+def pinned_layers(n_layers: int, n_pinned: int, layout: str = "spread") -> list[int]:
+    """Which of n_layers FFN layers to pin. "spread": evenly among the streamed ones, the last layer pinned
+    (j-th of p at (j + 1) * n / p - 1), so the ring keeps reading through each pinned layer's compute instead
+    of filling up and idling during a run of them; "tail": the last n_pinned layers."""
+    if layout not in PIN_LAYOUTS:
+        raise ValueError(f"pin layout must be one of {', '.join(PIN_LAYOUTS)}, got {layout!r}")
+    if n_pinned <= 0:
+        return []
+    if layout == "tail":
+        return list(range(n_layers - n_pinned, n_layers))
+    return [(j + 1) * n_layers // n_pinned - 1 for j in range(n_pinned)]
+
+
 def plan_dense(g: Geometry, resident: int, budget: Optional[int], depth: Optional[int] = None, inflight: int = 2,
-               naive: bool = False) -> Plan:
+               naive: bool = False, pin_layout: str = "spread") -> Plan:
     """Pin as many whole FFN layers as the budget allows after the streaming buffers; stream the rest.
     With sparsity off every neuron is used every token, so pinning whole layers is what a cache would
     converge to anyway, and the streamed part is read sequentially (the fastest reads a disk does).
     `depth` None: of `ring_depths(g)`, the one that pins the most layers (a pinned layer is never read
-    again, a deeper ring only queues reads), the deeper one on a tie."""
+    again, a deeper ring only queues reads), the deeper one on a tie. `pin_layout`: where the pinned layers
+    sit among the streamed ones (pinned_layers; benchmarks/pin_layout.py compares the two)."""
     every = list(range(g.n_layers))
     all_pinned = resident + g.n_layers * g.layer_mem
     if naive:
@@ -186,10 +203,9 @@ def plan_dense(g: Geometry, resident: int, budget: Optional[int], depth: Optiona
         while q > 1 and resident + buffers(depth, q) > budget:
             q -= 1
         n_pinned = min(g.n_layers - 1, max(0, (budget - resident - buffers(depth, q)) // g.pin_bytes))
-        # Pin the last layers: the ring then streams the first ones, whose reads for the next token start
-        # while the pinned tail of this token computes.
-        pinned = every[g.n_layers - n_pinned:] if n_pinned else []
-        return Plan("dense", budget, resident, pinned, every[: g.n_layers - n_pinned], g.unit_raw, depth, q,
+        pinned = pinned_layers(g.n_layers, n_pinned, pin_layout)
+        streamed = [i for i in every if i not in set(pinned)]
+        return Plan("dense", budget, resident, pinned, streamed, g.unit_raw, depth, q,
                     pinned_bytes=n_pinned * g.pin_bytes, pinned_stored=stored and n_pinned > 0,
                     buffer_bytes=buffers(depth, q))
 

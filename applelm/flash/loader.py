@@ -23,7 +23,7 @@ from ..models import get_architecture
 from ..ops import GGUFEmbedding, GGUFLinear
 from ..quant import dequantize_model, swap_quantized
 from .blocks import PROMPT_SCRATCH_BYTES
-from .budget import Geometry, parse_size, plan_dense, plan_sparse
+from .budget import PIN_LAYOUTS, Geometry, parse_size, plan_dense, plan_sparse
 from .io import AlignedBuffer, wait_all
 from .native import bundle_ffn
 from .layout import GGUF_TOKENIZER_FILE, PREDICTOR_FILE, FlashLayout, aligned, read_layout, verify_resident
@@ -171,7 +171,8 @@ def load_flash_model(folder, *, dtype: Optional[str] = None, memory_budget=None,
                      sparsity_mode: str = "threshold", window: int = 4, dequantize: bool = False,
                      naive: bool = False, verify: bool = True, io_threads: int = 4, ring_depth: Optional[int] = None,
                      max_unit_bytes: int = 16 << 20, read_split: int = 8 << 20,
-                     native: Optional[bool] = None, lookahead: Optional[bool] = None) -> tuple[nn.Module, dict, FlashLayout]:
+                     native: Optional[bool] = None, lookahead: Optional[bool] = None,
+                     pin_layout: str = "spread") -> tuple[nn.Module, dict, FlashLayout]:
     """Build the model of a flash layout (see `applelm.load` for the user-facing options).
     `native`: compute paged FFN neurons of single tokens with the compiled CPU kernel (flash/native.py);
     None = under a budget on the CPU when the kernel builds (dense or sparse), False = always the MLX path,
@@ -179,7 +180,9 @@ def load_flash_model(folder, *, dtype: Optional[str] = None, memory_budget=None,
     (the smallest fully resident form) instead of as floats.
     `lookahead` (sparse paging; default on with the native kernel, off on the MLX path): while a layer
     computes, read the next layer's neurons guessed from this layer's input, into two more layer-sized
-    buffers."""
+    buffers.
+    `pin_layout` (dense paging): "spread" (default) places the pinned FFN layers evenly among the streamed
+    ones, "tail" pins the last layers (budget.pinned_layers)."""
     from ..loader import _compute_dtype  # the core loader's dtype rule (float32 on CPU)
 
     layout = read_layout(folder)
@@ -191,6 +194,8 @@ def load_flash_model(folder, *, dtype: Optional[str] = None, memory_budget=None,
         raise UserError(f"sparsity must be in (0, 1), got {sparsity}")
     if sparsity_mode not in SPARSITY_MODES:
         raise UserError(f"sparsity mode must be one of {', '.join(SPARSITY_MODES)}, got {sparsity_mode!r}")
+    if pin_layout not in PIN_LAYOUTS:
+        raise UserError(f"pin layout must be one of {', '.join(PIN_LAYOUTS)}, got {pin_layout!r}")
     if window < 1:
         raise UserError(f"window must be >= 1, got {window}")
 
@@ -266,7 +271,8 @@ def load_flash_model(folder, *, dtype: Optional[str] = None, memory_budget=None,
         # native kernel reads units where they land: no in-flight MLX copies beyond one prompt decode step.
         # A GGUF-blocks decode step (a prompt's copy of a chunk and its dequantizing scratch): one at a time.
         inflight = 1 if kernel or layout.blocks else 2
-        plan = plan_dense(geom, resident, budget, depth=ring_depth, inflight=inflight, naive=naive)
+        plan = plan_dense(geom, resident, budget, depth=ring_depth, inflight=inflight, naive=naive,
+                          pin_layout=pin_layout)
 
     rt = FlashRuntime(layout, plan, dtype_, io_threads=io_threads, max_unit_bytes=max_unit_bytes,
                       read_split=read_split, geometry=geom)
