@@ -1,9 +1,9 @@
 """Where pinned FFN layers sit among streamed ones: spread evenly against the last layers (the tail).
 
 Under a budget the plan pins whole FFN layers and streams the rest through a ring of `depth` units. With the
-pinned layers at the tail, the ring fills within the first pinned layer's compute and then idles for the
-rest of the run of them; spread evenly, each pinned layer's compute overlaps the reads of the next streamed
-unit, so reads stay in flight through the token. This decodes the SmolLM2 bfloat16, 8-bit and GGUF-blocks
+pinned layers at the tail (the default), the ring fills within the first pinned layer's compute and then
+idles for the rest of the run of them; spread evenly, each pinned layer's compute overlaps the reads of the
+next streamed unit, so reads stay in flight through the token. The question is which decodes faster. This decodes the SmolLM2 bfloat16, 8-bit and GGUF-blocks
 stores paged both ways (flash_bench's budget; the blocks store at 75% of its own size, as in read_cost), and
 fully resident, each run a fresh process, interleaved over rounds. Reported per run: tok/s, MB read per token,
 read GB/s while decoding and the I/O wait per token; in how many rounds `spread` beat `tail`.

@@ -138,13 +138,13 @@ def test_cuda_prefetch_is_a_no_op_off_cuda(monkeypatch):
 
 
 def test_pin_layouts_place_pinned_layers_and_both_equal_resident(layouts):
-    """"spread" interleaves pinned layers with streamed ones (the last layer pinned), "tail" pins the last
-    ones; either way the ring follows the forward order and paged output equals resident."""
+    """"tail" (the default) pins the last layers, "spread" interleaves them with streamed ones (the last layer
+    pinned); either way the ring follows the forward order and paged output equals resident."""
     from applelm.flash.budget import pinned_layers
 
-    assert pinned_layers(24, 6) == [3, 7, 11, 15, 19, 23]
-    assert pinned_layers(24, 6, "tail") == [18, 19, 20, 21, 22, 23]
-    assert pinned_layers(30, 29) == [i for i in range(30) if i != 28] and pinned_layers(5, 0) == []
+    assert pinned_layers(24, 6, "spread") == [3, 7, 11, 15, 19, 23]
+    assert pinned_layers(24, 6) == [18, 19, 20, 21, 22, 23]
+    assert pinned_layers(30, 29, "spread") == [i for i in range(30) if i != 28] and pinned_layers(5, 0) == []
     with pytest.raises(ValueError, match="pin layout"):
         pinned_layers(4, 2, "middle")
     _, _, out = layouts["llama"]

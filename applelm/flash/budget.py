@@ -149,13 +149,15 @@ def ring_depths(g: Geometry) -> list[int]:
     return [d for d in (4, 3, 2) if (d - 1) * g.unit_raw >= MIN_READ_AHEAD] or [4]
 
 
-PIN_LAYOUTS = ("spread", "tail")
+PIN_LAYOUTS = ("tail", "spread")
 
 
-def pinned_layers(n_layers: int, n_pinned: int, layout: str = "spread") -> list[int]:
-    """Which of n_layers FFN layers to pin. "spread": evenly among the streamed ones, the last layer pinned
-    (j-th of p at (j + 1) * n / p - 1), so the ring keeps reading through each pinned layer's compute instead
-    of filling up and idling during a run of them; "tail": the last n_pinned layers."""
+def pinned_layers(n_layers: int, n_pinned: int, layout: str = "tail") -> list[int]:
+    """Which of n_layers FFN layers to pin. "tail": the last n_pinned layers; the ring then streams the first
+    ones, whose reads for the next token start while the pinned tail of this token computes. "spread": evenly
+    among the streamed ones, the last layer pinned (j-th of p at (j + 1) * n / p - 1), so reads go on through
+    each pinned layer's compute; it was not faster on SmolLM2's stores (benchmarks/pin_layout.py), so the tail
+    is the default."""
     if layout not in PIN_LAYOUTS:
         raise ValueError(f"pin layout must be one of {', '.join(PIN_LAYOUTS)}, got {layout!r}")
     if n_pinned <= 0:
@@ -166,7 +168,7 @@ def pinned_layers(n_layers: int, n_pinned: int, layout: str = "spread") -> list[
 
 
 def plan_dense(g: Geometry, resident: int, budget: Optional[int], depth: Optional[int] = None, inflight: int = 2,
-               naive: bool = False, pin_layout: str = "spread") -> Plan:
+               naive: bool = False, pin_layout: str = "tail") -> Plan:
     """Pin as many whole FFN layers as the budget allows after the streaming buffers; stream the rest.
     With sparsity off every neuron is used every token, so pinning whole layers is what a cache would
     converge to anyway, and the streamed part is read sequentially (the fastest reads a disk does).

@@ -172,7 +172,7 @@ def load_flash_model(folder, *, dtype: Optional[str] = None, memory_budget=None,
                      naive: bool = False, verify: bool = True, io_threads: int = 4, ring_depth: Optional[int] = None,
                      max_unit_bytes: int = 16 << 20, read_split: int = 8 << 20,
                      native: Optional[bool] = None, lookahead: Optional[bool] = None,
-                     pin_layout: str = "spread") -> tuple[nn.Module, dict, FlashLayout]:
+                     pin_layout: str = "tail") -> tuple[nn.Module, dict, FlashLayout]:
     """Build the model of a flash layout (see `applelm.load` for the user-facing options).
     `native`: compute paged FFN neurons of single tokens with the compiled CPU kernel (flash/native.py);
     None = under a budget on the CPU when the kernel builds (dense or sparse), False = always the MLX path,
@@ -181,8 +181,8 @@ def load_flash_model(folder, *, dtype: Optional[str] = None, memory_budget=None,
     `lookahead` (sparse paging; default on with the native kernel, off on the MLX path): while a layer
     computes, read the next layer's neurons guessed from this layer's input, into two more layer-sized
     buffers.
-    `pin_layout` (dense paging): "spread" (default) places the pinned FFN layers evenly among the streamed
-    ones, "tail" pins the last layers (budget.pinned_layers)."""
+    `pin_layout` (dense paging): "tail" (default) pins the last FFN layers, "spread" places them evenly among
+    the streamed ones (budget.pinned_layers)."""
     from ..loader import _compute_dtype  # the core loader's dtype rule (float32 on CPU)
 
     layout = read_layout(folder)
