@@ -8,7 +8,10 @@ stores paged both ways (flash_bench's budget; the blocks store at 75% of its own
 fully resident, each run a fresh process, interleaved over rounds. Reported per run: tok/s, MB read per token,
 read GB/s while decoding and the I/O wait per token; in how many rounds `spread` beat `tail`.
 
-    python benchmarks/pin_layout.py [--rounds 4] [--tokens 24] [--out FILE.json]
+With --synthetic, the same two layouts on flash_bench's synthetic model instead (2.5 GB, 1 GB budget,
+8 tokens a run; the model whose reads are the limit; prepared by `flash_bench.py --models synthetic`).
+
+    python benchmarks/pin_layout.py [--rounds 4] [--tokens 24] [--synthetic] [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -27,7 +30,31 @@ def runs(budget: int) -> dict[str, dict]:
             "spread": {"memory_budget": budget, "pin_layout": "spread"}}
 
 
+def synthetic_main() -> int:
+    """The tail and spread layouts on flash_bench's synthetic layout under its 1 GB budget."""
+    args, work = flash_bench.round_args(__doc__)
+    layout = work / "synthetic_1024_14336_24_flash"
+    if not (layout / "flash_index.json").exists():
+        raise SystemExit(f"{layout}: not prepared; run benchmarks/flash_bench.py --models synthetic first")
+    import numpy as np
+
+    from applelm.flash.budget import parse_size
+
+    budget = parse_size("1GB")
+    prompt = [int(v) for v in np.random.default_rng(1).integers(0, 32000, 256)[:16]]  # flash_bench's prompt
+    args.tokens = min(args.tokens, 8)
+    result = paired_runs.run_rounds(__file__, args, {"synthetic": layout},
+                                    {k: v for k, v in runs(budget).items() if k != "resident"}, prompt,
+                                    {"budget_bytes": budget})
+    result["summary"] = paired_runs.summarize(result["rounds"], args.tokens, BASELINE)
+    paired_runs.write(result, args.out, markdown(result))
+    return 0
+
+
 def main() -> int:
+    if "--synthetic" in sys.argv:  # the rest of the command line is round_args'
+        sys.argv.remove("--synthetic")
+        return synthetic_main()
     return paired_runs.study(__doc__, __file__, ("bf16", "8bit", "blocks"), runs, BASELINE, markdown,
                              store_options=paired_runs.NATIVE_STORE_OPTIONS,
                              own_budget={"blocks": flash_bench.BLOCKS_BUDGET_FRACTION})
