@@ -79,6 +79,9 @@ def add_flash_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sparsity-mode", choices=("threshold", "predictor"), default="threshold",
                    help="threshold: resident gates and calibrated thresholds; predictor: low-rank predictors")
     p.add_argument("--window", type=positive_int, default=4, help="flash sparsity: tokens a neuron stays cached")
+    p.add_argument("--pin-layout", choices=("tail", "spread"), default="tail",
+                   help="flash dense paging: pin the last FFN layers (tail), or spread the pinned layers among the "
+                        "streamed ones, faster where reads are the limit (benchmarks/pin_layout.py)")
 
 
 def flash_options(args: argparse.Namespace) -> dict:
@@ -86,7 +89,7 @@ def flash_options(args: argparse.Namespace) -> dict:
     if args.memory_budget is None and args.sparsity is None:
         return {}
     return dict(memory_budget=args.memory_budget, sparsity=args.sparsity, sparsity_mode=args.sparsity_mode,
-                window=args.window)
+                window=args.window, pin_layout=args.pin_layout)
 
 
 def run_main(prog: str, body: Callable[[], int]) -> int:

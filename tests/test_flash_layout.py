@@ -101,6 +101,12 @@ def test_gguf_prepare_and_generate_from_the_layout_alone(gguf_layout, capsys):
                               "--memory-budget", "1MB", "--ignore-chat-template", "-v")
     assert code == 0, err
     assert "flash:" in err and "MB/token" in err
+    code, spread, err = run_cli(generate_main, capsys, "--model", str(out), "--prompt", "hello", "--max-tokens", "5",
+                                "--memory-budget", "1MB", "--ignore-chat-template", "--pin-layout", "spread")
+    assert code == 0 and spread == text, err
+    code, _, err = run_cli(generate_main, capsys, "--model", str(out), "--prompt", "hello", "--memory-budget", "1MB",
+                           "--pin-layout", "middle")
+    assert code == 2 and "--pin-layout" in err
     code, text, err = run_cli(flash_main, capsys, "verify", str(out))
     assert code == 0 and "verified" in text
 
