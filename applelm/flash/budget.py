@@ -156,8 +156,8 @@ def pinned_layers(n_layers: int, n_pinned: int, layout: str = "tail") -> list[in
     """Which of n_layers FFN layers to pin. "tail": the last n_pinned layers; the ring then streams the first
     ones, whose reads for the next token start while the pinned tail of this token computes. "spread": evenly
     among the streamed ones, the last layer pinned (j-th of p at (j + 1) * n / p - 1), so reads go on through
-    each pinned layer's compute; it was not faster on SmolLM2's stores (benchmarks/pin_layout.py), so the tail
-    is the default."""
+    each pinned layer's compute: faster where reads are the limit, slower on SmolLM2's stores, where they are
+    not (benchmarks/pin_layout.py), so the tail is the default."""
     if layout not in PIN_LAYOUTS:
         raise ValueError(f"pin layout must be one of {', '.join(PIN_LAYOUTS)}, got {layout!r}")
     if n_pinned <= 0:
@@ -206,7 +206,8 @@ def plan_dense(g: Geometry, resident: int, budget: Optional[int], depth: Optiona
             q -= 1
         n_pinned = min(g.n_layers - 1, max(0, (budget - resident - buffers(depth, q)) // g.pin_bytes))
         pinned = pinned_layers(g.n_layers, n_pinned, pin_layout)
-        streamed = [i for i in every if i not in set(pinned)]
+        held = set(pinned)
+        streamed = [i for i in every if i not in held]
         return Plan("dense", budget, resident, pinned, streamed, g.unit_raw, depth, q,
                     pinned_bytes=n_pinned * g.pin_bytes, pinned_stored=stored and n_pinned > 0,
                     buffer_bytes=buffers(depth, q))
