@@ -17,7 +17,7 @@
 #include "cpu_vec.h"
 
 enum { S_F32 = 0, S_F16 = 1, S_BF16 = 2 };
-enum { MAX_ROWS = 16, MAX_GROUP = 128, ROW_CHUNK = 32 };
+enum { MAX_ROWS = 16, MAX_GROUP = 128 };
 
 static inline float scalar(const void *a, int64_t i, int fmt) {
     if (fmt == S_F32) return ((const float *)a)[i];
@@ -123,14 +123,13 @@ int applelm_affine_matmul(const float *x, int64_t m, int64_t k, const uint8_t *w
             sums[r * ng + g] = s;
         }
     }
-    int64_t most = n / 64 > 0 ? n / 64 : 1, nc = (n + ROW_CHUNK - 1) / ROW_CHUNK;
-    if (threads > most) threads = (int)most; /* ~64 rows per thread at least, as in gguf_cpu.c */
+    const int64_t nc = row_chunks(n);
+    threads = threads_for(n, threads);
 #ifdef _OPENMP
 #pragma omp parallel for num_threads(threads) schedule(runtime) if (threads > 1)
 #endif
     for (int64_t c = 0; c < nc; c++)
-        rows_of(xs, sums, m, k, w, scales, biases, sfmt, n, bits, group, c * ROW_CHUNK,
-                (c + 1) * ROW_CHUNK < n ? (c + 1) * ROW_CHUNK : n, y);
+        rows_of(xs, sums, m, k, w, scales, biases, sfmt, n, bits, group, c * ROW_CHUNK, chunk_end(c * ROW_CHUNK, n), y);
     free(xs);
     free(sums);
     return 0;

@@ -1,6 +1,7 @@
 /* What the CPU kernels share (ops/gguf_cpu.c, ops/affine_cpu.c, applelm/flash/native_ffn.c): eight-lane vector
- * types, byte widening, float16/bfloat16 -> float32 and the gated FFNs' activations. native_build.py compiles every kernel with this
- * folder on the include path and puts this header's bytes into each kernel's build key. */
+ * types, byte widening, float16/bfloat16 -> float32, the gated FFNs' activations and the matmuls' split of
+ * output rows among threads. native_build.py compiles every kernel with this folder on the include path and
+ * puts this header's bytes into each kernel's build key. */
 #ifndef APPLELM_CPU_VEC_H
 #define APPLELM_CPU_VEC_H
 #include <math.h>
@@ -37,6 +38,20 @@ static inline float half_to_float(uint16_t h) {
     memcpy(&f, &u, 4);
     return f;
 #endif
+}
+
+/* The matmuls hand out output rows ROW_CHUNK at a time; each output is computed by one thread. */
+enum { ROW_CHUNK = 32 };
+
+static inline int64_t row_chunks(int64_t n) { return (n + ROW_CHUNK - 1) / ROW_CHUNK; }
+
+/* The end of the row chunk that starts at lo, in n rows. */
+static inline int64_t chunk_end(int64_t lo, int64_t n) { return lo + ROW_CHUNK < n ? lo + ROW_CHUNK : n; }
+
+/* Threads for `rows` output rows: ~64 rows per thread at least (smaller shares cost more in wake-up). */
+static inline int threads_for(int64_t rows, int threads) {
+    int64_t most = rows / 64 > 0 ? rows / 64 : 1;
+    return threads > most ? (int)most : threads;
 }
 
 enum { ACT_SILU = 0, ACT_GELU_TANH = 1 };

@@ -14,7 +14,7 @@
 #include "cpu_vec.h"
 
 enum { T_Q4_0 = 0, T_Q4_1 = 1, T_Q5_0 = 2, T_Q5_1 = 3, T_Q8_0 = 4, T_Q4_K = 5, T_Q6_K = 6 };
-enum { MAX_ROWS = 16, MAX_BLOCK = 256, ROW_CHUNK = 32 };
+enum { MAX_ROWS = 16, MAX_BLOCK = 256 };
 
 static const int BLOCK_ELEMS[] = {32, 32, 32, 32, 32, 256, 256};
 static const int BLOCK_BYTES[] = {18, 20, 22, 24, 34, 144, 210};
@@ -189,51 +189,34 @@ static void chunks(const float *x, int64_t m, int64_t k, const uint8_t *w, int64
         rows_of(x + r0 * k, m - r0 < MAX_ROWS ? m - r0 : MAX_ROWS, k, w, n, type, lo, hi, y + r0 * n);
 }
 
-/* The end of the row chunk that starts at lo, in n rows. */
-static inline int64_t chunk_end(int64_t lo, int64_t n) { return lo + ROW_CHUNK < n ? lo + ROW_CHUNK : n; }
-
-/* Threads for `rows` output rows: ~64 rows per thread at least (smaller shares cost more in wake-up). */
-static int threads_for(int64_t rows, int threads) {
-    int64_t most = rows / 64 > 0 ? rows / 64 : 1;
-    return threads > most ? (int)most : threads;
-}
-
-/* y (m, n) = x (m, k) @ W.T for n packed rows of `type`. Returns 0, or -1 for arguments it cannot handle
- * (the caller then takes the MLX path). */
-int applelm_gguf_matmul(const float *x, int64_t m, int64_t k, const uint8_t *w, int64_t n, int type,
-                        int threads, float *y) {
-    if (type < T_Q4_0 || type > T_Q6_K || m < 1 || k <= 0 || n < 0 || threads < 1) return -1;
-    if (k % BLOCK_ELEMS[type]) return -1;
-#ifdef _OPENMP
-    threads = threads_for(n, threads);
-    if (threads > 1) {
-        int64_t nc = (n + ROW_CHUNK - 1) / ROW_CHUNK;
-#pragma omp parallel for num_threads(threads) schedule(runtime)
-        for (int64_t c = 0; c < nc; c++)
-            chunks(x, m, k, w, n, type, c * ROW_CHUNK, chunk_end(c * ROW_CHUNK, n), y);
-        return 0;
-    }
-#endif
-    chunks(x, m, k, w, n, type, 0, n, y);
-    return 0;
-}
+/* Whether the kernel multiplies rows of `type` holding k values (whole blocks). */
+static int takes(int type, int64_t k) { return type >= T_Q4_0 && type <= T_Q6_K && k % BLOCK_ELEMS[type] == 0; }
 
 /* y[p] (m, n[p]) = x (m, k) @ W[p].T for `count` weights that share x (q, k and v; gate and up): one parallel
  * region, the row chunks of every product handed out together, so the workers wake once instead of once per
- * product. Each output row is computed as applelm_gguf_matmul computes it. Returns 0, or -1 as it does. */
+ * product. Each output row is computed by one thread, in the same order whatever the grouping or the thread
+ * count. Returns 0, or -1 for arguments it cannot handle (the caller then takes the MLX path). */
 int applelm_gguf_matmul_many(const float *x, int64_t m, int64_t k, int count, const uint8_t *const *w,
                              const int64_t *n, const int *types, int threads, float *const *y) {
     enum { MAX_PRODUCTS = 8 };
     int64_t first[MAX_PRODUCTS + 1] = {0}, rows = 0; /* first chunk of each product */
     if (count < 1 || count > MAX_PRODUCTS || m < 1 || k <= 0 || threads < 1) return -1;
     for (int p = 0; p < count; p++) {
-        if (types[p] < T_Q4_0 || types[p] > T_Q6_K || n[p] < 0 || k % BLOCK_ELEMS[types[p]]) return -1;
-        first[p + 1] = first[p] + (n[p] + ROW_CHUNK - 1) / ROW_CHUNK;
+        if (!takes(types[p], k) || n[p] < 0) return -1;
+        first[p + 1] = first[p] + row_chunks(n[p]);
         rows += n[p];
     }
-    threads = threads_for(rows, threads);
 #ifdef _OPENMP
-#pragma omp parallel for num_threads(threads) schedule(runtime) if (threads > 1)
+    threads = threads_for(rows, threads);
+#else
+    threads = 1;
+#endif
+    if (threads == 1) { /* no parallel region, and each product as one range of rows */
+        for (int p = 0; p < count; p++) chunks(x, m, k, w[p], n[p], types[p], 0, n[p], y[p]);
+        return 0;
+    }
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(threads) schedule(runtime)
 #endif
     for (int64_t c = 0; c < first[count]; c++) {
         int p = 0;
@@ -244,6 +227,12 @@ int applelm_gguf_matmul_many(const float *x, int64_t m, int64_t k, int count, co
     return 0;
 }
 
+/* y (m, n) = x (m, k) @ W.T for n packed rows of `type`: the one-weight case of applelm_gguf_matmul_many. */
+int applelm_gguf_matmul(const float *x, int64_t m, int64_t k, const uint8_t *w, int64_t n, int type,
+                        int threads, float *y) {
+    return applelm_gguf_matmul_many(x, m, k, 1, &w, &n, &type, threads, &y);
+}
+
 /* The gated FFN of m activation rows in one call: y (m, k) = (act(x @ gate.T) * (x @ up.T)) @ down.T, with
  * gate and up (hidden, k) and down (k, hidden) packed rows of their own types, act 0 = silu, 1 = gelu (tanh).
  * scratch holds 2 * m * hidden floats. Threads take chunks of gate and up rows (each computing its rows of the
@@ -252,13 +241,10 @@ int applelm_gguf_matmul_many(const float *x, int64_t m, int64_t k, int count, co
 int applelm_gguf_ffn(const float *x, int64_t m, int64_t k, int64_t hidden, const uint8_t *gate, int gate_type,
                      const uint8_t *up, int up_type, const uint8_t *down, int down_type, int act, int threads,
                      float *scratch, float *y) {
-    const int ts[3] = {gate_type, up_type, down_type};
-    for (int p = 0; p < 3; p++)
-        if (ts[p] < T_Q4_0 || ts[p] > T_Q6_K) return -1;
     if (m < 1 || k <= 0 || hidden <= 0 || threads < 1 || (act != ACT_SILU && act != ACT_GELU_TANH)) return -1;
-    if (k % BLOCK_ELEMS[gate_type] || k % BLOCK_ELEMS[up_type] || hidden % BLOCK_ELEMS[down_type]) return -1;
+    if (!takes(gate_type, k) || !takes(up_type, k) || !takes(down_type, hidden)) return -1;
     float *h = scratch, *u = scratch + m * hidden;
-    const int64_t up_chunks = (hidden + ROW_CHUNK - 1) / ROW_CHUNK, down_chunks = (k + ROW_CHUNK - 1) / ROW_CHUNK;
+    const int64_t up_chunks = row_chunks(hidden), down_chunks = row_chunks(k);
     threads = threads_for(hidden, threads);
 #ifdef _OPENMP
 #pragma omp parallel num_threads(threads) if (threads > 1)
@@ -277,9 +263,8 @@ int applelm_gguf_ffn(const float *x, int64_t m, int64_t k, int64_t hidden, const
 #ifdef _OPENMP
 #pragma omp for schedule(runtime)
 #endif
-        for (int64_t c = 0; c < down_chunks; c++) {
+        for (int64_t c = 0; c < down_chunks; c++)
             chunks(h, m, hidden, down, k, down_type, c * ROW_CHUNK, chunk_end(c * ROW_CHUNK, k), y);
-        }
     }
     return 0;
 }
