@@ -114,6 +114,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """GeGLU: down(gelu_tanh(gate(x)) * up(x))."""
 
+    activation = "gelu_tanh"  # by name (ops.layers.ACTIVATIONS): the fused CPU kernel and flash paging use it
+
     def __init__(self, dim: int, hidden: int):
         super().__init__()
         self.gate_proj = nn.Linear(dim, hidden, bias=False)
@@ -121,7 +123,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return gated_ffn(x, self.gate_proj, self.up_proj, self.down_proj, "gelu_tanh")
+        return gated_ffn(x, self.gate_proj, self.up_proj, self.down_proj, self.activation)
 
 
 class TransformerBlock(nn.Module):

@@ -81,6 +81,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
 
+    activation = "silu"  # by name (ops.layers.ACTIVATIONS): the fused CPU kernel and flash paging use it
+
     def __init__(self, dim: int, hidden: int, bias: bool = False):
         super().__init__()
         self.gate_proj = nn.Linear(dim, hidden, bias=bias)
@@ -88,7 +90,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=bias)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return gated_ffn(x, self.gate_proj, self.up_proj, self.down_proj, "silu")
+        return gated_ffn(x, self.gate_proj, self.up_proj, self.down_proj, self.activation)
 
 
 class TransformerBlock(nn.Module):

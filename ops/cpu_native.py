@@ -62,6 +62,12 @@ def host(a: mx.array) -> np.ndarray:
     return np.array(a, copy=False)
 
 
+def _loaded(lib: Optional[ctypes.CDLL], what: str) -> ctypes.CDLL:
+    if lib is None:
+        raise RuntimeError(f"the {what} CPU kernel is unavailable")
+    return lib
+
+
 def _check_x(x: np.ndarray) -> None:
     if x.dtype != np.float32 or x.ndim != 2 or not x.flags.c_contiguous:
         raise ValueError("GGUF CPU kernel: x must be a contiguous (m, k) float32 array")
@@ -81,9 +87,7 @@ def _check_rows(packed: np.ndarray, ggml_type: str, k: int, what: str) -> None:
 
 def matmul_numpy(x: np.ndarray, packed: np.ndarray, ggml_type: str, threads: Optional[int] = None) -> np.ndarray:
     """x (m, k) float32 @ W.T for packed rows W (n, row_bytes) uint8 -> (m, n) float32."""
-    lib = load()
-    if lib is None:
-        raise RuntimeError("the GGUF CPU kernel is unavailable")
+    lib = _loaded(load(), "GGUF")
     _check_x(x)
     _check_rows(packed, ggml_type, x.shape[1], "the weight")
     m, k = x.shape
@@ -98,9 +102,7 @@ def matmul_numpy(x: np.ndarray, packed: np.ndarray, ggml_type: str, threads: Opt
 def matmuls_numpy(x: np.ndarray, weights: Sequence[tuple[np.ndarray, str]],
                   threads: Optional[int] = None) -> list[np.ndarray]:
     """[x @ W.T for (W, ggml_type) in weights] in one kernel call (up to MAX_PRODUCTS weights sharing x)."""
-    lib = load()
-    if lib is None:
-        raise RuntimeError("the GGUF CPU kernel is unavailable")
+    lib = _loaded(load(), "GGUF")
     if not 1 <= len(weights) <= MAX_PRODUCTS:
         raise ValueError(f"GGUF CPU kernel: 1 to {MAX_PRODUCTS} weights per call, got {len(weights)}")
     _check_x(x)
@@ -123,9 +125,7 @@ def ffn_numpy(x: np.ndarray, gate: tuple[np.ndarray, str], up: tuple[np.ndarray,
               activation: str, threads: Optional[int] = None) -> np.ndarray:
     """The gated FFN (act(x @ gate.T) * (x @ up.T)) @ down.T of x (m, k) float32 in one kernel call; each
     weight is (packed rows, ggml_type): gate and up (hidden, ...) of k values, down (k, ...) of hidden."""
-    lib = load()
-    if lib is None:
-        raise RuntimeError("the GGUF CPU kernel is unavailable")
+    lib = _loaded(load(), "GGUF")
     if activation not in ACTIVATIONS:
         raise ValueError(f"GGUF CPU kernel: activation {activation!r} is not one of {', '.join(ACTIVATIONS)}")
     _check_x(x)
@@ -151,9 +151,7 @@ def affine_numpy(x: np.ndarray, w: np.ndarray, scales: np.ndarray, biases: np.nd
                  group_size: int, threads: Optional[int] = None) -> np.ndarray:
     """x (m, k) float32 @ W.T for MLX affine rows: w (n, k * bits / 32) uint32, scales and biases (n, k / group)
     of SCALE_FORMATS[scale_format] (16-bit ones as uint16 or their MLX dtype's numpy view) -> (m, n) float32."""
-    lib = load_affine()
-    if lib is None:
-        raise RuntimeError("the affine CPU kernel is unavailable")
+    lib = _loaded(load_affine(), "affine")
     if x.dtype != np.float32 or x.ndim != 2 or not x.flags.c_contiguous:
         raise ValueError("affine CPU kernel: x must be a contiguous (m, k) float32 array")
     m, k = x.shape
@@ -177,11 +175,9 @@ def affine_numpy(x: np.ndarray, w: np.ndarray, scales: np.ndarray, biases: np.nd
 def affine_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, bits: int,
                   group_size: int) -> mx.array:
     """x (..., k) @ W.T for MLX affine-quantized W through the kernel, in x's dtype (eager: evaluates x)."""
-    k = x.shape[-1]
-    xf = _evaluated_f32(x, w, scales, biases)
+    xn = _input_rows(x, x.shape[-1], w, scales, biases)
     fmt = SCALE_FORMATS[scales.dtype]
-    return _finish(x, affine_numpy(np.ascontiguousarray(host(xf)).reshape(-1, k), host(w), _raw(scales),
-                                   _raw(biases), fmt, bits, group_size))
+    return _finish(x, affine_numpy(xn, host(w), _raw(scales), _raw(biases), fmt, bits, group_size))
 
 
 def _raw(a: mx.array) -> np.ndarray:
@@ -193,32 +189,33 @@ def _raw(a: mx.array) -> np.ndarray:
 
 def gguf_matmul(x: mx.array, packed: mx.array, ggml_type: str, n_cols: int) -> mx.array:
     """x (..., n_cols) @ W.T through the kernel, in x's dtype (eager: evaluates x first)."""
-    # A float32 x is evaluated as it is and reshaped by numpy: the k and v projections then find the input
-    # the q projection evaluated, with no new MLX node to wait for (one round trip to MLX's thread each).
-    xf = _evaluated_f32(x, packed)
-    return _finish(x, matmul_numpy(np.ascontiguousarray(host(xf)).reshape(-1, n_cols), host(packed), ggml_type))
+    return _finish(x, matmul_numpy(_input_rows(x, n_cols, packed), host(packed), ggml_type))
 
 
 def gguf_matmul_host(x: mx.array, packed: np.ndarray, ggml_type: str, n_cols: int) -> mx.array:
     """gguf_matmul for packed rows held in host memory (a read buffer): the kernel reads them in place."""
-    xf = _evaluated_f32(x)
-    return _finish(x, matmul_numpy(np.ascontiguousarray(host(xf)).reshape(-1, n_cols), packed, ggml_type))
+    return _finish(x, matmul_numpy(_input_rows(x, n_cols), packed, ggml_type))
 
 
 def gguf_matmuls(x: mx.array, weights: Sequence[tuple[mx.array, str]], n_cols: int) -> list[mx.array]:
     """[x @ W.T for (W, ggml_type) in weights] through one kernel call, in x's dtype (eager)."""
-    xf = _evaluated_f32(x, *[w for w, _ in weights])
-    outs = matmuls_numpy(np.ascontiguousarray(host(xf)).reshape(-1, n_cols), [(host(w), t) for w, t in weights])
+    outs = matmuls_numpy(_input_rows(x, n_cols, *[w for w, _ in weights]), [(host(w), t) for w, t in weights])
     return [_finish(x, o) for o in outs]
 
 
 def gguf_ffn(x: mx.array, gate: tuple, up: tuple, down: tuple, activation: str) -> mx.array:
     """The gated FFN of x (..., k) through one kernel call (ffn_numpy), in x's dtype (eager). Each weight is
     (packed rows, ggml_type), the rows an MLX array or host memory (numpy, read in place)."""
-    xf = _evaluated_f32(x, *[w for w, _ in (gate, up, down) if isinstance(w, mx.array)])
-    k = x.shape[-1]
+    xn = _input_rows(x, x.shape[-1], *[w for w, _ in (gate, up, down) if isinstance(w, mx.array)])
     gate, up, down = ((w if isinstance(w, np.ndarray) else host(w), t) for w, t in (gate, up, down))
-    return _finish(x, ffn_numpy(np.ascontiguousarray(host(xf)).reshape(-1, k), gate, up, down, activation))
+    return _finish(x, ffn_numpy(xn, gate, up, down, activation))
+
+
+def _input_rows(x: mx.array, k: int, *also: mx.array) -> np.ndarray:
+    """x evaluated (with `also`) as a contiguous (m, k) float32 numpy array for the kernels."""
+    # A float32 x is evaluated as it is and reshaped by numpy: the k and v projections then find the input
+    # the q projection evaluated, with no new MLX node to wait for (one round trip to MLX's thread each).
+    return np.ascontiguousarray(host(_evaluated_f32(x, *also))).reshape(-1, k)
 
 
 def _evaluated_f32(x: mx.array, *also: mx.array) -> mx.array:

@@ -149,13 +149,18 @@ def gguf_matmul_host(x: mx.array, packed: np.ndarray, ggml_type: str, n_cols: in
     return gguf_matmul(x, mx.array(packed), ggml_type, n_cols, scratch_elements)
 
 
+def _fuses(m: int, ggml_types: list[str]) -> bool:
+    """Whether m activation rows of products in these formats go to one fused kernel call (APPLELM_FUSE=off:
+    never)."""
+    be = backend()
+    return not switched_off("APPLELM_FUSE") and all(_native_kernel_takes(be, m, t) for t in ggml_types)
+
+
 def gguf_matmuls(x: mx.array, weights: Sequence[tuple[mx.array, str]], n_cols: int) -> list[mx.array]:
     """[gguf_matmul(x, W, ggml_type, n_cols) for (W, ggml_type) in weights]: one call of the CPU kernel where it
     takes every weight (q, k and v, say: one hand-off and one wake-up of its threads instead of three).
     APPLELM_FUSE=off makes one call per weight (benchmarks/fused_decode.py compares the two)."""
-    m, be = x.size // n_cols, backend()
-    fuse = not switched_off("APPLELM_FUSE") and 1 < len(weights) <= cpu_native.MAX_PRODUCTS
-    if fuse and all(_native_kernel_takes(be, m, t) for _, t in weights):
+    if 1 < len(weights) <= cpu_native.MAX_PRODUCTS and _fuses(x.size // n_cols, [t for _, t in weights]):
         try:
             return cpu_native.gguf_matmuls(x, weights, n_cols)
         except cpu_native.Tracing:
@@ -168,10 +173,7 @@ def gguf_ffn_fused(x: mx.array, gate: tuple, up: tuple, down: tuple, activation:
     None where that kernel does not take it, or with APPLELM_FUSE=off (then the caller composes gguf_matmul and
     MLX's activation). Each weight is (packed rows, ggml_type), the rows an MLX array or numpy (host memory,
     such as a flash read buffer: read in place)."""
-    if switched_off("APPLELM_FUSE"):
-        return None
-    m, be = x.size // x.shape[-1], backend()
-    if activation in cpu_native.ACTIVATIONS and all(_native_kernel_takes(be, m, t) for _, t in (gate, up, down)):
+    if activation in cpu_native.ACTIVATIONS and _fuses(x.size // x.shape[-1], [t for _, t in (gate, up, down)]):
         try:
             return cpu_native.gguf_ffn(x, gate, up, down, activation)
         except cpu_native.Tracing:

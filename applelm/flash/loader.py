@@ -11,7 +11,7 @@ import json
 import warnings
 import zlib
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -21,6 +21,7 @@ from mlx.utils import tree_flatten
 from ..errors import ModelFormatError, UnsupportedError, UserError
 from ..models import get_architecture
 from ..ops import GGUFEmbedding, GGUFLinear
+from ..ops.layers import ACTIVATIONS
 from ..quant import dequantize_model, swap_quantized
 from .blocks import PROMPT_SCRATCH_BYTES
 from .budget import PIN_LAYOUTS, Geometry, parse_size, plan_dense, plan_sparse
@@ -34,18 +35,15 @@ from .runtime import FlashRuntime
 SPARSITY_MODES = ("threshold", "predictor")
 
 
-def activation_of(mlp: nn.Module) -> tuple[str, Callable]:
-    """The activation of a model's gated MLP module, as (name, MLX function): the FFN swap must compute
-    the same function (the name selects it in the native CPU kernel)."""
-    from ..models import gemma3, llama
-
+def activation_of(mlp: nn.Module) -> str:
+    """The activation of a model's gated MLP module, by name (ops.layers.ACTIVATIONS): the FFN swap must
+    compute the same function (the name also selects it in the native CPU kernel)."""
     if "bias" in getattr(mlp, "gate_proj", {}) or "bias" in getattr(mlp, "down_proj", {}):
         raise UnsupportedError("flash paging does not support FFN biases (mlp_bias)")
-    if type(mlp) is llama.MLP:
-        return "silu", nn.silu
-    if type(mlp) is gemma3.MLP:
-        return "gelu_tanh", nn.gelu_approx
-    raise UnsupportedError(f"flash paging does not know the FFN module {type(mlp).__name__}")
+    name = getattr(type(mlp), "activation", None)
+    if name not in ACTIVATIONS:
+        raise UnsupportedError(f"flash paging does not know the FFN module {type(mlp).__name__}")
+    return name
 
 
 def _dense_bytes(module: nn.Module, itemsize: int) -> Optional[int]:
@@ -224,7 +222,7 @@ def load_flash_model(folder, *, dtype: Optional[str] = None, memory_budget=None,
     # Only paging under a budget reads bundles (no budget: every layer pinned, or every neuron cached),
     # so only it builds or loads the kernel unless asked to.
     if not layout.blocks and (native or (native is None and budget is not None and mx.default_device() == mx.cpu)):
-        kernel = bundle_ffn(layout.codec, acts[0][0]) if len({a for a, _ in acts}) == 1 else None
+        kernel = bundle_ffn(layout.codec, acts[0]) if len(set(acts)) == 1 else None
         if native and kernel is None:
             raise UserError("native=True, but the native flash kernel is unavailable (no C compiler, "
                             "APPLELM_NATIVE=off, or an activation it does not implement)")
@@ -283,7 +281,7 @@ def load_flash_model(folder, *, dtype: Optional[str] = None, memory_budget=None,
     pinned = set(plan.pinned)
     for i, block in enumerate(model.layers):
         mode = {"naive": "naive", "sparse": "sparse"}.get(plan.mode) or ("pinned" if i in pinned else "stream")
-        block.mlp = FlashMLP(i, rt, acts[i][1], mode, act_name=acts[i][0])
+        block.mlp = FlashMLP(i, rt, acts[i], mode)
         if mode == "sparse":
             rt.sparse_layers[i] = block.mlp
     try:

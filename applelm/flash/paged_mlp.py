@@ -25,6 +25,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from ..ops.layers import ACTIVATIONS
 from .neuron_cache import NeuronCache
 from .runtime import FlashRuntime
 
@@ -55,10 +56,11 @@ class FlashMLP(nn.Module):
     """The paged feed-forward block of layer `layer`. Holds no parameters (the weights live in the flash
     store and in this module's private state), so load_weights(strict=True) of the resident part works."""
 
-    def __init__(self, layer: int, runtime: FlashRuntime, act: Callable, mode: str, act_name: str = ""):
+    def __init__(self, layer: int, runtime: FlashRuntime, activation: str, mode: str):
         super().__init__()
         self.layer, self.mode = layer, mode
-        self._rt, self._act, self._act_name = runtime, act, act_name
+        # by name (ops.layers.ACTIVATIONS): the GGUF-blocks store's fused kernel call takes the name
+        self._rt, self._act_name, self._act = runtime, activation, ACTIVATIONS[activation]
         self._pinned: Optional[tuple] = None  # (up, down_t, gate) in the compute dtype
         self._stored = None  # or the layer's bundles as stored (numpy for the native kernel, MLX for GGUF blocks)
         self._gate: Optional[mx.array] = None  # resident gate (threshold sparsity)
