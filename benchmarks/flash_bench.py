@@ -95,6 +95,23 @@ def disk_speeds(work: Path, size: int = 1 << 30) -> dict:
 # models
 
 
+# The synthetic model's default shape (hidden, intermediate, layers) and budget; pin_layout.py --synthetic too.
+SYNTHETIC_SHAPE, SYNTHETIC_BUDGET = "1024,14336,24", "1GB"
+
+
+def synthetic_layout_name(hidden: int, inter: int, layers: int) -> str:
+    """The work-folder name of the synthetic model's flash layout of this shape."""
+    return f"synthetic_{hidden}_{inter}_{layers}_flash"
+
+
+def synthetic_prompt(vocab_size: int) -> tuple[list[int], list[int]]:
+    """The synthetic model's calibration ids (256) and its prompt (their first 16)."""
+    import numpy as np
+
+    ids = [int(v) for v in np.random.default_rng(1).integers(0, vocab_size, 256)]
+    return ids, ids[:16]
+
+
 def synthetic_config(hidden: int, inter: int, layers: int) -> dict:
     heads = hidden // 64
     return dict(model_type="llama", hidden_size=hidden, num_hidden_layers=layers, intermediate_size=inter,
@@ -172,10 +189,12 @@ def resident_size(layout, **load_options) -> tuple[int, int]:
         full.close()
 
 
-def round_args(doc: str) -> tuple[argparse.Namespace, Path]:
+def round_args(doc: str, flags: tuple[str, ...] = ()) -> tuple[argparse.Namespace, Path]:
     """The options of the interleaved-round SmolLM2 studies (omp_wait, huge_pages, ring_depth) and their work
-    folder, created if missing."""
+    folder, created if missing; `flags`: a study's own on/off switches."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for flag in flags:
+        p.add_argument(flag, action="store_true")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--tokens", type=int, default=24)
     p.add_argument("--work", default=str(ROOT / ".flash_bench"))
@@ -621,8 +640,8 @@ def main() -> int:
     p.add_argument("--models", default="synthetic,smollm2,smollm2-8bit", help="smollm2-8bit needs smollm2")
     p.add_argument("--work", default=str(ROOT / ".flash_bench"), help="where models and layouts are written")
     p.add_argument("--tokens", type=int, default=None, help="decode tokens per run (default 8 synthetic, 24 smollm2)")
-    p.add_argument("--synthetic", default="1024,14336,24", help="hidden,intermediate,layers")
-    p.add_argument("--synthetic-budget", default="1GB")
+    p.add_argument("--synthetic", default=SYNTHETIC_SHAPE, help="hidden,intermediate,layers")
+    p.add_argument("--synthetic-budget", default=SYNTHETIC_BUDGET)
     p.add_argument("--smollm2-budget-fraction", type=float, default=0.5)
     p.add_argument("--blocks-budget-fraction", type=float, default=BLOCKS_BUDGET_FRACTION,
                    help="smollm2-blocks budget, a fraction of its own fully resident size (at 0.5 the resident "
@@ -756,12 +775,12 @@ def main() -> int:
         hidden, inter, layers = (int(v) for v in args.synthetic.split(","))
         cfg = synthetic_config(hidden, inter, layers)
         src = write_synthetic(work / f"synthetic_{hidden}_{inter}_{layers}", cfg)
-        ids = [int(v) for v in __import__("numpy").random.default_rng(1).integers(0, cfg["vocab_size"], 256)]
-        layout, prep_s = prepared(src, work / f"synthetic_{hidden}_{inter}_{layers}_flash", bits=16, dtype="bfloat16",
+        ids, prompt = synthetic_prompt(cfg["vocab_size"])
+        layout, prep_s = prepared(src, work / synthetic_layout_name(hidden, inter, layers), bits=16, dtype="bfloat16",
                                   train_predictors=True, calibration_ids=ids, calibration_tokens=128,
                                   predictor_rank=32)
         budget = parse_size(args.synthetic_budget)
-        spec = {**base, "model": str(layout), "tokens": args.tokens or 8, "prompt": ids[:16],
+        spec = {**base, "model": str(layout), "tokens": args.tokens or 8, "prompt": prompt,
                 "options": dict(base["options"])}
         rows, rounds = bench_model("synthetic", budget, spec, [
             ("sparse-predictor-0.5", {"sparsity": 0.5, "sparsity_mode": "predictor"}),

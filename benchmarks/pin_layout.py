@@ -1,12 +1,13 @@
 """Where pinned FFN layers sit among streamed ones: spread evenly against the last layers (the tail).
 
 Under a budget the plan pins whole FFN layers and streams the rest through a ring of `depth` units. With the
-pinned layers at the tail (the default), the ring fills within the first pinned layer's compute and then
-idles for the rest of the run of them; spread evenly, each pinned layer's compute overlaps the reads of the
-next streamed unit, so reads stay in flight through the token. The question is which decodes faster. This decodes the SmolLM2 bfloat16, 8-bit and GGUF-blocks
-stores paged both ways (flash_bench's budget; the blocks store at 75% of its own size, as in read_cost), and
-fully resident, each run a fresh process, interleaved over rounds. Reported per run: tok/s, MB read per token,
-read GB/s while decoding and the I/O wait per token; in how many rounds `spread` beat `tail`.
+pinned layers at the tail (the default), the ring fills within the first pinned layer's compute and then idles
+for the rest of the run of them; spread evenly, each pinned layer's compute overlaps the reads of the next
+streamed unit, so reads stay in flight through the token. The question is which decodes faster. This decodes
+the SmolLM2 bfloat16, 8-bit and GGUF-blocks stores paged both ways (flash_bench's budget; the blocks store at
+75% of its own size, as in read_cost), and fully resident, each run a fresh process, interleaved over rounds.
+Reported per run: tok/s, MB read per token, read GB/s while decoding and the I/O wait per token; in how many
+rounds `spread` beat `tail`.
 
 With --synthetic, the same two layouts on flash_bench's synthetic model instead (2.5 GB, 1 GB budget,
 8 tokens a run; the model whose reads are the limit; prepared by `flash_bench.py --models synthetic`).
@@ -32,16 +33,17 @@ def runs(budget: int) -> dict[str, dict]:
 
 def synthetic_main() -> int:
     """The tail and spread layouts on flash_bench's synthetic layout under its 1 GB budget."""
-    args, work = flash_bench.round_args(__doc__)
-    layout = work / "synthetic_1024_14336_24_flash"
-    if not (layout / "flash_index.json").exists():
-        raise SystemExit(f"{layout}: not prepared; run benchmarks/flash_bench.py --models synthetic first")
-    import numpy as np
-
+    args, work = flash_bench.round_args(__doc__, flags=("--synthetic",))
+    shape = [int(v) for v in flash_bench.SYNTHETIC_SHAPE.split(",")]
+    layout = work / flash_bench.synthetic_layout_name(*shape)
     from applelm.flash.budget import parse_size
+    from applelm.flash.layout import INDEX_FILE
 
-    budget = parse_size("1GB")
-    prompt = [int(v) for v in np.random.default_rng(1).integers(0, 32000, 256)[:16]]  # flash_bench's prompt
+    if not (layout / INDEX_FILE).exists():
+        raise SystemExit(f"{layout}: not prepared; run benchmarks/flash_bench.py --models synthetic first")
+
+    budget = parse_size(flash_bench.SYNTHETIC_BUDGET)
+    prompt = flash_bench.synthetic_prompt(flash_bench.synthetic_config(*shape)["vocab_size"])[1]
     args.tokens = min(args.tokens, 8)
     result = paired_runs.run_rounds(__file__, args, {"synthetic": layout},
                                     {k: v for k, v in runs(budget).items() if k != "resident"}, prompt,
@@ -52,8 +54,7 @@ def synthetic_main() -> int:
 
 
 def main() -> int:
-    if "--synthetic" in sys.argv:  # the rest of the command line is round_args'
-        sys.argv.remove("--synthetic")
+    if "--synthetic" in sys.argv[1:]:
         return synthetic_main()
     return paired_runs.study(__doc__, __file__, ("bf16", "8bit", "blocks"), runs, BASELINE, markdown,
                              store_options=paired_runs.NATIVE_STORE_OPTIONS,
@@ -61,9 +62,10 @@ def main() -> int:
 
 
 def markdown(result: dict) -> str:
+    blocks = result.get("store_budget_bytes", {}).get("blocks")
     return paired_runs.markdown(result, "Pinned layers spread among streamed ones, against the tail", BASELINE,
-                                f"budget {result['budget_bytes']} bytes (blocks "
-                                f"{result.get('store_budget_bytes', {}).get('blocks')} bytes)")
+                                f"budget {result['budget_bytes']} bytes"
+                                + (f" (blocks {blocks} bytes)" if blocks else ""))
 
 
 if __name__ == "__main__":
