@@ -158,7 +158,9 @@ def load(model: Union[str, os.PathLike, None] = None, *, dtype: Optional[str] = 
         buffers may hold ("2GB", "512MiB" or an int); FFN weights beyond it stream from the SSD. Without
         it a flash layout loads fully resident. Further flash options: sparsity (target fraction of
         inactive FFN neurons, e.g. 0.5), sparsity_mode ("threshold" or "predictor"), window (tokens a
-        neuron stays cached, default 4). The loaded model's `flash` attribute reports bytes read."""
+        neuron stays cached, default 4), pin_layout ("auto" (default), "tail" or "spread": where dense
+        paging's pinned layers sit among the streamed ones). The loaded model's `flash` attribute reports
+        bytes read."""
     path = resolve_model_path(None if model is None else os.fspath(model))
     nn_model, _, gguf = load_model(path, dtype=dtype, lazy=lazy, dequantize=dequantize,
                                    memory_budget=memory_budget, **flash_options)

@@ -398,7 +398,9 @@ def run_one(spec: dict) -> dict:
            "reads_stubbed_at_GBps": round(stub_gbps, 3) if stub_gbps else None}
     if report:
         out.update({k: report[k] for k in ("bytes_per_token", "read_GBps", "io_overlap", "io_busy_s", "io_wait_s",
-                                           "compute_wait_s", "forced_evals", "direct_io")})
+                                           "compute_wait_s", "forced_evals", "direct_io", "pin_layout")})
+        if "layout_probe" in report:  # what --pin-layout auto measured at load, and chose
+            out["layout_probe"] = report["layout_probe"]
         out["io_busy_per_token_s"] = report["io_busy_s"] / max(1, len(times))
         for k in ("neurons_used_per_token", "neurons_read_per_token", "ahead_read_per_token", "ahead_used_share"):
             if k in report:
@@ -519,6 +521,9 @@ def summarize(rounds: list[dict]) -> dict:
             continue
         runs.sort(key=lambda r: r["decode_tok_s_median"])
         out[label] = dict(runs[len(runs) // 2], rounds_tok_s=[r[label].get("decode_tok_s_median") for r in rounds])
+        probes = [r[label].get("layout_probe") for r in rounds]
+        if any(probes):
+            out[label]["rounds_layout_probe"] = probes
     return out
 
 
@@ -628,6 +633,11 @@ def markdown(result: dict) -> str:
                          f"({g['met_rounds']}) | {g['vs_naive']}x | {g.get('before_bound_tok_s')} | "
                          f"{g.get('probe_bound_tok_s')} |")
         lines += ["", "tok/s of every round: " + ", ".join(f"{k} {v.get('rounds_tok_s')}" for k, v in model["runs"].items())]
+        probed = {k: v["rounds_layout_probe"] for k, v in model["runs"].items() if v.get("rounds_layout_probe")}
+        if probed:  # --pin-layout auto: the share of a load-time probe step spent waiting on reads -> its choice
+            lines += ["", "Pin layout chosen at load (auto), every round: " + "; ".join(
+                f"{k} " + ", ".join(f"{p['read_wait_share']} -> {p['chose']}" if p else "-" for p in v)
+                for k, v in probed.items())]
         if model.get("perplexity"):
             lines += ["", f"Perplexity: `{json.dumps(model['perplexity'])}`"]
         lines.append("")

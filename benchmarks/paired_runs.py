@@ -17,7 +17,8 @@ import machine_info  # benchmarks/machine_info.py
 # the native kernel (also fully resident, where it is otherwise off); the GGUF-blocks store has no such kernel.
 NATIVE_STORE_OPTIONS = {"bf16": {"native": True}, "8bit": {"native": True}}
 KEEP = ("decode_tok_s_median", "plan", "bytes_per_token", "read_GBps", "io_wait_s", "cpu_during_decode",
-        "neurons_read_per_token", "ahead_read_per_token", "ahead_used_share", "reads_stubbed_at_GBps", "error")
+        "neurons_read_per_token", "ahead_read_per_token", "ahead_used_share", "reads_stubbed_at_GBps", "layout_probe",
+        "error")
 
 
 def run_rounds(script: str, args, stores: dict[str, Path], runs: dict[str, dict], prompt: list[int],
@@ -89,6 +90,13 @@ def markdown(result: dict, title: str, baseline: str, setting: str) -> str:
     lines += ["", "tok/s of every round:", ""]
     for key in result["summary"]:
         lines.append(f"- {key}: {[r[key].get('decode_tok_s_median') for r in result['rounds']]}")
+    probed = [key for key in result["summary"] if result["rounds"][0][key].get("layout_probe")]
+    if probed:
+        lines += ["", "--pin-layout auto at load, every round (share of a probe step spent waiting on reads -> "
+                      "layout chosen):", ""]
+        lines += [f"- {key}: " + ", ".join(f"{p['read_wait_share']} -> {p['chose']}" for p in
+                                           (r[key].get("layout_probe") or {} for r in result["rounds"]) if p)
+                  for key in probed]
     stubbed = [key for key in result["summary"] if result["rounds"][0][key].get("reads_stubbed_at_GBps")]
     if stubbed:
         lines += ["", "Stubbed reads slept as long as at these speeds (GB/s, every round):", ""]

@@ -1,13 +1,14 @@
-"""Where pinned FFN layers sit among streamed ones: spread evenly against the last layers (the tail).
+"""Where pinned FFN layers sit among streamed ones: spread evenly against the last layers (the tail), and auto.
 
 Under a budget the plan pins whole FFN layers and streams the rest through a ring of `depth` units. With the
-pinned layers at the tail (the default), the ring fills within the first pinned layer's compute and then idles
+pinned layers at the tail, the ring fills within the first pinned layer's compute and then idles
 for the rest of the run of them; spread evenly, each pinned layer's compute overlaps the reads of the next
 streamed unit, so reads stay in flight through the token. The question is which decodes faster. This decodes
 the SmolLM2 bfloat16, 8-bit and GGUF-blocks stores paged both ways (flash_bench's budget; the blocks store at
 75% of its own size, as in read_cost), and fully resident, each run a fresh process, interleaved over rounds.
 Reported per run: tok/s, MB read per token, read GB/s while decoding and the I/O wait per token; in how many
-rounds `spread` beat `tail`.
+rounds `spread` beat `tail`. The third paged run, `auto` (the default), measures at load which of the two
+the model needs (flash/auto_layout.py); the table lists what it measured and chose in every round.
 
 With --synthetic, the same two layouts on flash_bench's synthetic model instead (2.5 GB, 1 GB budget,
 8 tokens a run; the model whose reads are the limit; prepared by `flash_bench.py --models synthetic`).
@@ -28,11 +29,12 @@ BASELINE = "tail"
 def runs(budget: int) -> dict[str, dict]:
     """Load options of every run: fully resident, then paged under `budget` with each pin layout."""
     return {"resident": {}, "tail": {"memory_budget": budget, "pin_layout": "tail"},
-            "spread": {"memory_budget": budget, "pin_layout": "spread"}}
+            "spread": {"memory_budget": budget, "pin_layout": "spread"},
+            "auto": {"memory_budget": budget, "pin_layout": "auto"}}
 
 
 def synthetic_main() -> int:
-    """The tail and spread layouts on flash_bench's synthetic layout under its 1 GB budget."""
+    """The tail, spread and auto layouts on flash_bench's synthetic layout under its 1 GB budget."""
     args, work = flash_bench.round_args(__doc__, flags=("--synthetic",))
     shape = [int(v) for v in flash_bench.SYNTHETIC_SHAPE.split(",")]
     layout = work / flash_bench.synthetic_layout_name(*shape)

@@ -62,6 +62,7 @@ class Plan:
     cache_capacity: int = 0  # neurons per layer (sparse)
     pinned_bytes: int = 0
     pinned_stored: bool = False  # pinned layers held as their stored bundles (native kernel) or as floats
+    pin_layout: str = "tail"  # where the pinned layers sit among the streamed ones (pinned_layers)
     buffer_bytes: int = 0  # staging + in-flight copies + decoded floats
     cache_bytes: int = 0
 
@@ -73,7 +74,8 @@ class Plan:
         parts = [f"mode {self.mode}", f"resident {format_size(self.resident_bytes)}"]
         if self.pinned:
             held = " as stored bundles" if self.pinned_stored else ""
-            parts.append(f"{len(self.pinned)} FFN layers pinned{held} ({format_size(self.pinned_bytes)})")
+            where = f"{self.pin_layout}, " if self.streamed else ""
+            parts.append(f"{len(self.pinned)} FFN layers pinned{held} ({where}{format_size(self.pinned_bytes)})")
         if self.streamed:
             parts.append(f"{len(self.streamed)} streamed (ring {self.ring_depth} x {format_size(self.unit_bytes)})")
         if self.fixed_bytes:
@@ -149,20 +151,21 @@ def ring_depths(g: Geometry) -> list[int]:
     return [d for d in (4, 3, 2) if (d - 1) * g.unit_raw >= MIN_READ_AHEAD] or [4]
 
 
-PIN_LAYOUTS = ("tail", "spread")
+PIN_LAYOUTS = ("auto", "tail", "spread")
 
 
 def pinned_layers(n_layers: int, n_pinned: int, layout: str = "tail") -> list[int]:
     """Which of n_layers FFN layers to pin. "tail": the last n_pinned layers; the ring then streams the first
     ones, whose reads for the next token start while the pinned tail of this token computes. "spread": evenly
     among the streamed ones, the last layer pinned (j-th of p at (j + 1) * n / p - 1), so reads go on through
-    each pinned layer's compute: faster where reads are the limit, slower on SmolLM2's stores, where they are
-    not (benchmarks/pin_layout.py), so the tail is the default."""
+    each pinned layer's compute: faster where reads are the limit, not where they are not
+    (benchmarks/pin_layout.py). "auto" starts as the tail; the loader then measures which one the model
+    needs (flash/auto_layout.py)."""
     if layout not in PIN_LAYOUTS:
         raise ValueError(f"pin layout must be one of {', '.join(PIN_LAYOUTS)}, got {layout!r}")
     if n_pinned <= 0:
         return []
-    if layout == "tail":
+    if layout in ("tail", "auto"):
         return list(range(n_layers - n_pinned, n_layers))
     return [(j + 1) * n_layers // n_pinned - 1 for j in range(n_pinned)]
 
@@ -210,7 +213,7 @@ def plan_dense(g: Geometry, resident: int, budget: Optional[int], depth: Optiona
         streamed = [i for i in every if i not in held]
         return Plan("dense", budget, resident, pinned, streamed, g.unit_raw, depth, q,
                     pinned_bytes=n_pinned * g.pin_bytes, pinned_stored=stored and n_pinned > 0,
-                    buffer_bytes=buffers(depth, q))
+                    buffer_bytes=buffers(depth, q), pin_layout="spread" if pin_layout == "spread" else "tail")
 
     if depth is not None:
         return at_depth(depth)

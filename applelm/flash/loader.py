@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import warnings
 import zlib
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -23,6 +24,7 @@ from ..models import get_architecture
 from ..ops import GGUFEmbedding, GGUFLinear
 from ..ops.layers import ACTIVATIONS
 from ..quant import dequantize_model, swap_quantized
+from .auto_layout import settle_pin_layout
 from .blocks import PROMPT_SCRATCH_BYTES
 from .budget import PIN_LAYOUTS, Geometry, parse_size, plan_dense, plan_sparse
 from .io import AlignedBuffer, wait_all
@@ -123,15 +125,16 @@ def _pinned_chunks(codec, layer: int, chunks: np.ndarray) -> list:
 
 
 def _read_layers(rt: FlashRuntime, layout: FlashLayout, want: dict[int, tuple], verify: bool,
-                 stored: frozenset = frozenset(), stored_gates: frozenset = frozenset()) -> tuple[dict, dict, dict]:
-    """One pass over the layer files with direct I/O: check CRCs and keep what layers hold.
-    want[i] lists part indices to decode for layer i; layers in `stored` keep their bundles as read, layers
-    in `stored_gates` their gate parts as read. Returns ({i: [array per wanted part]}, {i: (intermediate,
-    bundle_bytes) uint8 numpy array}, {i: (intermediate, part_bytes) uint8 numpy array of gates})."""
+                 stored: frozenset = frozenset(), stored_gates: frozenset = frozenset(),
+                 layers: Optional[list[int]] = None) -> tuple[dict, dict, dict]:
+    """One pass over the layer files (or over `layers` of them) with direct I/O: check CRCs and keep what
+    layers hold. want[i] lists part indices to decode for layer i; layers in `stored` keep their bundles as
+    read, layers in `stored_gates` their gate parts as read. Returns ({i: [array per wanted part]}, {i:
+    (intermediate, bundle_bytes) uint8 numpy array}, {i: (intermediate, part_bytes) uint8 numpy array of gates})."""
     buf = AlignedBuffer(max(u.read_bytes for us in rt.units.values() for u in us))
     out, raw, gates = {}, {}, {}
     try:
-        for i in range(layout.n_layers):
+        for i in range(layout.n_layers) if layers is None else layers:
             parts = want.get(i, ())
             if not verify and not parts and i not in stored and i not in stored_gates:
                 continue
@@ -165,12 +168,50 @@ def _read_layers(rt: FlashRuntime, layout: FlashLayout, want: dict[int, tuple], 
     return out, raw, gates
 
 
+def _pin(model: nn.Module, rt: FlashRuntime, layout: FlashLayout, layers: list[int], verify: bool,
+         data: Optional[dict] = None, raw: Optional[dict] = None) -> None:
+    """Hold `layers` as pinned: as stored bundles (rt.plan.pinned_stored) or as floats, from `data` / `raw`
+    (_read_layers' output) or, when not given, read now."""
+    if data is None or raw is None:
+        stored = frozenset(layers) if rt.plan.pinned_stored else frozenset()
+        want = {i: (0, 1, 2) for i in layers if i not in stored}
+        data, raw, _ = _read_layers(rt, layout, want, verify, stored, layers=layers)
+    for i in layers:
+        mlp = model.layers[i].mlp
+        if i in raw:  # GGUF blocks are held in MLX: the GGUF matmuls read them there, with no copy per token
+            mlp._stored = _pinned_chunks(rt.blocks, i, raw.pop(i)) if layout.blocks else raw[i]
+        else:
+            mlp._pinned = tuple(data[i])
+        mlp.mode = "pinned"
+
+
+def _repin(model: nn.Module, rt: FlashRuntime, layout: FlashLayout, verify: bool, pinned: list[int]) -> None:
+    """Move a dense plan's pinned layers to `pinned` (as many): one layer at a time, the old one released
+    before the new one is read, so memory stays within the plan; the ring is rebuilt for the new order. A
+    read that fails leaves its layer streamed (the plan then pins fewer) and raises."""
+    plan, new = rt.plan, set(pinned)
+    per_layer = plan.pinned_bytes // max(1, len(plan.pinned))
+    rt.set_plan(replace(plan, streamed=[]))  # no ring while layers move: its staging is freed first
+    try:
+        for old, layer in zip(sorted(set(plan.pinned) - new), sorted(new - set(plan.pinned))):
+            mlp = model.layers[old].mlp
+            mlp._pinned = mlp._stored = None
+            mlp.mode = "stream"
+            _pin(model, rt, layout, [layer], verify)
+    finally:
+        held = [i for i, block in enumerate(model.layers) if block.mlp.mode == "pinned"]
+        rt.set_plan(replace(plan, pinned=held, streamed=[i for i in range(layout.n_layers) if i not in set(held)],
+                            pinned_bytes=len(held) * per_layer, pin_layout="spread"))
+        for block in model.layers:
+            block.mlp.bind_units()
+
+
 def load_flash_model(folder, *, dtype: Optional[str] = None, memory_budget=None, sparsity: Optional[float] = None,
                      sparsity_mode: str = "threshold", window: int = 4, dequantize: bool = False,
                      naive: bool = False, verify: bool = True, io_threads: int = 4, ring_depth: Optional[int] = None,
                      max_unit_bytes: int = 16 << 20, read_split: int = 8 << 20,
                      native: Optional[bool] = None, lookahead: Optional[bool] = None,
-                     pin_layout: str = "tail") -> tuple[nn.Module, dict, FlashLayout]:
+                     pin_layout: str = "auto") -> tuple[nn.Module, dict, FlashLayout]:
     """Build the model of a flash layout (see `applelm.load` for the user-facing options).
     `native`: compute paged FFN neurons of single tokens with the compiled CPU kernel (flash/native.py);
     None = under a budget on the CPU when the kernel builds (dense or sparse), False = always the MLX path,
@@ -179,8 +220,9 @@ def load_flash_model(folder, *, dtype: Optional[str] = None, memory_budget=None,
     `lookahead` (sparse paging; default on with the native kernel, off on the MLX path): while a layer
     computes, read the next layer's neurons guessed from this layer's input, into two more layer-sized
     buffers.
-    `pin_layout` (dense paging): "tail" (default) pins the last FFN layers, "spread" places them evenly among
-    the streamed ones (budget.pinned_layers)."""
+    `pin_layout` (dense paging): "tail" pins the last FFN layers, "spread" places them evenly among the
+    streamed ones (budget.pinned_layers); "auto" (default) starts from the tail and spreads them when a few
+    throwaway decode steps at load spend a fifth or more of their time waiting on reads (auto_layout.py)."""
     from ..loader import _compute_dtype  # the core loader's dtype rule (float32 on CPU)
 
     layout = read_layout(folder)
@@ -302,13 +344,10 @@ def load_flash_model(folder, *, dtype: Optional[str] = None, memory_budget=None,
         else:
             want = {i: (2,) for i in range(layout.n_layers)}
     data, raw, gates = _read_layers(rt, layout, want, verify, stored, stored_gates)
+    _pin(model, rt, layout, sorted(pinned), verify, data, raw)
     for i, block in enumerate(model.layers):
         mlp = block.mlp
-        if i in raw:  # GGUF blocks are held in MLX: the GGUF matmuls read them there, with no copy per token
-            mlp._stored = _pinned_chunks(rt.blocks, i, raw.pop(i)) if layout.blocks else raw[i]
-        elif mlp.mode == "pinned":
-            mlp._pinned = tuple(data[i])
-        elif mlp.mode == "sparse":
+        if mlp.mode == "sparse":
             if sparsity_mode == "threshold" and kernel is not None:
                 mlp._gate_stored = gates[i]
             elif sparsity_mode == "threshold":
@@ -326,9 +365,11 @@ def load_flash_model(folder, *, dtype: Optional[str] = None, memory_budget=None,
         pool = max(geom.decode_bytes, 4 << 20)
         mx.set_cache_limit(min(mx.set_cache_limit(0) or pool, pool))
     rt.sparsity, rt.sparsity_mode, rt.window = sparsity, sparsity_mode if sparsity is not None else None, window
-    rt.reset_stats()
     model.flash = rt
     model.eval()
+    if pin_layout == "auto":
+        settle_pin_layout(model, rt, lambda layers: _repin(model, rt, layout, verify, layers))
+    rt.reset_stats()
     return model, config, layout
 
 

@@ -68,8 +68,14 @@ class FlashMLP(nn.Module):
         self._predictor_np: Optional[tuple] = None  # float32 numpy copy for lookahead guesses
         self._predictor: Optional[tuple] = None  # (A, B, bias, logit threshold)
         self._cache: Optional[NeuronCache] = None
-        self._units = [runtime.ring.position[(u.layer, u.start)] for u in runtime.units[layer]] \
-            if mode == "stream" else []
+        self._units: list[int] = []
+        self.bind_units()
+
+    def bind_units(self) -> None:
+        """A streamed layer's units: their places in the runtime's ring (again after the ring is rebuilt)."""
+        rt = self._rt
+        self._units = [rt.ring.position[(u.layer, u.start)] for u in rt.units[self.layer]] \
+            if self.mode == "stream" else []
 
     def _extra_repr(self) -> str:
         return f"layer={self.layer}, mode={self.mode}"

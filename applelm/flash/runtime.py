@@ -57,9 +57,7 @@ class FlashRuntime:
         # Neurons decoded into MLX at a time: the geometry's step (~2 MB of floats with the kernel), else a unit.
         self.decode_neurons = (geometry.decode_neurons if geometry else None) or self.unit_neurons
         self.ring: Optional[StreamRing] = None
-        if plan.mode == "dense" and plan.streamed:
-            order = [u for i in plan.streamed for u in self.units[i]]
-            self.ring = StreamRing(self.reader, order, plan.ring_depth)
+        self.set_plan(plan)
         self.scratch: Optional[AlignedBuffer] = None
         if plan.mode == "naive":
             self.scratch = AlignedBuffer(max(u.read_bytes for us in self.units.values() for u in us))
@@ -79,7 +77,19 @@ class FlashRuntime:
         # Sparse reads merge runs separated by at most this many pages. Measured on SmolLM2 at 1/3 of
         # neurons missing: 0 reads 12% fewer bytes in 74% more requests and was slower on this disk.
         self.gap_pages = 1
+        self.layout_probe: Optional[dict] = None  # what --pin-layout auto measured at load (auto_layout.py)
         self.closed = False
+
+    def set_plan(self, plan: Plan) -> None:
+        """Follow `plan` (at load, or when the loader moves the pinned layers): a new staging ring streams
+        its layers in forward order; the old ring's reads are cancelled and its buffers freed first."""
+        if self.ring is not None:
+            self.ring.close()
+            self.ring = None
+        self.plan = plan
+        if plan.mode == "dense" and plan.streamed:
+            order = [u for i in plan.streamed for u in self.units[i]]
+            self.ring = StreamRing(self.reader, order, plan.ring_depth)
 
     # -- pipeline -----------------------------------------------------------------------------------------
 
@@ -198,7 +208,10 @@ class FlashRuntime:
             # Share of the time reads were in flight during which the forward pass was not waiting on them.
             "io_overlap": 1.0 - s.io_wait_s / busy if busy else 0.0,
             "forced_evals": s.forced_evals, "compute_wait_s": s.compute_wait_s, "direct_io": r.direct,
+            "pin_layout": self.plan.pin_layout if self.plan.pinned and self.plan.streamed else None,
         }
+        if self.layout_probe:
+            out["layout_probe"] = self.layout_probe
         if s.neurons_used:
             out["neurons_used_per_token"] = s.neurons_used / tokens
             out["neurons_read_per_token"] = s.neurons_read / tokens
