@@ -16,7 +16,10 @@ from applelm.flash.budget import pinned_layers
 from applelm.flash.layout import read_layout
 from applelm.loader import load_model
 from flash_fixtures import greedy, streaming_budget, tiny_flash
-from test_flash_blocks import blocks_layout, half_pinned, logits  # noqa: F401  (fixture)
+import test_flash_blocks
+from test_flash_blocks import half_pinned, logits
+
+blocks_layout = test_flash_blocks.blocks_layout  # the module-scoped fixture, shared
 
 PROMPT = [1, 5, 9, 33]
 TAIL, SPREAD = [3, 4, 5], [1, 3, 5]  # 3 of 6 layers pinned
@@ -95,7 +98,7 @@ def test_the_probe_leaves_no_trace(six_layers):
     assert model.flash.report()["tokens"] == 0 and model.flash.report()["bytes_read"] == 0
 
 
-def test_the_gguf_blocks_store_spreads_bit_for_bit(blocks_layout, monkeypatch):  # noqa: F811
+def test_the_gguf_blocks_store_spreads_bit_for_bit(blocks_layout, monkeypatch):
     path, out = blocks_layout
     plain, _, _ = load_model(path)
     monkeypatch.setattr(auto_layout, "READ_BOUND_SHARE", 0.0)
