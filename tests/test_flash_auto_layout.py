@@ -3,7 +3,9 @@ tail to the spread layout when reads are the limit, with output unchanged and me
 
 from __future__ import annotations
 
+import gc
 import shutil
+import weakref
 
 import mlx.core as mx
 import numpy as np
@@ -123,3 +125,25 @@ def test_a_bad_layer_while_moving_is_a_clear_error_and_leaves_a_consistent_model
     assert_follows(model, [3, 5])  # layer 4 released, layer 1 not taken: both stream
     assert model.flash.plan.pinned_bytes == 2 * per_layer
     assert len(greedy(model, PROMPT, 3)) == 3  # still decodes (layer 1's corrupt bytes stream, unchecked)
+
+
+def test_moving_frees_each_layer_it_unpins_before_load_returns(six_layers, monkeypatch):
+    """The layers the spread layout gives up are released while the loader still runs (the loader keeps no
+    reference to what it read), so memory stays within the plan during the move."""
+    monkeypatch.setattr(auto_layout, "READ_BOUND_SHARE", 0.0)
+    opts, real, seen = options(six_layers), flash_loader.settle_pin_layout, {}
+
+    def watching(model, rt, repin, threshold=None):
+        old = {i: weakref.ref(model.layers[i].mlp._stored) for i in rt.plan.pinned}
+
+        def repin_and_check(layers):
+            repin(layers)
+            gc.collect()
+            seen.update({i: ref() is None for i, ref in old.items()})
+
+        real(model, rt, repin_and_check, threshold)
+
+    monkeypatch.setattr(flash_loader, "settle_pin_layout", watching)
+    model, _, _ = load_model(six_layers, **opts)
+    assert model.flash.plan.pinned == SPREAD
+    assert seen == {3: False, 4: True, 5: False}  # only layer 4 left; 3 and 5 stay pinned

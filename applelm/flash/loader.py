@@ -170,8 +170,9 @@ def _read_layers(rt: FlashRuntime, layout: FlashLayout, want: dict[int, tuple], 
 
 def _pin(model: nn.Module, rt: FlashRuntime, layout: FlashLayout, layers: list[int], verify: bool,
          data: Optional[dict] = None, raw: Optional[dict] = None) -> None:
-    """Hold `layers` as pinned: as stored bundles (rt.plan.pinned_stored) or as floats, from `data` / `raw`
-    (_read_layers' output) or, when not given, read now."""
+    """Hold `layers` as pinned: as stored bundles (rt.plan.pinned_stored) or as floats, taken out of `data` /
+    `raw` (_read_layers' output; the layers then hold the only references, so that moving them later frees
+    memory) or, when not given, read now."""
     if data is None or raw is None:
         stored = frozenset(layers) if rt.plan.pinned_stored else frozenset()
         want = {i: (0, 1, 2) for i in layers if i not in stored}
@@ -179,9 +180,9 @@ def _pin(model: nn.Module, rt: FlashRuntime, layout: FlashLayout, layers: list[i
     for i in layers:
         mlp = model.layers[i].mlp
         if i in raw:  # GGUF blocks are held in MLX: the GGUF matmuls read them there, with no copy per token
-            mlp._stored = _pinned_chunks(rt.blocks, i, raw.pop(i)) if layout.blocks else raw[i]
+            mlp._stored = _pinned_chunks(rt.blocks, i, raw.pop(i)) if layout.blocks else raw.pop(i)
         else:
-            mlp._pinned = tuple(data[i])
+            mlp._pinned = tuple(data.pop(i))
         mlp.mode = "pinned"
 
 
