@@ -81,8 +81,8 @@ def add_flash_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window", type=positive_int, default=4, help="flash sparsity: tokens a neuron stays cached")
     p.add_argument("--pin-layout", choices=("auto", "tail", "spread"), default="auto",
                    help="flash dense paging: pin the last FFN layers (tail), or spread the pinned layers among the "
-                        "streamed ones, faster where reads are the limit; auto (default) measures a few decode "
-                        "steps at load and spreads them when reads are the limit (benchmarks/pin_layout.py)")
+                        "streamed ones, so reads go on through their compute; auto (default): when a few decode "
+                        "steps at load wait on reads, try both and keep the faster (benchmarks/pin_layout.py)")
 
 
 def flash_options(args: argparse.Namespace) -> dict:

@@ -186,10 +186,12 @@ def _pin(model: nn.Module, rt: FlashRuntime, layout: FlashLayout, layers: list[i
         mlp.mode = "pinned"
 
 
-def _repin(model: nn.Module, rt: FlashRuntime, layout: FlashLayout, verify: bool, pinned: list[int]) -> None:
-    """Move a dense plan's pinned layers to `pinned` (as many): one layer at a time, the old one released
-    before the new one is read, so memory stays within the plan; the ring is rebuilt for the new order. A
-    read that fails leaves its layer streamed (the plan then pins fewer) and raises."""
+def _repin(model: nn.Module, rt: FlashRuntime, layout: FlashLayout, verify: bool, pinned: list[int],
+           name: str) -> None:
+    """Move a dense plan's pinned layers to `pinned` (as many; the layout `name` places them so): one layer
+    at a time, the old one released before the new one is read, so memory stays within the plan; the ring
+    is rebuilt for the new order. A read that fails leaves its layer streamed (the plan then pins fewer)
+    and raises."""
     plan, new = rt.plan, set(pinned)
     per_layer = plan.pinned_bytes // max(1, len(plan.pinned))
     rt.set_plan(replace(plan, streamed=[]))  # no ring while layers move: its staging is freed first
@@ -202,7 +204,7 @@ def _repin(model: nn.Module, rt: FlashRuntime, layout: FlashLayout, verify: bool
     finally:
         held = [i for i, block in enumerate(model.layers) if block.mlp.mode == "pinned"]
         rt.set_plan(replace(plan, pinned=held, streamed=[i for i in range(layout.n_layers) if i not in set(held)],
-                            pinned_bytes=len(held) * per_layer, pin_layout="spread"))
+                            pinned_bytes=len(held) * per_layer, pin_layout=name))
         for block in model.layers:
             block.mlp.bind_units()
 
@@ -222,8 +224,9 @@ def load_flash_model(folder, *, dtype: Optional[str] = None, memory_budget=None,
     computes, read the next layer's neurons guessed from this layer's input, into two more layer-sized
     buffers.
     `pin_layout` (dense paging): "tail" pins the last FFN layers, "spread" places them evenly among the
-    streamed ones (budget.pinned_layers); "auto" (default) starts from the tail and spreads them when a few
-    throwaway decode steps at load spend a fifth or more of their time waiting on reads (auto_layout.py)."""
+    streamed ones (budget.pinned_layers); "auto" (default) starts from the tail and, when a few throwaway
+    decode steps at load spend a fifth or more of their time waiting on reads, tries the spread layout and
+    keeps the one whose steps were faster (auto_layout.py)."""
     from ..loader import _compute_dtype  # the core loader's dtype rule (float32 on CPU)
 
     layout = read_layout(folder)
@@ -369,7 +372,7 @@ def load_flash_model(folder, *, dtype: Optional[str] = None, memory_budget=None,
     model.flash = rt
     model.eval()
     if pin_layout == "auto":
-        settle_pin_layout(model, rt, lambda layers: _repin(model, rt, layout, verify, layers))
+        settle_pin_layout(model, rt, lambda layers, name: _repin(model, rt, layout, verify, layers, name))
     rt.reset_stats()
     return model, config, layout
 
