@@ -603,6 +603,15 @@ def cpu_cell(cpu: Optional[dict]) -> str:
     return f"{cpu['busy']:.0%} / {cpu['steal']:.0%}" if cpu else ""
 
 
+def probe_text(p: Optional[dict]) -> str:
+    """What --pin-layout auto measured at load: the share of a probe step spent waiting on reads, the median
+    step with the tail (and, when it tried it, the spread) layout, and its choice."""
+    if not p:
+        return "-"
+    spread = f", spread {p['spread_step_s']} s" if "spread_step_s" in p else ""
+    return f"(wait {p['read_wait_share']}, tail {p.get('tail_step_s')} s{spread} -> {p['chose']})"
+
+
 def markdown(result: dict) -> str:
     m = result["machine"]
     lines = [f"# Flash paging benchmark ({m['device']}, {m['cpu']}, {m['cores']} cores, {m['ram_gb']} GB RAM)", "",
@@ -634,10 +643,9 @@ def markdown(result: dict) -> str:
                          f"{g.get('probe_bound_tok_s')} |")
         lines += ["", "tok/s of every round: " + ", ".join(f"{k} {v.get('rounds_tok_s')}" for k, v in model["runs"].items())]
         probed = {k: v["rounds_layout_probe"] for k, v in model["runs"].items() if v.get("rounds_layout_probe")}
-        if probed:  # --pin-layout auto: the share of a load-time probe step spent waiting on reads -> its choice
-            lines += ["", "Pin layout chosen at load (auto), every round: " + "; ".join(
-                f"{k} " + ", ".join(f"{p['read_wait_share']} -> {p['chose']}" if p else "-" for p in v)
-                for k, v in probed.items())]
+        if probed:
+            lines += ["", "Pin layout chosen at load (`--pin-layout auto`), every round: " + "; ".join(
+                f"{k} " + ", ".join(probe_text(p) for p in v) for k, v in probed.items())]
         if model.get("perplexity"):
             lines += ["", f"Perplexity: `{json.dumps(model['perplexity'])}`"]
         lines.append("")

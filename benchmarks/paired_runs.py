@@ -92,10 +92,9 @@ def markdown(result: dict, title: str, baseline: str, setting: str) -> str:
         lines.append(f"- {key}: {[r[key].get('decode_tok_s_median') for r in result['rounds']]}")
     probed = [key for key in result["summary"] if result["rounds"][0][key].get("layout_probe")]
     if probed:
-        lines += ["", "--pin-layout auto at load, every round (share of a probe step spent waiting on reads -> "
-                      "layout chosen):", ""]
-        lines += [f"- {key}: " + ", ".join(f"{p['read_wait_share']} -> {p['chose']}" for p in
-                                           (r[key].get("layout_probe") or {} for r in result["rounds"]) if p)
+        lines += ["", "`--pin-layout auto` at load, every round (share of a probe step spent waiting on reads, "
+                      "median probe step per layout tried -> layout chosen):", ""]
+        lines += [f"- {key}: " + ", ".join(flash_bench.probe_text(r[key].get("layout_probe")) for r in result["rounds"])
                   for key in probed]
     stubbed = [key for key in result["summary"] if result["rounds"][0][key].get("reads_stubbed_at_GBps")]
     if stubbed:
