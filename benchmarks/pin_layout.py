@@ -10,7 +10,7 @@ Reported per run: tok/s, MB read per token, read GB/s while decoding and the I/O
 rounds `spread` beat `tail`. The third paged run, `auto` (the default), measures at load which of the two
 the model needs (flash/auto_layout.py); the table lists what it measured and chose in every round.
 
-With --synthetic, the same two layouts on flash_bench's synthetic model instead (2.5 GB, 1 GB budget,
+With --synthetic, the same three paged runs on flash_bench's synthetic model instead (2.5 GB, 1 GB budget,
 8 tokens a run; the model whose reads are the limit; prepared by `flash_bench.py --models synthetic`).
 
     python benchmarks/pin_layout.py [--rounds 4] [--tokens 24] [--synthetic] [--out FILE.json]
