@@ -13,6 +13,7 @@ faster layout stays.
 from __future__ import annotations
 
 import time
+from statistics import median_high
 from typing import Callable, Optional
 
 import mlx.core as mx
@@ -40,12 +41,7 @@ def probe(model, rt, steps: int = PROBE_STEPS) -> tuple[float, float]:
         times.append(seconds)
         shares.append((rt.stats.io_wait_s - waited) / seconds)
     rt.reset_stats()
-    return _median(times[1:]), _median(shares[1:])
-
-
-def _median(values: list[float]) -> float:
-    values = sorted(values)
-    return values[len(values) // 2]
+    return median_high(times[1:]), median_high(shares[1:])
 
 
 def settle_pin_layout(model, rt, repin: Callable[[list[int], str], None], threshold: Optional[float] = None) -> None:
