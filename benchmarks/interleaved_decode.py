@@ -33,6 +33,29 @@ MODELS = ("resident", "paged", "control")
 GOAL = 0.8
 
 
+def decode_in_turn(steps: dict, tokens: dict, cycles: int, chunk: int, before=None, after=None) -> dict:
+    """Decode `chunk` tokens from each generate_step generator of `steps` in turn, `cycles` times, rotating
+    which goes first, appending them to tokens[name]. Each chunk is timed between two `mx.synchronize()`
+    calls; before(name) and after(name) run just outside that span. Returns every chunk's tok/s per name."""
+    import mlx.core as mx
+
+    names = list(steps)
+    chunks = {name: [] for name in names}
+    for cycle in range(cycles):
+        shift = cycle % len(names)
+        for name in names[shift:] + names[:shift]:
+            mx.synchronize()
+            if before is not None:
+                before(name)
+            t0 = time.perf_counter()
+            tokens[name] += [int(next(steps[name])[0]) for _ in range(chunk)]
+            mx.synchronize()
+            chunks[name].append(chunk / (time.perf_counter() - t0))
+            if after is not None:
+                after(name)
+    return chunks
+
+
 def child(spec: dict) -> dict:
     """One store: load the three models, decode them interleaved, return every chunk's tok/s and the paging
     report (JSON-ready)."""
@@ -56,16 +79,8 @@ def child(spec: dict) -> dict:
     tokens = {name: [next(g)[0] for _ in range(2)] for name, g in steps.items()}  # prompt and first steps
     read_before = flash_bench.layout_read_speed(paged) / 1e9
     paged.reset_stats()
-    chunks = {name: [] for name in MODELS}
-    for cycle in range(spec["cycles"]):
-        shift = cycle % len(MODELS)
-        for name in MODELS[shift:] + MODELS[:shift]:
-            mx.synchronize()
-            mx.set_cache_limit(limits[name])
-            t0 = time.perf_counter()
-            tokens[name] += [next(steps[name])[0] for _ in range(spec["chunk"])]
-            mx.synchronize()
-            chunks[name].append(spec["chunk"] / (time.perf_counter() - t0))
+    chunks = decode_in_turn({name: steps[name] for name in MODELS}, tokens, spec["cycles"], spec["chunk"],
+                            before=lambda name: mx.set_cache_limit(limits[name]))
     report = paged.report()
     read_after = flash_bench.layout_read_speed(paged) / 1e9
     out = {"plan": paged.plan.describe(), "chunk_tok_s": {k: [round(v, 3) for v in c] for k, c in chunks.items()},
