@@ -1,0 +1,103 @@
+"""On the CPU, one query's attention (decode): MLX's fused call against the same products written out.
+
+For the attention shapes of the supported architectures, 1/4/16 rows (the server's batch) and 32-2048 cached
+keys: mx.fast.scaled_dot_product_attention against models.base.grouped_decode_attention (the query heads
+that share a kv head stacked as rows of one product), each timed in turn, median of repeated calls. Rows
+beyond one carry the batch cache's boolean padding mask, as the server's decode does. The dispatch rule in
+models/base.py (CPU_GROUPED_DECODE_MIN_KEYS) cites this script's results.
+
+    python benchmarks/cpu_decode_attention.py [--out FILE.json] [--seconds 0.15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import applelm  # noqa: F401  (preloads the fast BLAS before mlx; see applelm/_blas.py)
+import mlx.core as mx
+from applelm.models.base import grouped_decode_attention
+
+import machine_info  # benchmarks/machine_info.py
+
+# (name, query heads, kv heads, head dim)
+SHAPES = [("SmolLM2-135M", 9, 3, 64), ("Gemma-3-270M", 4, 1, 256), ("Qwen2-0.5B", 14, 2, 64),
+          ("Llama-3.2-1B", 32, 8, 64), ("Llama-3-8B", 32, 8, 128), ("no GQA (8 heads)", 8, 8, 64)]
+ROWS = [1, 4, 16]
+KEYS = [32, 64, 96, 127, 128, 192, 256, 512, 1024, 2048]
+
+
+def median_ms(fns: list, seconds: float) -> list[float]:
+    """Median ms of each function's calls, the functions called in turn for about `seconds` each."""
+    for fn in fns:
+        mx.eval(fn())
+    times = [[] for _ in fns]
+    end = time.perf_counter() + seconds * len(fns)
+    while time.perf_counter() < end or len(times[0]) < 5:
+        for t, fn in zip(times, fns):
+            t0 = time.perf_counter()
+            mx.eval(fn())
+            t.append(time.perf_counter() - t0)
+    return [statistics.median(t) * 1e3 for t in times]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out")
+    ap.add_argument("--seconds", type=float, default=0.15, help="time per path per cell")
+    args = ap.parse_args()
+    mx.set_default_device(mx.cpu)
+    cells = []
+    for name, heads, kv_heads, dim in SHAPES:
+        for b in ROWS:
+            for t in KEYS:
+                q = mx.random.normal((b, heads, 1, dim))
+                k, v = mx.random.normal((b, kv_heads, t, dim)), mx.random.normal((b, kv_heads, t, dim))
+                # a batch's rows are left-padded to a common width: a padding mask, with one row unpadded
+                mask = (mx.arange(t)[None] >= mx.array([0] + [i % 7 for i in range(1, b)])[:, None])[:, None, None]
+                mask = None if b == 1 else mask
+                mx.eval(q, k, v) if mask is None else mx.eval(q, k, v, mask)
+                scale = dim ** -0.5
+                fused = lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+                grouped = lambda: grouped_decode_attention(q, k, v, scale=scale, mask=mask)
+                err = mx.abs(fused() - grouped()).max().item()
+                f_ms, g_ms = median_ms([fused, grouped], args.seconds)
+                cells.append({"shape": name, "heads": heads, "kv_heads": kv_heads, "head_dim": dim, "rows": b,
+                              "keys": t, "fused_ms": round(f_ms, 4), "grouped_ms": round(g_ms, 4),
+                              "max_abs_diff": err})
+                print(f"{name:18s} rows {b:2d} keys {t:5d}: fused {f_ms:8.3f} ms  grouped {g_ms:8.3f} ms  "
+                      f"({f_ms / g_ms:5.2f}x)  diff {err:.1e}", flush=True)
+    slower = [c for c in cells if c["grouped_ms"] > c["fused_ms"]]
+    result = {"machine": machine_info.machine(), "commit": machine_info.commit(), "mlx": mx.__version__,
+              "command": "python benchmarks/cpu_decode_attention.py", "cells": cells,
+              "grouped_slower_cells": len(slower), "cells_total": len(cells)}
+    machine_info.write_results(result, markdown(result), args.out, "cpu_decode_attention")
+    return 0
+
+
+def markdown(r: dict) -> str:
+    m = r["machine"]
+    lines = [f"# One query's attention on the CPU: MLX's fused call vs the grouped products ({m['cpu']})", "",
+             f"Command: `{r['command']}`  ",
+             f"Commit {r['commit']}, MLX {r['mlx']}, {m['platform']}, {m['cores']} cores, load average at start "
+             f"{m['load_avg']}", "",
+             "ms per call (median), float32; fused / grouped > 1 means the grouped products are faster. Rows "
+             "beyond one carry a boolean padding mask.", "",
+             "| shape (heads/kv heads x dim) | rows | " + " | ".join(f"{t} keys" for t in KEYS) + " |",
+             "|---|---:|" + "---:|" * len(KEYS)]
+    by = {}
+    for c in r["cells"]:
+        by.setdefault((c["shape"], c["heads"], c["kv_heads"], c["head_dim"], c["rows"]), {})[c["keys"]] = c
+    for (name, h, kv, d, b), row in by.items():
+        cells = [f"{row[t]['fused_ms']:.3f} / {row[t]['grouped_ms']:.3f} ({row[t]['fused_ms'] / row[t]['grouped_ms']:.2f}x)"
+                 for t in KEYS]
+        lines.append(f"| {name} ({h}/{kv} x {d}) | {b} | " + " | ".join(cells) + " |")
+    worst = max(r["cells"], key=lambda c: c["max_abs_diff"])
+    lines += ["", f"Cells where the grouped products were slower: {r['grouped_slower_cells']} of {r['cells_total']}; "
+              f"largest difference between the two outputs: {worst['max_abs_diff']:.1e}.", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
