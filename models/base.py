@@ -117,9 +117,9 @@ def scaled_dot_product_attention(q: mx.array, k: mx.array, v: mx.array, *, scale
     """The one attention call every model uses; q is (B, heads, L, D), k/v are (B, kv_heads, T, D). One
     query per row with grouped kv heads, on the CPU, takes grouped_decode_attention; all else MLX's fused
     call."""
-    # On the CPU the grouped products were as fast or faster in every decode cell measured (1-16 rows,
-    # 32-2048 keys, five GQA shapes), 3-9x from 128 keys (SmolLM2, 16 rows, 175 keys: 0.71 against 4.38 ms
-    # a layer). Without GQA the two are the same products: benchmarks/results/cpu_decode_attention_*.md.
+    # CPU, one query, GQA: the grouped products were faster in 149 of 150 cells measured (five shapes, 1-16
+    # rows, 32-2048 keys; the other a tie), 3-9x from 128 keys (SmolLM2, 16 rows, 128 keys: 0.56 against
+    # 4.48 ms a layer). Without GQA both are the same products: benchmarks/results/cpu_decode_attention_*.md.
     if q.shape[2] == 1 and k.shape[1] < q.shape[1] and mx.default_device().type == mx.DeviceType.cpu:
         return grouped_decode_attention(q, k, v, scale=scale, mask=mask)
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
