@@ -4,9 +4,13 @@ For the attention shapes of the supported architectures, 1/4/16 rows (the server
 keys: mx.fast.scaled_dot_product_attention against models.base.grouped_decode_attention (the query heads
 that share a kv head stacked as rows of one product), each timed in turn, median of repeated calls. Rows
 beyond one carry the batch cache's boolean padding mask, as the server's decode does. The dispatch rule in
-models/base.py (CPU_GROUPED_DECODE_MIN_KEYS) cites this script's results.
+models/base.py cites this script's results.
 
-    python benchmarks/cpu_decode_attention.py [--out FILE.json] [--seconds 0.15]
+Then end to end, on the embedded SmolLM2 (Q4_1 GGUF): greedy decode after a 512-token prompt (one row), and
+16 rows of 160-token prompts (the server's batch), each path on its own cache, in alternating chunks of
+tokens, so both see the same machine; tok/s per path and whether the two produced the same tokens.
+
+    python benchmarks/cpu_decode_attention.py [--out FILE.json] [--seconds 0.15] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import time
 
 import applelm  # noqa: F401  (preloads the fast BLAS before mlx; see applelm/_blas.py)
 import mlx.core as mx
+from applelm.models import base
 from applelm.models.base import grouped_decode_attention
 
 import machine_info  # benchmarks/machine_info.py
@@ -42,10 +47,60 @@ def median_ms(fns: list, seconds: float) -> list[float]:
     return [statistics.median(t) * 1e3 for t in times]
 
 
+def fused_attention(q, k, v, *, scale, mask):
+    """MLX's fused call in grouped_decode_attention's place (the path before it)."""
+    return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=None if isinstance(mask, str) else mask)
+
+
+def end_to_end(rounds: int, chunk: int = 8) -> list[dict]:
+    """Decode tok/s of the embedded SmolLM2 through each attention path, chunks of `chunk` tokens in turn."""
+    from pathlib import Path
+
+    from applelm import flash, load
+    from applelm.batch_cache import make_batch_cache
+    from applelm.cache import make_prompt_cache
+    from applelm.generation import prefill
+
+    model, tok = load(None)
+    text = Path(flash.__file__).with_name("calibration.txt").read_text()
+    ids = tok.encode(text)
+    paths = {"fused": fused_attention, "grouped": grouped_decode_attention}
+    out = []
+    for rows, prompt_len in ((1, 512), (16, 160)):
+        prompts = mx.array([(ids * 4)[r * 7: r * 7 + prompt_len] for r in range(rows)], dtype=mx.int32)
+        state = {}
+        for name, fn in paths.items():
+            base.grouped_decode_attention = fn
+            cache = make_prompt_cache(model) if rows == 1 else make_batch_cache(model, [0] * rows)
+            last = mx.argmax(model(prefill(model, prompts, cache, 512), cache=cache)[:, -1], axis=-1)
+            mx.eval(last)
+            state[name] = {"cache": cache, "last": last, "tokens": [], "seconds": []}
+        for _ in range(rounds):
+            for name, fn in paths.items():
+                base.grouped_decode_attention = fn
+                s = state[name]
+                t0 = time.perf_counter()
+                for _ in range(chunk):
+                    s["last"] = mx.argmax(model(s["last"][:, None], cache=s["cache"])[:, -1], axis=-1)
+                    s["tokens"].append(s["last"].tolist())
+                s["seconds"].append(time.perf_counter() - t0)
+        base.grouped_decode_attention = grouped_decode_attention
+        row = {"rows": rows, "prompt_tokens": prompt_len, "tokens_per_row": rounds * chunk,
+               "same_tokens": state["fused"]["tokens"] == state["grouped"]["tokens"]}
+        for name in paths:
+            row[f"{name}_tok_s"] = round(statistics.median(rows * chunk / t for t in state[name]["seconds"]), 2)
+            row[f"{name}_chunk_tok_s"] = [round(rows * chunk / t, 2) for t in state[name]["seconds"]]
+        row["grouped_faster_chunks"] = sum(g < f for f, g in zip(state["fused"]["seconds"], state["grouped"]["seconds"]))
+        print(row, flush=True)
+        out.append(row)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out")
     ap.add_argument("--seconds", type=float, default=0.15, help="time per path per cell")
+    ap.add_argument("--rounds", type=int, default=5, help="chunks of 8 tokens per path, end to end")
     args = ap.parse_args()
     mx.set_default_device(mx.cpu)
     cells = []
@@ -74,6 +129,7 @@ def main() -> int:
     result = {"machine": machine_info.machine(), "commit": machine_info.commit(), "mlx": mx.__version__,
               "command": "python benchmarks/cpu_decode_attention.py", "timings": cells,
               "grouped_slower_cells": slower, "cells": {"gqa": len(gqa), "no_gqa": len(cells) - len(gqa)}}
+    result["end_to_end"] = end_to_end(args.rounds)
     machine_info.write_results(result, markdown(result), args.out, "cpu_decode_attention")
     return 0
 
@@ -100,6 +156,15 @@ def markdown(r: dict) -> str:
     lines += ["", f"Cells where the grouped products were slower: {slower['gqa']} of {n['gqa']} with GQA (the ones "
               f"the models send there), {slower['no_gqa']} of {n['no_gqa']} without (the same products; those stay with "
               f"the fused call). Largest difference between the two outputs: {worst['max_abs_diff']:.1e}.", ""]
+    if r.get("end_to_end"):
+        lines += ["Embedded SmolLM2 (Q4_1 GGUF), greedy decode, the two paths in alternating chunks of 8 tokens:", "",
+                  "| rows x prompt tokens | tokens per row | fused tok/s | grouped tok/s | grouped faster (chunks) | "
+                  "same tokens |", "|---|---:|---:|---:|---:|---|"]
+        for e in r["end_to_end"]:
+            lines.append(f"| {e['rows']} x {e['prompt_tokens']} | {e['tokens_per_row']} | {e['fused_tok_s']} | "
+                         f"{e['grouped_tok_s']} | {e['grouped_faster_chunks']}/{len(e['fused_chunk_tok_s'])} | "
+                         f"{e['same_tokens']} |")
+        lines.append("")
     return "\n".join(lines)
 
 
