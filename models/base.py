@@ -118,8 +118,8 @@ def scaled_dot_product_attention(q: mx.array, k: mx.array, v: mx.array, *, scale
     query per row with grouped kv heads, on the CPU, takes grouped_decode_attention; all else MLX's fused
     call."""
     # CPU, one query, GQA: the grouped products were faster in 149 of 150 cells measured (five shapes, 1-16
-    # rows, 32-2048 keys; the other a tie), 3-9x from 128 keys (SmolLM2, 16 rows, 128 keys: 0.56 against
-    # 4.48 ms a layer). Without GQA both are the same products: benchmarks/results/cpu_decode_attention_*.md.
+    # rows, 32-2048 keys; the other within 1%), 3-9x from 128 keys (SmolLM2, 16 rows, 128 keys: 0.54 against
+    # 4.34 ms a layer). Without GQA both are the same products: benchmarks/results/cpu_decode_attention_*.md.
     if q.shape[2] == 1 and k.shape[1] < q.shape[1] and mx.default_device().type == mx.DeviceType.cpu:
         return grouped_decode_attention(q, k, v, scale=scale, mask=mask)
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
