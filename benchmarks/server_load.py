@@ -129,7 +129,8 @@ def bench_mode(mode: str, levels: list[int], requests: int, max_tokens: int, max
 def markdown(report: dict) -> str:
     m = report["machine"]
     lines = [f"# server_load (CPU: {m['cpu']}, {m['cores']} cores; server and clients share the machine)", "",
-             f"Command: `python benchmarks/server_load.py`; {m['platform']}; load average before "
+             f"Command: `python benchmarks/server_load.py`; commit {report.get('commit') or '?'}; {m['platform']}; "
+             f"load average before "
              f"{report['load_average_before']}, after {report['load_average_after']}  ",
              f"Model: {report['model']}; {report['requests_per_client']} streaming requests per client, "
              f"{report['max_tokens']} tokens each (ignore_eos, temperature 0.7, seeded)", "",
@@ -163,7 +164,8 @@ def main() -> int:
         return 0
     levels = [int(c) for c in args.clients.split(",")]
     load_before = machine_info.load_avg()
-    report = {"benchmark": "server_load", "machine": machine_info.machine(), "model": "SmolLM2-135M-Instruct.Q4_1 (embedded)",
+    report = {"benchmark": "server_load", "machine": machine_info.machine(), "commit": machine_info.commit(),
+              "model": "SmolLM2-135M-Instruct.Q4_1 (embedded)",
               "requests_per_client": args.requests, "max_tokens": args.max_tokens,
               "load_average_before": load_before, "modes": []}
     for mode in args.modes.split(","):
