@@ -66,33 +66,36 @@ def end_to_end(rounds: int, chunk: int = 8) -> list[dict]:
     ids = tok.encode(text)
     paths = {"fused": fused_attention, "grouped": grouped_decode_attention}
     out = []
-    for rows, prompt_len in ((1, 512), (16, 160)):
-        prompts = mx.array([(ids * 4)[r * 7: r * 7 + prompt_len] for r in range(rows)], dtype=mx.int32)
-        state = {}
-        for name, fn in paths.items():
-            base.grouped_decode_attention = fn
-            cache = make_prompt_cache(model) if rows == 1 else make_batch_cache(model, [0] * rows)
-            last = mx.argmax(model(prefill(model, prompts, cache, 512), cache=cache)[:, -1], axis=-1)
-            mx.eval(last)
-            state[name] = {"cache": cache, "last": last, "tokens": [], "seconds": []}
-        for _ in range(rounds):
+    try:
+        for rows, prompt_len in ((1, 512), (16, 160)):
+            prompts = mx.array([(ids * 4)[r * 7: r * 7 + prompt_len] for r in range(rows)], dtype=mx.int32)
+            state = {}
             for name, fn in paths.items():
                 base.grouped_decode_attention = fn
-                s = state[name]
-                t0 = time.perf_counter()
-                for _ in range(chunk):
-                    s["last"] = mx.argmax(model(s["last"][:, None], cache=s["cache"])[:, -1], axis=-1)
-                    s["tokens"].append(s["last"].tolist())
-                s["seconds"].append(time.perf_counter() - t0)
+                cache = make_prompt_cache(model) if rows == 1 else make_batch_cache(model, [0] * rows)
+                last = mx.argmax(model(prefill(model, prompts, cache, 512), cache=cache)[:, -1], axis=-1)
+                mx.eval(last)
+                state[name] = {"cache": cache, "last": last, "tokens": [], "seconds": []}
+            for _ in range(rounds):
+                for name, fn in paths.items():
+                    base.grouped_decode_attention = fn
+                    s = state[name]
+                    t0 = time.perf_counter()
+                    for _ in range(chunk):
+                        s["last"] = mx.argmax(model(s["last"][:, None], cache=s["cache"])[:, -1], axis=-1)
+                        s["tokens"].append(s["last"].tolist())
+                    s["seconds"].append(time.perf_counter() - t0)
+            row = {"rows": rows, "prompt_tokens": prompt_len, "tokens_per_row": rounds * chunk,
+                   "same_tokens": state["fused"]["tokens"] == state["grouped"]["tokens"]}
+            for name in paths:
+                row[f"{name}_tok_s"] = round(statistics.median(rows * chunk / t for t in state[name]["seconds"]), 2)
+                row[f"{name}_chunk_tok_s"] = [round(rows * chunk / t, 2) for t in state[name]["seconds"]]
+            fused_s, grouped_s = state["fused"]["seconds"], state["grouped"]["seconds"]
+            row["grouped_faster_chunks"] = sum(g < f for f, g in zip(fused_s, grouped_s))
+            print(row, flush=True)
+            out.append(row)
+    finally:  # the models' own path again, also when a step raised
         base.grouped_decode_attention = grouped_decode_attention
-        row = {"rows": rows, "prompt_tokens": prompt_len, "tokens_per_row": rounds * chunk,
-               "same_tokens": state["fused"]["tokens"] == state["grouped"]["tokens"]}
-        for name in paths:
-            row[f"{name}_tok_s"] = round(statistics.median(rows * chunk / t for t in state[name]["seconds"]), 2)
-            row[f"{name}_chunk_tok_s"] = [round(rows * chunk / t, 2) for t in state[name]["seconds"]]
-        row["grouped_faster_chunks"] = sum(g < f for f, g in zip(state["fused"]["seconds"], state["grouped"]["seconds"]))
-        print(row, flush=True)
-        out.append(row)
     return out
 
 
@@ -148,14 +151,14 @@ def markdown(r: dict) -> str:
     for c in r["timings"]:
         by.setdefault((c["shape"], c["heads"], c["kv_heads"], c["head_dim"], c["rows"]), {})[c["keys"]] = c
     for (name, h, kv, d, b), row in by.items():
-        cells = [f"{row[t]['fused_ms']:.3f} / {row[t]['grouped_ms']:.3f} ({row[t]['fused_ms'] / row[t]['grouped_ms']:.2f}x)"
-                 for t in KEYS]
+        cells = [f"{c['fused_ms']:.3f} / {c['grouped_ms']:.3f} ({c['fused_ms'] / c['grouped_ms']:.2f}x)"
+                 for c in (row[t] for t in KEYS)]
         lines.append(f"| {name} ({h}/{kv} x {d}) | {b} | " + " | ".join(cells) + " |")
     worst = max(r["timings"], key=lambda c: c["max_abs_diff"])
     slower, n = r["grouped_slower_cells"], r["cells"]
     lines += ["", f"Cells where the grouped products were slower: {slower['gqa']} of {n['gqa']} with GQA (the ones "
-              f"the models send there), {slower['no_gqa']} of {n['no_gqa']} without (the same products; those stay with "
-              f"the fused call). Largest difference between the two outputs: {worst['max_abs_diff']:.1e}.", ""]
+              f"the models send there), {slower['no_gqa']} of {n['no_gqa']} without (the same products; those stay "
+              f"with the fused call). Largest difference between the two outputs: {worst['max_abs_diff']:.1e}.", ""]
     if r.get("end_to_end"):
         lines += ["Embedded SmolLM2 (Q4_1 GGUF), greedy decode, the two paths in alternating chunks of 8 tokens:", "",
                   "| rows x prompt tokens | tokens per row | fused tok/s | grouped tok/s | grouped faster (chunks) | "
