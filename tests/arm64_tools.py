@@ -37,5 +37,17 @@ def build_driver(source: Path, driver_code: str, out: Path, flavour: str) -> Pat
     return out / "driver"
 
 
+def driver_fixture(source: Path, driver_code: str, name: str):
+    """A module-scoped fixture giving (driver executable, flavour) for each of FLAVOURS, built once per
+    flavour into a temporary folder named after `name`."""
+
+    @pytest.fixture(scope="module", params=FLAVOURS)
+    def fixture(request, tmp_path_factory):
+        out = tmp_path_factory.mktemp(f"{name}-{request.param}")
+        return build_driver(source, driver_code, out, request.param), request.param
+
+    return fixture
+
+
 def run_driver(driver: Path, stdin: bytes) -> subprocess.CompletedProcess:
     return subprocess.run([QEMU, str(driver)], input=stdin, capture_output=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from arm64_tools import FLAVOURS, build_driver, needs_arm64, run_driver
+from arm64_tools import driver_fixture, needs_arm64, run_driver
 
 from applelm.flash.codec import BundleCodec
 from applelm.flash.native import ACTIVATIONS, FORMATS, SOURCE
@@ -59,10 +59,7 @@ int main(void) { /* stdin: n H part_bytes fmt group act threads (int64), x, out 
 """
 
 
-@pytest.fixture(scope="module", params=FLAVOURS)
-def arm64_driver(request, tmp_path_factory):
-    out = tmp_path_factory.mktemp(f"arm64-{request.param}")
-    return build_driver(SOURCE, DRIVER, out, request.param), request.param
+arm64_driver = driver_fixture(SOURCE, DRIVER, "arm64")
 
 
 def run_arm64(driver: Path, x, raw, codec, act: str, threads: int, out0) -> np.ndarray:

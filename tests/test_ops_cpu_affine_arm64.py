@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from arm64_tools import FLAVOURS, build_driver, needs_arm64, run_driver
+from arm64_tools import driver_fixture, needs_arm64, run_driver
 from test_ops_cpu_affine import dense, quantized
 
 import mlx.core as mx
@@ -37,10 +37,7 @@ int main(void) { /* stdin: m k n bits group sfmt threads (int64), x (float32), w
 """
 
 
-@pytest.fixture(scope="module", params=FLAVOURS)
-def arm64_driver(request, tmp_path_factory):
-    out = tmp_path_factory.mktemp(f"affine-arm64-{request.param}")
-    return build_driver(AFFINE_SOURCE, DRIVER, out, request.param), request.param
+arm64_driver = driver_fixture(AFFINE_SOURCE, DRIVER, "affine-arm64")
 
 
 def raw(a: mx.array) -> bytes:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from arm64_tools import FLAVOURS, build_driver, needs_arm64, run_driver
+from arm64_tools import driver_fixture, needs_arm64, run_driver
 from gguf_blocks import ffn_reference, ffn_weights, make_blocks, numpy_dequantize, random_blocks
 
 from applelm.ops.cpu_native import ACTIVATIONS, SOURCE, TYPES
@@ -33,10 +33,7 @@ int main(void) { /* stdin: m k n type threads w_bytes (int64), x (float32, m*k),
 """
 
 
-@pytest.fixture(scope="module", params=FLAVOURS)
-def arm64_driver(request, tmp_path_factory):
-    out = tmp_path_factory.mktemp(f"gguf-arm64-{request.param}")
-    return build_driver(SOURCE, DRIVER, out, request.param), request.param
+arm64_driver = driver_fixture(SOURCE, DRIVER, "gguf-arm64")
 
 
 @pytest.mark.parametrize("ggml_type", list(TYPES))
@@ -91,10 +88,7 @@ int main(void) { /* stdin: m k hidden gate_type up_type down_type act threads an
 """
 
 
-@pytest.fixture(scope="module", params=FLAVOURS)
-def arm64_ffn_driver(request, tmp_path_factory):
-    out = tmp_path_factory.mktemp(f"gguf-ffn-arm64-{request.param}")
-    return build_driver(SOURCE, FFN_DRIVER, out, request.param), request.param
+arm64_ffn_driver = driver_fixture(SOURCE, FFN_DRIVER, "gguf-ffn-arm64")
 
 
 @pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
