@@ -202,8 +202,9 @@ def _repin(model: nn.Module, rt: FlashRuntime, layout: FlashLayout, verify: bool
             mlp.mode = "stream"
             _pin(model, rt, layout, [layer], verify)
     finally:
-        held = [i for i, block in enumerate(model.layers) if block.mlp.mode == "pinned"]
-        rt.set_plan(replace(plan, pinned=held, streamed=[i for i in range(layout.n_layers) if i not in set(held)],
+        modes = [block.mlp.mode for block in model.layers]
+        held = [i for i, mode in enumerate(modes) if mode == "pinned"]
+        rt.set_plan(replace(plan, pinned=held, streamed=[i for i, mode in enumerate(modes) if mode != "pinned"],
                             pinned_bytes=len(held) * per_layer, pin_layout=name))
         for block in model.layers:
             block.mlp.bind_units()
