@@ -90,6 +90,31 @@ def make_batch_cache(model, left_padding: Sequence[int]) -> list[BatchKVCache]:
     return [BatchKVCache(left_padding) for _ in model.layers]
 
 
+def make_prefixed_batch_cache(model, prefixes: Sequence[Optional[list]],
+                              left_padding: Sequence[int]) -> list[BatchKVCache]:
+    """Like `make_batch_cache`, with rows that start from stored keys and values (the prompt cache):
+    prefixes[b] is None or, per layer, (keys, values) of shape (1, kv_heads, n_b, head_dim). They sit
+    right-aligned in max(n_b) columns; left_padding[b] counts the columns before row b's first real
+    token, beyond those columns when the row's first tokens are still to be prefilled."""
+    columns = max((p[0][0].shape[2] for p in prefixes if p), default=0)
+    if not columns:
+        return make_batch_cache(model, left_padding)
+    padding = mx.array(list(left_padding), dtype=mx.int32)
+    out = []
+    for layer in range(len(model.layers)):
+        like = next(p[layer] for p in prefixes if p)
+        parts: tuple[list, list] = ([], [])
+        for p in prefixes:
+            for i, part in enumerate(parts):
+                a = p[layer][i] if p else like[i][:, :, :0]
+                if a.shape[2] < columns:
+                    gap = mx.zeros((1, a.shape[1], columns - a.shape[2], a.shape[3]), a.dtype)
+                    a = mx.concatenate([gap, a], axis=2)
+                part.append(a)
+        out.append(BatchKVCache._from(mx.concatenate(parts[0]), mx.concatenate(parts[1]), padding))
+    return out
+
+
 def merge_caches(a: Optional[list[BatchKVCache]], b: list[BatchKVCache]) -> list[BatchKVCache]:
     """The rows of `a` followed by the rows of `b` (per layer), right-aligned; `a` may be None."""
     if a is None:

@@ -1,9 +1,10 @@
 """The server's worker: one thread that owns the model and runs continuous batching.
 
 HTTP threads `submit` a `Request` (prompt token ids + settings) and read `Event`s from its queue. The
-worker loops: admit waiting requests (prefill them together, left-padded, then merge their caches into
-the running batch), run one decode step for every active row as a single batched forward pass, hand
-each row's new text to its queue, and drop rows that finished or were cancelled. Nothing else touches
+worker loops: admit waiting requests (prefill them together, left-padded, each from the longest prefix
+the prompt cache holds, then merge their caches into the running batch), run one decode step for every
+active row as a single batched forward pass, hand each row's new text to its queue, and drop rows that
+finished or were cancelled. Nothing else touches
 the model, so MLX is only ever driven from this thread.
 """
 
@@ -23,10 +24,11 @@ from typing import Callable, Optional, Sequence
 import mlx.core as mx
 import numpy as np
 
-from .batch_cache import filter_caches, make_batch_cache, merge_caches
+from .batch_cache import filter_caches, make_prefixed_batch_cache, merge_caches
 from .batch_sample import SamplingParams, sample_row
 from .errors import UserError
 from .generation import TextStream, prefill
+from .prompt_cache import PromptCache
 
 log = logging.getLogger("applelm.server")
 
@@ -59,13 +61,15 @@ class EngineUnavailable(Exception):
 @dataclass
 class Event:
     """What a request's queue receives: new text, and at the end a finish reason and token counts.
-    finish_reason is None while running, then "stop", "length", "cancelled" or "error" (see `error`)."""
+    finish_reason is None while running, then "stop", "length", "cancelled" or "error" (see `error`).
+    cached_tokens: prompt tokens whose keys and values came from the prompt cache instead of a prefill."""
 
     text: str = ""
     finish_reason: Optional[str] = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: Optional[str] = None
+    cached_tokens: int = 0
 
 
 class Request:
@@ -105,6 +109,7 @@ class _Row:
         self.limit = limit  # max_tokens, lowered to what the context window still holds
         self.n = 0
         self.last = 0
+        self.cached = 0  # prompt tokens taken from the prompt cache
         self.done = False
 
     def accept(self, token: int) -> None:
@@ -125,7 +130,7 @@ class _Row:
     def finish(self, reason: str, text: str = "", error: Optional[str] = None) -> None:
         if not self.done:
             self.done = True
-            self.req.events.put(Event(text, reason, len(self.req.prompt), self.n, error))
+            self.req.events.put(Event(text, reason, len(self.req.prompt), self.n, error, self.cached))
 
 
 class BatchEngine:
@@ -135,15 +140,18 @@ class BatchEngine:
     (the server answers 503). max_batch: rows decoded together. max_queue: requests waiting to join
     (QueueFull beyond it). prefill_batch_tokens: padded prompt tokens prefilled in one admission round
     (at least one request is always admitted), so a flood of long prompts does not stall decoding.
+    prompt_cache_bytes: keys and values of earlier prompts kept for reuse by prompts that begin alike
+    (prompt_cache.py); 0 turns prompt reuse off.
     """
 
     def __init__(self, load: Callable[[], tuple], *, max_batch: int = 16, max_queue: int = 64,
                  prefill_step_size: int = 512, prefill_batch_tokens: int = 4096,
-                 context_length: Optional[int] = None):
+                 context_length: Optional[int] = None, prompt_cache_bytes: int = 256 << 20):
         self._load = load
         self.max_batch, self.max_queue = max_batch, max_queue
         self.prefill_step_size, self.prefill_batch_tokens = prefill_step_size, prefill_batch_tokens
         self.context_length = context_length
+        self.prompt_cache = PromptCache(prompt_cache_bytes) if prompt_cache_bytes else None
         self.model = self.tokenizer = None
         self.load_error: Optional[str] = None
         self.loaded = threading.Event()  # set when loading ended, either way
@@ -273,13 +281,11 @@ class BatchEngine:
         if not rows:
             return [], None
         try:
-            width = max(len(r.req.prompt) for r in rows)
-            pads = [width - len(r.req.prompt) for r in rows]
-            tokens = mx.array([[0] * p + r.req.prompt for p, r in zip(pads, rows)], dtype=mx.int32)
-            cache = make_batch_cache(self.model, pads)
+            tokens, cache = self._prefill_inputs(rows)
             rest = prefill(self.model, tokens, cache, self.prefill_step_size)
             logits = self.model(rest, cache=cache)[:, -1, :]
             first = self._sample(rows, logits)
+            self._remember_prompts(rows, cache)
         except Exception as e:
             log.exception("prefill failed")
             for r in rows:
@@ -288,6 +294,42 @@ class BatchEngine:
         for r, t in zip(rows, first):
             r.accept(t)
         return rows, cache
+
+    def _prefill_inputs(self, rows: list[_Row]) -> tuple[mx.array, list]:
+        """The tokens still to run for new rows and their cache, started from the prompt cache.
+
+        Prompts are right-aligned in W = the longest prompt's columns. Only the last S columns run, S = the
+        longest part any row lacks in the prompt cache; a row's earlier positions come from the prompt
+        cache (a row may recompute some cached positions: S is shared)."""
+        prompts = [r.req.prompt for r in rows]
+        reusable = [0] * len(rows)
+        entries: list = [None] * len(rows)
+        if self.prompt_cache is not None:
+            for i, p in enumerate(prompts):
+                n, entries[i] = self.prompt_cache.match(p)
+                reusable[i] = min(n, len(p) - 1)  # the last prompt token runs: its logits start the row
+        width = max(len(p) for p in prompts)
+        run = max(len(p) - n for p, n in zip(prompts, reusable))
+        tokens, prefixes = [], []
+        for i, p in enumerate(prompts):
+            start = max(0, len(p) - run)  # positions this row takes from the prompt cache
+            rows[i].cached = start
+            prefixes.append(self.prompt_cache.layers(entries[i], start) if start else None)
+            tokens.append([0] * (run - len(p) + start) + p[start:])
+        if self.prompt_cache is not None:
+            self.prompt_cache.reused_tokens += sum(r.cached for r in rows)
+        cache = make_prefixed_batch_cache(self.model, prefixes, [width - len(p) for p in prompts])
+        return mx.array(tokens, dtype=mx.int32), cache
+
+    def _remember_prompts(self, rows: list[_Row], cache: list) -> None:
+        """Store the new rows' prompts in the prompt cache (their keys and values are the cache's columns
+        from each row's first real token on: nothing has been decoded into it yet)."""
+        if self.prompt_cache is None:
+            return
+        pads = cache[0].left_padding.tolist()
+        for i, r in enumerate(rows):
+            self.prompt_cache.add(r.req.prompt, [(c.state[0][i: i + 1, :, pads[i]:],
+                                                  c.state[1][i: i + 1, :, pads[i]:]) for c in cache])
 
     def _decode(self, rows: list[_Row], cache: list) -> None:
         tokens = mx.array([[r.last] for r in rows], dtype=mx.int32)

@@ -64,8 +64,11 @@ def build_openapi(model_ids: list[str], max_tokens: int, vocab_size: Optional[in
             {"type": "string", "minLength": 1}, token_ids,
             {"type": "array", "minItems": 1, "maxItems": 1, "items": {"type": "string", "minLength": 1}},
             {"type": "array", "minItems": 1, "maxItems": 1, "items": token_ids}]}, **sampling}}
-    usage = {"type": "object", "required": ["prompt_tokens", "completion_tokens", "total_tokens"], "properties": {
-        k: {"type": "integer", "minimum": 0} for k in ("prompt_tokens", "completion_tokens", "total_tokens")}}
+    counts = {k: {"type": "integer", "minimum": 0} for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
+    cached = {"type": "object", "required": ["cached_tokens"], "properties": {  # served from the prompt cache
+        "cached_tokens": {"type": "integer", "minimum": 0}}}
+    usage = {"type": "object", "required": [*counts, "prompt_tokens_details"],
+             "properties": {**counts, "prompt_tokens_details": cached}}
     finish = {"type": "string", "enum": ["stop", "length"]}
     chat_completion = {"type": "object", "required": ["id", "object", "created", "model", "choices", "usage"],
                        "properties": {
@@ -151,7 +154,9 @@ def build_openapi(model_ids: list[str], max_tokens: int, vocab_size: Optional[in
                 "object": {"type": "string", "enum": ["list"]}, "data": {"type": "array", "items": model}}},
             "Health": {"type": "object", "required": ["status"], "properties": {
                 "status": {"type": "string"}, "model": {"type": "string"},
-                "active": {"type": "integer"}, "queued": {"type": "integer"}}},
+                "active": {"type": "integer"}, "queued": {"type": "integer"},
+                "prompt_cache": {"type": "object", "description": "entries, bytes, max_bytes, lookups, hits, "
+                                 "reused_tokens (absent when the prompt cache is off)"}}},
             "Error": error,
         }},
     }

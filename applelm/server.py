@@ -26,8 +26,8 @@ from typing import Optional
 
 from . import __version__
 from .batch_engine import BatchEngine, EngineUnavailable, Event, QueueFull, Request
-from .cli_common import (ArgumentParser, add_flash_arguments, add_model_arguments, flash_options, positive_int,
-                         run_main)
+from .cli_common import (ArgumentParser, add_flash_arguments, add_model_arguments, flash_options, non_negative_int,
+                         positive_int, run_main)
 from .errors import UserError
 from .openai_api import (ApiError, GenerationParams, Limits, chat_chunk, chat_response, completion_chunk,
                          completion_response, model_list, model_object, new_id, parse_chat, parse_completion,
@@ -272,8 +272,11 @@ class Handler(BaseHTTPRequestHandler):
     def _health(self) -> None:
         engine = self.app.engine
         self._check_ready()
-        self._send_json(200, {"status": "ok", "model": self.app.model_id, "active": engine.active_count,
-                              "queued": engine.queued_count})
+        body = {"status": "ok", "model": self.app.model_id, "active": engine.active_count,
+                "queued": engine.queued_count}
+        if engine.prompt_cache is not None:
+            body["prompt_cache"] = engine.prompt_cache.stats()
+        self._send_json(200, body)
 
     def _generate(self, params: GenerationParams, chat: bool) -> None:
         req = Request(params.prompt, params.max_tokens, params.sampling, params.stop, params.ignore_eos)
@@ -331,7 +334,7 @@ class Handler(BaseHTTPRequestHandler):
             last = batch[-1]
         if last.finish_reason == "error":
             raise ApiError(500, last.error or "generation failed", code="generation_failed")
-        text, use = "".join(parts), usage(last.prompt_tokens, last.completion_tokens)
+        text, use = "".join(parts), usage(last.prompt_tokens, last.completion_tokens, last.cached_tokens)
         rid, created = new_id("chatcmpl" if chat else "cmpl"), int(time.time())
         shape = chat_response if chat else completion_response
         self._send_json(200, shape(rid, created, params.model, text, last.finish_reason, use))
@@ -360,7 +363,8 @@ class Handler(BaseHTTPRequestHandler):
                 out.append(chunk("", last.finish_reason))
                 if params.include_usage:
                     obj = "chat.completion.chunk" if chat else "text_completion"
-                    out.append(usage_chunk(obj, rid, created, model, usage(last.prompt_tokens, last.completion_tokens)))
+                    use = usage(last.prompt_tokens, last.completion_tokens, last.cached_tokens)
+                    out.append(usage_chunk(obj, rid, created, model, use))
             self._write_events(out, done=last.finish_reason is not None)
 
     def _write_events(self, objs: list, done: bool = False) -> None:
@@ -504,6 +508,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--max-body-bytes", type=positive_int, default=1 << 20, help="largest request body (413 beyond)")
     p.add_argument("--context-length", type=positive_int, default=None,
                    help="prompt + completion tokens (default: the model's max_position_embeddings)")
+    p.add_argument("--prompt-cache-mb", type=non_negative_int, default=256,
+                   help="MB of earlier prompts' keys and values kept so that prompts beginning alike (chat "
+                        "template, system prompt, earlier turns) skip that part of the prefill; 0: off")
     add_flash_arguments(p)
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
                    help="info logs every request")
@@ -524,7 +531,8 @@ def _main(argv: Optional[list[str]]) -> int:
     engine = _engine = BatchEngine(lambda: load(args.model, dtype=args.dtype, dequantize=args.dequantize,
                                                      **flash_options(args)),
                                    max_batch=args.max_batch, max_queue=args.max_queue,
-                                   context_length=args.context_length, prefill_step_size=args.prefill_step_size)
+                                   context_length=args.context_length, prefill_step_size=args.prefill_step_size,
+                                   prompt_cache_bytes=args.prompt_cache_mb << 20)
     app = App(engine, model_id, api_key=api_key, max_tokens_limit=args.max_tokens_limit,
               max_body_bytes=args.max_body_bytes)
     server = make_server(app, args.host, args.port, args.uds)

@@ -6,9 +6,13 @@ Reported per level: aggregate completion tok/s (all tokens / wall time), time to
 and a check that every request got exactly the tokens it asked for (usage.completion_tokens ==
 max_tokens, finish_reason "length", and no more text chunks than tokens). The server runs the default
 model (SmolLM2-135M-Instruct Q4_1), once per mode: quantized, and --dequantize (dense float32, whose
-matrix products scale with the batch on a CPU BLAS).
+matrix products scale with the batch on a CPU BLAS); each also with `-no-prompt-cache`
+(--prompt-cache-mb 0), so prompt reuse is measured against prefilling every prompt whole, in the same run.
+Every prompt is unique (its user message ends with the level and request number): what can be reused
+is what real chats share, the chat template's system prompt and the start of the user turn.
 
-    .venv/bin/python benchmarks/server_load.py [--modes dense,quantized] [--clients 1,4,16] [--out FILE]
+    .venv/bin/python benchmarks/server_load.py [--modes quantized,quantized-no-prompt-cache]
+        [--clients 1,4,16] [--out FILE]
 """
 
 from __future__ import annotations
@@ -34,11 +38,12 @@ TOPICS = ["the sea", "a mountain village", "how a compiler works", "the history 
           "the moon landing", "an old library"]
 
 
-def one_request(url: str, i: int, max_tokens: int) -> dict:
+def one_request(url: str, i: int, max_tokens: int, tag: str = "") -> dict:
     """One streaming chat request; returns timing and the checks' inputs."""
     u = urlparse(url)
     words = " ".join(["Please be detailed."] * (i % 4))  # prompts of different lengths
-    body = {"messages": [{"role": "user", "content": f"Write about {TOPICS[i % len(TOPICS)]}. {words}"}],
+    content = f"Write about {TOPICS[i % len(TOPICS)]}. {words} (request {tag}{i})"
+    body = {"messages": [{"role": "user", "content": content}],
             "max_tokens": max_tokens, "temperature": 0.7, "seed": i, "ignore_eos": True, "stream": True,
             "stream_options": {"include_usage": True}}
     conn = http.client.HTTPConnection(u.hostname, u.port, timeout=600)
@@ -67,7 +72,10 @@ def one_request(url: str, i: int, max_tokens: int) -> dict:
     end = time.perf_counter()
     conn.close()
     got = usage["completion_tokens"] if usage else -1
+    prompt = (usage or {}).get("prompt_tokens", 0)
+    cached = ((usage or {}).get("prompt_tokens_details") or {}).get("cached_tokens", 0)
     return {"status": resp.status, "ttft_s": (first or end) - start, "total_s": end - start, "tokens": got,
+            "prompt_tokens": prompt, "cached_tokens": cached,
             "ok": resp.status == 200 and done and finish == "length" and got == max_tokens and 0 < chunks <= got}
 
 
@@ -86,7 +94,7 @@ def run_level(url: str, clients: int, requests: int, max_tokens: int) -> dict:
     def client(c: int):
         barrier.wait()
         for r in range(requests):
-            res = one_request(url, c * requests + r, max_tokens)
+            res = one_request(url, c * requests + r, max_tokens, f"{clients}-")
             with lock:
                 results.append(res)
 
@@ -103,6 +111,8 @@ def run_level(url: str, clients: int, requests: int, max_tokens: int) -> dict:
             "aggregate_tok_s": round(tokens / wall, 2),
             "ttft_p50_s": round(percentile(ttft, 0.5), 3), "ttft_p99_s": round(percentile(ttft, 0.99), 3),
             "per_request_tok_s_p50": round(statistics.median(r["tokens"] / r["total_s"] for r in results), 2),
+            "prompt_tokens_mean": round(statistics.mean(r["prompt_tokens"] for r in results), 1),
+            "cached_tokens_mean": round(statistics.mean(r["cached_tokens"] for r in results), 1),
             "all_exact": all(r["ok"] for r in results), "failed": sum(not r["ok"] for r in results)}
 
 
@@ -110,10 +120,15 @@ def bench_mode(mode: str, levels: list[int], requests: int, max_tokens: int, max
     from server_fixtures import ServerProcess
 
     args = ["--port", "0", "--max-batch", str(max_batch), "--max-queue", "256"]
-    if mode == "dense":
+    base, _, variant = mode.partition("-")
+    if base not in ("dense", "quantized") or variant not in ("", "no-prompt-cache"):
+        raise SystemExit(f"unknown mode {mode!r}: dense or quantized, optionally with -no-prompt-cache")
+    if base == "dense":
         args.append("--dequantize")
+    if variant:
+        args += ["--prompt-cache-mb", "0"]
     with ServerProcess(args, timeout=300) as server:
-        one_request(server.url, 999, 8)  # warm up
+        one_request(server.url, 999, 8, "warm-up-")
         out = {"mode": mode, "server_args": args, "levels": []}
         for c in levels:
             level = run_level(server.url, c, requests, max_tokens)
@@ -134,24 +149,37 @@ def markdown(report: dict) -> str:
              f"{report['load_average_before']}, after {report['load_average_after']}  ",
              f"Model: {report['model']}; {report['requests_per_client']} streaming requests per client, "
              f"{report['max_tokens']} tokens each (ignore_eos, temperature 0.7, seeded)", "",
-             "| mode | clients | aggregate tok/s | x one client | TTFT p50 s | TTFT p99 s | every request exact |",
-             "|---|---:|---:|---:|---:|---:|---|"]
+             "| mode | clients | aggregate tok/s | x one client | TTFT p50 s | TTFT p99 s | prompt tokens "
+             "(cached), mean | every request exact |",
+             "|---|---:|---:|---:|---:|---:|---:|---|"]
     for mode in report["modes"]:
         for lv in mode["levels"]:
             lines.append(f"| {mode['mode']} | {lv['clients']} | {lv['aggregate_tok_s']} | "
-                         f"{mode['speedup_vs_1_client'][str(lv['clients'])]} | {lv['ttft_p50_s']} | {lv['ttft_p99_s']} | "
+                         f"{mode['speedup_vs_1_client'][str(lv['clients'])]} | {lv['ttft_p50_s']} | "
+                         f"{lv['ttft_p99_s']} | "
+                         f"{lv.get('prompt_tokens_mean', '?')} ({lv.get('cached_tokens_mean', '?')}) | "
                          f"{lv['all_exact']} |")
     lines.append("")
     for mode in report["modes"]:
         x = mode["speedup_vs_1_client"].get("16")
         if x is not None:
             lines.append(f"Goal (16 clients >= 6x one), {mode['mode']}: {x}x, {'met' if x >= 6 else 'not met'}.  ")
+    by_mode = {m["mode"]: {lv["clients"]: lv for lv in m["levels"]} for m in report["modes"]}
+    for name, levels in by_mode.items():
+        off = by_mode.get(f"{name}-no-prompt-cache")
+        for c, lv in levels.items() if off else ():
+            if c in off:
+                on_tok, off_tok = lv["aggregate_tok_s"], off[c]["aggregate_tok_s"]
+                lines.append(f"Prompt reuse, {name}, {c} clients: {on_tok} against {off_tok} tok/s "
+                             f"({on_tok / off_tok:.2f}x), TTFT p50 {lv['ttft_p50_s']} against "
+                             f"{off[c]['ttft_p50_s']} s.  ")
     return "\n".join(lines) + "\n"
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--modes", default="dense,quantized", help="dense (--dequantize) and/or quantized")
+    p.add_argument("--modes", default="quantized-no-prompt-cache,quantized,dense-no-prompt-cache,dense",
+                   help="dense (--dequantize) and/or quantized, each optionally with -no-prompt-cache")
     p.add_argument("--clients", default="1,4,16")
     p.add_argument("--requests", type=int, default=2, help="requests per client at each level")
     p.add_argument("--max-tokens", type=int, default=128)

@@ -64,8 +64,10 @@ def test_chat_stream_equals_non_stream(client):
     assert text == whole.choices[0].message.content
     assert chunks[0].choices[0].delta.role == "assistant"
     assert chunks[-2].choices[0].finish_reason == whole.choices[0].finish_reason
-    assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == whole.usage.model_dump() | {
-        "completion_tokens_details": None, "prompt_tokens_details": None}
+    counts = ("prompt_tokens", "completion_tokens", "total_tokens")
+    assert chunks[-1].choices == [] and all(getattr(chunks[-1].usage, k) == getattr(whole.usage, k) for k in counts)
+    # the same prompt again: all but its last token come from the prompt cache
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == whole.usage.prompt_tokens - 1
     assert len({c.id for c in chunks}) == 1
     text2, chunks2 = stream_text(chat(client, max_tokens=20, stream=True))
     assert text2 == text and all(c.usage is None for c in chunks2)
