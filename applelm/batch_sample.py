@@ -21,6 +21,7 @@ from typing import Optional
 import numpy as np
 
 CANDIDATES = 1024  # tokens the top-k / top-p filters look at first
+BLOCK = 1024  # weights summed together before the draw looks inside one block
 
 
 @dataclass
@@ -71,8 +72,24 @@ def sample_row(logits: np.ndarray, s: SamplingParams, u: float, candidates: int 
     weights = np.exp((z - best) / s.temperature)  # the best token weighs 1: the total is >= 1
     if s.min_p > 0:
         weights[z < best + math.log(s.min_p)] = 0.0
-    cum = np.cumsum(weights, dtype=np.float64)
-    # u below 1 keeps the target below the total: the first position past it has a positive weight
-    j = int(np.searchsorted(cum, min(max(u, 0.0), 1.0 - 1e-9) * cum[-1], side="right"))
-    j = min(j, cum.shape[0] - 1)
+    j = draw(weights, u)
     return int(ids[j]) if ids is not None else j
+
+
+def draw(weights: np.ndarray, u: float) -> int:
+    """The first index where the running total of `weights` (>= 0, some > 0) passes u times the total.
+
+    The totals are float64 sums of BLOCK weights at a time: only the block holding the draw is summed
+    one weight at a time (a float64 running total of the whole vocabulary was half a row's time)."""
+    u = min(max(u, 0.0), 1.0 - 1e-9)  # below 1: the target stays below the total
+    n = weights.shape[0]
+    blocks = np.add.reduceat(weights, np.arange(0, n, BLOCK), dtype=np.float64)
+    ends = np.cumsum(blocks)
+    target = u * ends[-1]
+    b = min(int(np.searchsorted(ends, target, side="right")), len(ends) - 1)
+    piece = weights[b * BLOCK: (b + 1) * BLOCK]
+    inner = np.cumsum(piece, dtype=np.float64)
+    j = int(np.searchsorted(inner, target - (ends[b - 1] if b else 0.0), side="right"))
+    if j == len(piece):  # rounding carried the target past the block's total: its last positive weight
+        j = int(np.flatnonzero(piece)[-1])
+    return b * BLOCK + j

@@ -9,7 +9,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from applelm.batch_sample import SamplingParams, sample_row
+from applelm.batch_sample import BLOCK, SamplingParams, draw, sample_row
 from applelm.sample import apply_min_p, apply_top_k, apply_top_p
 
 PROBS = np.array([0.5, 0.3, 0.15, 0.05])
@@ -57,3 +57,41 @@ def test_edges_of_u():
         assert sample_row(LOGITS, s, 0.0) == 0
         assert sample_row(LOGITS, s, 1.0) in (0, 1, 2, 3)
         assert sample_row(LOGITS, s, 0.999999999) != 3 or s.min_p == 0 and s.top_p == 1
+
+
+def plain_draw(weights: np.ndarray, u: float) -> int:
+    """The inversion `draw` makes, with one float64 running total over the whole vocabulary."""
+    cum = np.cumsum(weights, dtype=np.float64)
+    return min(int(np.searchsorted(cum, min(max(u, 0.0), 1.0 - 1e-9) * cum[-1], side="right")), len(cum) - 1)
+
+
+def test_blocked_draw_equals_one_running_total():
+    """Over several blocks, with runs of zero weights (min_p) inside and at the ends of blocks, at block
+    edges and at u near 0 and 1: the same index as one running total, and never a zero weight."""
+    rng = np.random.default_rng(1)
+    weights = rng.exponential(1.0, 5 * BLOCK + 123).astype(np.float32)
+    weights[rng.random(weights.shape) < 0.5] = 0.0
+    weights[BLOCK - 40: BLOCK + 40] = 0.0  # a block ending and the next starting with zero weights
+    weights[-300:] = 0.0
+    cum = np.cumsum(weights, dtype=np.float64)
+    edges = [cum[k * BLOCK - 1] / cum[-1] for k in range(1, 5)]
+    us = np.concatenate([np.linspace(0, 1, 20001), edges, np.nextafter(edges, 0), [1e-12, 1 - 1e-12, 1.0]])
+    for u in us:
+        j = draw(weights, float(u))
+        assert j == plain_draw(weights, float(u)) and weights[j] > 0, u
+    one = np.zeros(3 * BLOCK, dtype=np.float32)
+    one[BLOCK] = 2.0  # a single positive weight, first in its block
+    assert {draw(one, u) for u in (0.0, 0.5, 1.0)} == {BLOCK}
+
+
+def test_blocked_draw_never_lands_on_a_zero_weight_when_sums_round_apart():
+    """A block total (summed pairwise) above its running total (summed in order, where each 2^-53 added
+    to 1 rounds away): a target between the two falls past the block's running total, and the draw
+    takes the block's last positive weight rather than a zero one."""
+    weights = np.zeros(2 * BLOCK, dtype=np.float32)
+    weights[0], weights[1:600], weights[BLOCK] = 1.0, 2.0**-53, 1.0
+    ends = np.cumsum(np.add.reduceat(weights, [0, BLOCK], dtype=np.float64))
+    running = np.cumsum(weights[:BLOCK], dtype=np.float64)[-1]
+    assert ends[0] > running  # the case this test is about
+    j = draw(weights, float((running + ends[0]) / 2 / ends[-1]))
+    assert j == 599 and weights[j] > 0
