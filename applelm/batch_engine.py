@@ -4,8 +4,7 @@ HTTP threads `submit` a `Request` (prompt token ids + settings) and read `Event`
 worker loops: admit waiting requests (prefill them together, left-padded, each from the longest prefix
 the prompt cache holds, then merge their caches into the running batch), run one decode step for every
 active row as a single batched forward pass, hand each row's new text to its queue, and drop rows that
-finished or were cancelled. Nothing else touches
-the model, so MLX is only ever driven from this thread.
+finished or were cancelled. Nothing else touches the model, so MLX is only ever driven from this thread.
 """
 
 from __future__ import annotations
