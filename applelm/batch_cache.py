@@ -77,11 +77,15 @@ class BatchKVCache:
     def _right_aligned(self, columns: int) -> tuple[mx.array, mx.array, mx.array]:
         """Keys, values and left padding widened on the left to `columns` columns."""
         k, v = self.state
-        extra = columns - self._idx
-        if extra:
-            pad = lambda a: mx.zeros((a.shape[0], a.shape[1], extra, a.shape[3]), a.dtype)
-            k, v = mx.concatenate([pad(k), k], axis=2), mx.concatenate([pad(v), v], axis=2)
-        return k, v, self.left_padding + extra
+        return _pad_left(k, columns), _pad_left(v, columns), self.left_padding + (columns - self._idx)
+
+
+def _pad_left(a: mx.array, columns: int) -> mx.array:
+    """Keys or values (B, heads, T, D) widened on the left with zero columns to `columns`."""
+    extra = columns - a.shape[2]
+    if not extra:
+        return a
+    return mx.concatenate([mx.zeros((a.shape[0], a.shape[1], extra, a.shape[3]), a.dtype), a], axis=2)
 
 
 def make_batch_cache(model, left_padding: Sequence[int]) -> list[BatchKVCache]:
@@ -102,16 +106,10 @@ def make_prefixed_batch_cache(model, prefixes: Sequence[Optional[list]],
     padding = mx.array(list(left_padding), dtype=mx.int32)
     out = []
     for layer in range(len(model.layers)):
-        like = next(p[layer] for p in prefixes if p)
-        parts: tuple[list, list] = ([], [])
-        for p in prefixes:
-            for i, part in enumerate(parts):
-                a = p[layer][i] if p else like[i][:, :, :0]
-                if a.shape[2] < columns:
-                    gap = mx.zeros((1, a.shape[1], columns - a.shape[2], a.shape[3]), a.dtype)
-                    a = mx.concatenate([gap, a], axis=2)
-                part.append(a)
-        out.append(BatchKVCache._from(mx.concatenate(parts[0]), mx.concatenate(parts[1]), padding))
+        like = next(p[layer] for p in prefixes if p)  # a row without a prefix: all zeros of this shape
+        keys, values = ([_pad_left(p[layer][i] if p else like[i][:, :, :0], columns) for p in prefixes]
+                        for i in (0, 1))
+        out.append(BatchKVCache._from(mx.concatenate(keys), mx.concatenate(values), padding))
     return out
 
 

@@ -280,11 +280,8 @@ class BatchEngine:
         if not rows:
             return [], None
         try:
-            tokens, cache = self._prefill_inputs(rows)
-            rest = prefill(self.model, tokens, cache, self.prefill_step_size)
-            logits = self.model(rest, cache=cache)[:, -1, :]
+            logits, cache = self._prefill_rows(rows)
             first = self._sample(rows, logits)
-            self._remember_prompts(rows, cache)
         except Exception as e:
             log.exception("prefill failed")
             for r in rows:
@@ -293,6 +290,15 @@ class BatchEngine:
         for r, t in zip(rows, first):
             r.accept(t)
         return rows, cache
+
+    def _prefill_rows(self, rows: list[_Row]) -> tuple[mx.array, list]:
+        """Prefill new rows together, from the prompt cache where it holds their prompts' beginnings, and
+        store their prompts there: (last-position logits (B, vocab), their cache)."""
+        tokens, cache = self._prefill_inputs(rows)
+        rest = prefill(self.model, tokens, cache, self.prefill_step_size)
+        logits = self.model(rest, cache=cache)[:, -1, :]
+        self._remember_prompts(rows, cache)
+        return logits, cache
 
     def _prefill_inputs(self, rows: list[_Row]) -> tuple[mx.array, list]:
         """The tokens still to run for new rows and their cache, started from the prompt cache.
@@ -315,8 +321,6 @@ class BatchEngine:
             rows[i].cached = start
             prefixes.append(self.prompt_cache.layers(entries[i], start) if start else None)
             tokens.append([0] * (run - len(p) + start) + p[start:])
-        if self.prompt_cache is not None:
-            self.prompt_cache.reused_tokens += sum(r.cached for r in rows)
         cache = make_prefixed_batch_cache(self.model, prefixes, [width - len(p) for p in prompts])
         return mx.array(tokens, dtype=mx.int32), cache
 

@@ -8,6 +8,7 @@ import sys
 from typing import Callable
 
 from .errors import UserError
+from .flash.budget import PIN_LAYOUTS
 
 EXIT_USAGE = 2
 
@@ -79,7 +80,7 @@ def add_flash_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sparsity-mode", choices=("threshold", "predictor"), default="threshold",
                    help="threshold: resident gates and calibrated thresholds; predictor: low-rank predictors")
     p.add_argument("--window", type=positive_int, default=4, help="flash sparsity: tokens a neuron stays cached")
-    p.add_argument("--pin-layout", choices=("auto", "tail", "spread"), default="auto",
+    p.add_argument("--pin-layout", choices=PIN_LAYOUTS, default="auto",
                    help="flash dense paging: pin the last FFN layers (tail), or spread the pinned layers among the "
                         "streamed ones, so reads go on through their compute; auto (default): when a few decode "
                         "steps at load wait on reads, try both and keep the faster (benchmarks/pin_layout.py)")

@@ -66,9 +66,9 @@ class PromptCache:
         self.hits += 1
         return best, self._entries[best_key]
 
-    @staticmethod
-    def layers(entry: _Entry, n: int) -> list[LayerKV]:
-        """The first n positions of an entry's keys and values, per layer."""
+    def layers(self, entry: _Entry, n: int) -> list[LayerKV]:
+        """The first n positions of an entry's keys and values, per layer (counted as reused tokens)."""
+        self.reused_tokens += n
         return [(k[:, :, :n], v[:, :, :n]) for k, v in entry.layers]
 
     def add(self, prompt: Sequence[int], layers: list[LayerKV]) -> bool:

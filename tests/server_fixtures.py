@@ -7,6 +7,7 @@ models' 97-token vocabulary: id 1 is BOS, id 2 is EOS, ids 3..96 are the charact
 from __future__ import annotations
 
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -66,6 +67,17 @@ def tiny_engine(arch: str = "llama", chat_template: str | None = "simple", **kwa
     # Built in the worker thread, as the server's loader does: MLX streams are per thread, and a lazy
     # array made on another thread (e.g. RoPE frequencies) could not be evaluated there.
     return BatchEngine(lambda: (build_tiny(arch)[0], FakeTokenizer(chat_template)), **kwargs).start()
+
+
+def collect(req, timeout: float = 30.0):
+    """(text, final event) of a finished engine Request."""
+    parts = []
+    deadline = time.monotonic() + timeout
+    while True:
+        ev = req.events.get(timeout=max(0.01, deadline - time.monotonic()))
+        parts.append(ev.text)
+        if ev.finish_reason is not None:
+            return "".join(parts), ev
 
 
 @contextmanager

@@ -10,20 +10,9 @@ import pytest
 from applelm.batch_engine import BatchEngine, EngineUnavailable, QueueFull, Request, SamplingParams
 from applelm.generation import stream_generate
 from conftest import ARCHS, build_tiny
-from server_fixtures import FakeTokenizer, GatedModel, running, tiny_engine
+from server_fixtures import FakeTokenizer, GatedModel, collect, running, tiny_engine
 
 PROMPTS = ["hello", "the quick brown fox jumps", "a", "over the lazy dog, and then some more text"]
-
-
-def collect(req: Request, timeout: float = 30.0):
-    """(text, final event) of a finished request."""
-    parts = []
-    deadline = time.monotonic() + timeout
-    while True:
-        ev = req.events.get(timeout=max(0.01, deadline - time.monotonic()))
-        parts.append(ev.text)
-        if ev.finish_reason is not None:
-            return "".join(parts), ev
 
 
 def single(model, tok, prompt: str, **kw) -> tuple[str, str]:

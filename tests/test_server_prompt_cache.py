@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 from applelm.batch_engine import BatchEngine, Request, _Row
-from applelm.generation import prefill, stream_generate
+from applelm.generation import stream_generate
 from applelm.prompt_cache import PromptCache, shared_prefix
 from conftest import ARCHS, build_tiny
-from server_fixtures import FakeTokenizer, live_server, running, tiny_engine
+from server_fixtures import FakeTokenizer, collect, live_server, running, tiny_engine
 
 SYSTEM = "system: you are a small model that answers in a few words.\n"
 
@@ -92,9 +92,7 @@ def admitted(engine: BatchEngine, prompts: list[list[int]]):
     """Admit `prompts` as one wave in this thread, as the worker does: (last-position logits, cached tokens
     per row, the logits of one more decode step fed token 5)."""
     rows = [_Row(Request(p, 4), engine.tokenizer, 4) for p in prompts]
-    tokens, cache = engine._prefill_inputs(rows)
-    logits = engine.model(prefill(engine.model, tokens, cache), cache=cache)[:, -1, :]
-    engine._remember_prompts(rows, cache)
+    logits, cache = engine._prefill_rows(rows)
     step = engine.model(mx.full((len(rows), 1), 5, dtype=mx.int32), cache=cache)[:, -1, :]
     return logits, [r.cached for r in rows], step
 
@@ -150,15 +148,6 @@ def test_engine_with_reuse_generates_what_stream_generate_does(arch):
     assert alone[0][1].cached_tokens == 0
     assert alone[1][1].cached_tokens == len(tok.encode(SYSTEM + "user: "))
     assert all(ev.cached_tokens >= len(tok.encode(SYSTEM)) for _, ev in together)
-
-
-def collect(req: Request, timeout: float = 30.0):
-    parts = []
-    while True:
-        ev = req.events.get(timeout=timeout)
-        parts.append(ev.text)
-        if ev.finish_reason is not None:
-            return "".join(parts), ev
 
 
 def test_reuse_off_reports_no_cached_tokens():
