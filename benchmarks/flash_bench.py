@@ -2,6 +2,9 @@
 
 Two models, each prepared once (python -m applelm.flash prepare) into a flash layout:
   - synthetic:  a random Llama-shaped model whose FFN is ~2 GB in 16-bit, run with a 1 GB budget
+  - synthetic-relu: the same shape with a gated-ReLU FFN built to have a ReLU LLM's activation statistics
+                (~89% of neurons off, predictable by a low-rank predictor; not in the default --models):
+                where neuron-level paging (the paper's 20-25x on a GPU) has something to skip
   - smollm2:    the embedded SmolLM2-135M GGUF, run with half of its fully resident footprint (by default
                 the smallest resident form: attention and embedding as the GGUF's packed blocks through
                 ops/gguf_cpu.c, FFN as stored bundles through the native kernel; --smollm2-resident)
@@ -29,7 +32,8 @@ units alone (their mean is the I/O bound of the dense goal); and the machine's C
 shares while each run decodes (on this VM reads cost steal: benchmarks/io_contention.py).
 SmolLM2 also gets perplexity on GPL-3 text for each sparsity setting. Every run is a fresh process.
 
-    python benchmarks/flash_bench.py [--device cpu|gpu] [--models synthetic,smollm2,smollm2-8bit,smollm2-blocks]
+    python benchmarks/flash_bench.py [--device cpu|gpu]
+                                     [--models synthetic,synthetic-relu,smollm2,smollm2-8bit,smollm2-blocks]
                                      [--work DIR] [--tokens N] [--out FILE]
 
 --device gpu runs the same plan on MLX's GPU (float16 compute); compute is then fast and reads
@@ -104,23 +108,51 @@ def synthetic_layout_name(hidden: int, inter: int, layers: int) -> str:
     return f"synthetic_{hidden}_{inter}_{layers}_flash"
 
 
-def synthetic_prompt(vocab_size: int) -> tuple[list[int], list[int]]:
-    """The synthetic model's calibration ids (256) and its prompt (their first 16)."""
+def synthetic_prompt(vocab_size: int, n: int = 256) -> tuple[list[int], list[int]]:
+    """The synthetic model's calibration ids (n) and its prompt (their first 16)."""
     import numpy as np
 
-    ids = [int(v) for v in np.random.default_rng(1).integers(0, vocab_size, 256)]
+    ids = [int(v) for v in np.random.default_rng(1).integers(0, vocab_size, n)]
     return ids, ids[:16]
 
 
-def synthetic_config(hidden: int, inter: int, layers: int) -> dict:
+def synthetic_config(hidden: int, inter: int, layers: int, hidden_act: str = "silu") -> dict:
     heads = hidden // 64
     return dict(model_type="llama", hidden_size=hidden, num_hidden_layers=layers, intermediate_size=inter,
                 num_attention_heads=heads, num_key_value_heads=max(1, heads // 4), rms_norm_eps=1e-5,
-                vocab_size=32000, rope_theta=10000.0, tie_word_embeddings=True, max_position_embeddings=4096)
+                vocab_size=32000, rope_theta=10000.0, tie_word_embeddings=True, max_position_embeddings=4096,
+                hidden_act=hidden_act)
+
+
+# The sparse ReLU model: each neuron fires on a share of tokens drawn log-uniformly from this range (mean
+# ~11%, so ~89% of neurons are off, as ReLU LLMs measure: ProSparse ~89%, OPT ~97%), with a few hot neurons.
+RELU_RATES, RELU_GATE_RANK, RELU_CHANNEL = (0.003, 0.6), 16, 8.0
+RELU_CALIBRATION_TOKENS = 4096
+
+
+def relu_gate(rng, f: int, h: int, x0: float):
+    """(f, h) gate rows for the sparse ReLU model: gate . x is a rank-RELU_GATE_RANK function of the hidden
+    state (plus 5% noise), so a low-rank predictor can learn it, shifted per neuron through hidden channel 0
+    (held at RELU_CHANNEL by the embeddings, x0 after the norm) so that neuron i fires on about rates[i]."""
+    import numpy as np
+    from statistics import NormalDist
+
+    r = RELU_GATE_RANK
+    w = (rng.standard_normal((f, r), dtype=np.float32) @ rng.standard_normal((r, h), dtype=np.float32)) * (0.02 / r**0.5)
+    w += rng.standard_normal((f, h), dtype=np.float32) * 0.02 * 0.05**0.5
+    w[:, 0] = 0.0
+    lo, hi = np.log(RELU_RATES[0]), np.log(RELU_RATES[1])
+    rates = np.exp(rng.uniform(lo, hi, f))
+    sigma = np.linalg.norm(w, axis=1)  # std of w_i . x over tokens: the other channels are ~N(0, 1) after the norm
+    z = np.array([NormalDist().inv_cdf(1 - p) for p in rates], np.float32)
+    w[:, 0] = -sigma * z / x0
+    return w
 
 
 def write_synthetic(folder: Path, config: dict, seed: int = 0) -> Path:
-    """A random Llama-shaped checkpoint in bfloat16, one safetensors shard per layer (bounded memory)."""
+    """A random Llama-shaped checkpoint in bfloat16, one safetensors shard per layer (bounded memory). With
+    hidden_act relu, the sparse ReLU model: gates from relu_gate, attention and FFN outputs kept small so
+    that channel 0 stays where the gates expect it through the layers."""
     import mlx.core as mx
     import numpy as np
 
@@ -131,6 +163,8 @@ def write_synthetic(folder: Path, config: dict, seed: int = 0) -> Path:
     h, f, n = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
     hd = h // config["num_attention_heads"]
     kv = config["num_key_value_heads"] * hd
+    relu = config.get("hidden_act") == "relu"
+    x0 = RELU_CHANNEL / ((RELU_CHANNEL**2 + h - 1) / h) ** 0.5  # channel 0 after the RMS norm
 
     def rnd(*shape, scale=0.02):
         return mx.array(rng.standard_normal(shape, dtype=np.float32) * scale).astype(mx.bfloat16)
@@ -140,8 +174,11 @@ def write_synthetic(folder: Path, config: dict, seed: int = 0) -> Path:
     for i in range(n):
         p = f"model.layers.{i}."
         part = {p + "self_attn.q_proj.weight": rnd(h, h), p + "self_attn.k_proj.weight": rnd(kv, h),
-                p + "self_attn.v_proj.weight": rnd(kv, h), p + "self_attn.o_proj.weight": rnd(h, h),
-                p + "mlp.gate_proj.weight": rnd(f, h), p + "mlp.up_proj.weight": rnd(f, h),
+                p + "self_attn.v_proj.weight": rnd(kv, h),
+                p + "self_attn.o_proj.weight": rnd(h, h, scale=0.02 / 4 if relu else 0.02),
+                # (drawn in this order: the dense model's weights stay those of earlier runs)
+                p + "mlp.gate_proj.weight": mx.array(relu_gate(rng, f, h, x0)).astype(mx.bfloat16) if relu else rnd(f, h),
+                p + "mlp.up_proj.weight": rnd(f, h),
                 p + "mlp.down_proj.weight": rnd(h, f, scale=0.02 / 4),
                 p + "input_layernorm.weight": mx.ones((h,), mx.bfloat16),
                 p + "post_attention_layernorm.weight": mx.ones((h,), mx.bfloat16)}
@@ -149,7 +186,11 @@ def write_synthetic(folder: Path, config: dict, seed: int = 0) -> Path:
         mx.save_safetensors(str(folder / name), part)
         weight_map.update({k: name for k in part})
         print(f"  synthetic layer {i + 1}/{n}", file=sys.stderr, flush=True)
-    rest = {"model.embed_tokens.weight": rnd(config["vocab_size"], h, scale=1.0), "model.norm.weight": mx.ones((h,), mx.bfloat16)}
+    embed = rng.standard_normal((config["vocab_size"], h), dtype=np.float32)
+    if relu:
+        embed[:, 0] = RELU_CHANNEL
+    rest = {"model.embed_tokens.weight": mx.array(embed).astype(mx.bfloat16),
+            "model.norm.weight": mx.ones((h,), mx.bfloat16)}
     name = f"model-{shards:05d}-of-{shards:05d}.safetensors"
     mx.save_safetensors(str(folder / name), rest)
     weight_map.update({k: name for k in rest})
@@ -527,6 +568,20 @@ def summarize(rounds: list[dict]) -> dict:
     return out
 
 
+def tokens_equal(rounds: list[dict]) -> dict:
+    """Per run: how many of its greedy tokens (prompt's next token included) equal the resident run's, in
+    order, in each round (sparse runs may differ; dense ones must not)."""
+    out = {}
+    for label in rounds[0]:
+        counts = []
+        for rd in rounds:
+            want, got = rd.get("resident", {}).get("tokens"), rd[label].get("tokens")
+            if want and got:
+                counts.append(next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), min(len(want), len(got))))
+        out[label] = {"equal_leading": counts, "of": len(rounds[0].get("resident", {}).get("tokens") or [])}
+    return out
+
+
 def goals(rows: dict, rounds: list[dict]) -> dict:
     """Goal per paged run: tok/s >= 80% of min(resident tok/s, disk speed / bytes read per token), with the
     disk speed measured inside the same run, just before and just after it decoded (the mean of the two:
@@ -646,6 +701,9 @@ def markdown(result: dict) -> str:
         if probed:
             lines += ["", "Pin layout chosen at load (`--pin-layout auto`), every round: " + "; ".join(
                 f"{k} " + ", ".join(probe_text(p) for p in v) for k, v in probed.items())]
+        if model.get("tokens_equal"):
+            lines += ["", "Greedy tokens equal to the resident run's, leading count per round: " + "; ".join(
+                f"{k} {v['equal_leading']} of {v['of']}" for k, v in model["tokens_equal"].items() if k != "resident")]
         if model.get("perplexity"):
             lines += ["", f"Perplexity: `{json.dumps(model['perplexity'])}`"]
         lines.append("")
@@ -660,6 +718,9 @@ def main() -> int:
     p.add_argument("--tokens", type=int, default=None, help="decode tokens per run (default 8 synthetic, 24 smollm2)")
     p.add_argument("--synthetic", default=SYNTHETIC_SHAPE, help="hidden,intermediate,layers")
     p.add_argument("--synthetic-budget", default=SYNTHETIC_BUDGET)
+    p.add_argument("--relu-calibration-tokens", type=int, default=RELU_CALIBRATION_TOKENS,
+                   help="synthetic-relu: calibration tokens for its predictors (fewer overfit: held-out recall "
+                        "0.68 at 1024 against 0.93 at 4096 on a 4-layer version)")
     p.add_argument("--smollm2-budget-fraction", type=float, default=0.5)
     p.add_argument("--blocks-budget-fraction", type=float, default=BLOCKS_BUDGET_FRACTION,
                    help="smollm2-blocks budget, a fraction of its own fully resident size (at 0.5 the resident "
@@ -733,7 +794,7 @@ def main() -> int:
                            f"), budget "
                            f"{format_size(budget)} ({args.smollm2_budget_fraction:.0%})",
             "prepare_s": round(prep_s, 1), "resident_bytes": full_bytes, "budget_bytes": budget, "runs": rows,
-            "goals": goals(rows, rounds), "all_rounds": rounds}
+            "goals": goals(rows, rounds), "tokens_equal": tokens_equal(rounds), "all_rounds": rounds}
         q8 = None
         if "smollm2-8bit" in models:
             # 8-bit bundles read about half the bfloat16 store's bytes per token. A 4-bit store re-quantizes
@@ -750,7 +811,7 @@ def main() -> int:
                                f"axis, float16 scale and bias); same budget {format_size(budget)}; its perplexity "
                                f"is in the smollm2 entry (resident_8bit_store)",
                 "prepare_s": round(q8_prep_s, 1), "resident_bytes": full_bytes, "budget_bytes": budget,
-                "runs": rows, "goals": goals(rows, rounds), "all_rounds": rounds}
+                "runs": rows, "goals": goals(rows, rounds), "tokens_equal": tokens_equal(rounds), "all_rounds": rounds}
         result["models"]["smollm2"]["perplexity"] = None
         if args.ppl_tokens:  # the float16 and 4-bit stores exist for these scores only
             t16, _ = prepared(default_model_path(), work / "smollm2_f16", bits=16, dtype="float16",
@@ -787,7 +848,7 @@ def main() -> int:
                            f"the smollm2 entries' budget {format_size(shared)}; plain-gguf: the GGUF file "
                            f"without a flash layout",
             "prepare_s": round(prep_s, 1), "resident_bytes": full_bytes, "resident_part_bytes": minimum,
-            "budget_bytes": budget, "runs": rows, "goals": goals(rows, rounds), "all_rounds": rounds}
+            "budget_bytes": budget, "runs": rows, "goals": goals(rows, rounds), "tokens_equal": tokens_equal(rounds), "all_rounds": rounds}
 
     if "synthetic" in models:
         hidden, inter, layers = (int(v) for v in args.synthetic.split(","))
@@ -815,7 +876,44 @@ def main() -> int:
                            f"32000), FFN {format_size(lay.ffn_bytes)} in bfloat16 bundles + resident "
                            f"{format_size(lay.index['resident']['n_bytes'])} on disk; budget {args.synthetic_budget}",
             "prepare_s": round(prep_s, 1), "budget_bytes": budget, "runs": rows,
-            "goals": goals(rows, rounds), "all_rounds": rounds}
+            "goals": goals(rows, rounds), "tokens_equal": tokens_equal(rounds), "all_rounds": rounds}
+
+    if "synthetic-relu" in models:
+        hidden, inter, layers = (int(v) for v in args.synthetic.split(","))
+        cfg = synthetic_config(hidden, inter, layers, hidden_act="relu")
+        src = write_synthetic(work / f"synthetic_relu_{hidden}_{inter}_{layers}", cfg)
+        ids = synthetic_prompt(cfg["vocab_size"], args.relu_calibration_tokens)[0]
+        layout, prep_s = prepared(src, work / f"synthetic_relu_{hidden}_{inter}_{layers}_flash", bits=16,
+                                  dtype="bfloat16", train_predictors=True, calibration_ids=ids,
+                                  calibration_tokens=len(ids), predictor_rank=32)
+        budget = parse_size(args.synthetic_budget)
+        from applelm.flash.layout import read_layout
+
+        lay = read_layout(layout)
+        zeros = lay.index["sparsity"]["zero_fraction"]
+        # Just below the natural sparsity every threshold is 0: only the predictor's misses change results.
+        level = round(min(0.85, min(zeros) - 0.02), 2)
+        spec = {**base, "model": str(layout), "tokens": args.tokens or 8, "prompt": ids[:16],
+                "options": dict(base["options"])}
+        sparse = {"sparsity": level, "sparsity_mode": "predictor"}
+        rows, rounds = bench_model("synthetic-relu", budget, spec, [
+            (f"sparse-predictor-{level}", sparse),
+            (f"sparse-predictor-{level}-mlx", {**sparse, "native": False}),
+            (f"sparse-predictor-{level}-mlx-lookahead", {**sparse, "native": False, "lookahead": True}),
+            (f"sparse-predictor-{level}-no-lookahead", {**sparse, "lookahead": False})], args.rounds)
+        pr = lay.index["predictors"]
+        result["models"]["synthetic-relu"] = {
+            "description": f"random gated-ReLU Llama of the synthetic model's shape ({hidden} hidden, {inter} "
+                           f"intermediate, {layers} layers), built to have a ReLU LLM's activation statistics "
+                           f"(write_synthetic: ~89% of neurons off, rank-{RELU_GATE_RANK} gates a low-rank "
+                           f"predictor can learn, skewed neuron frequencies); its tokens mean nothing, it "
+                           f"measures the paging. FFN {format_size(lay.ffn_bytes)} in bfloat16 bundles; budget "
+                           f"{args.synthetic_budget}; natural sparsity (exact zeros) {min(zeros):.3f}-"
+                           f"{max(zeros):.3f} by layer; predictors (rank {pr['rank']}, {len(ids)} calibration "
+                           f"tokens): held-out recall {pr['mean_recall']:.3f} reading "
+                           f"{pr['mean_predicted_fraction']:.3f} of neurons; sparse runs at sparsity {level}",
+            "prepare_s": round(prep_s, 1), "budget_bytes": budget, "natural_sparsity": zeros, "runs": rows,
+            "goals": goals(rows, rounds), "tokens_equal": tokens_equal(rounds), "all_rounds": rounds}
 
     result["disk_end"] = disk_speeds(work)
     result["load_end"] = machine_info.load_avg()

@@ -5,6 +5,7 @@
 #     python -m build --wheel --no-isolation --outdir .gpu/b .        # here, before the second call
 #     bash .gpu/b/install.sh && bash benchmarks/gpu_suite.sh ops       # on the GPU machine: $OUT gets the JSON
 # Steps: ops (kernel check + qmatmul bench), decode (decode_bench), flash (flash_bench --device gpu),
+# flash-relu (flash_bench's synthetic-relu model, where neuron-level paging has ~89% of neurons to skip),
 # flashcheck (flash_gpu_check: paged equals resident, GGUF-blocks store included), and with the embedded
 # SmolLM2 carried over (benchmarks/gpu_smollm2.sh: two more calls) flash-smollm2 (its bfloat16 and 8-bit
 # stores at half the resident size, 1 round) and flash-blocks (its GGUF-blocks store, 2 rounds; SMOL_ROUNDS
@@ -37,6 +38,9 @@ for step in "${steps[@]}"; do
         --work-dir /root/decode-bench --out "$out/decode_h100.json" ;;
     flash)
       python3 benchmarks/flash_bench.py --device gpu --models synthetic --work /root/flash --out "$out/flash_gpu.json" ;;
+    flash-relu)
+      python3 benchmarks/flash_bench.py --device gpu --models synthetic-relu --work /root/flash \
+        --out "$out/flash_gpu_relu.json" ;;
     flashcheck)
       python3 benchmarks/flash_gpu_check.py --out "$out/flash_gpu_check.json" ;;
     flash-smollm2)
@@ -47,6 +51,7 @@ for step in "${steps[@]}"; do
       need_smollm2 "$step"
       python3 benchmarks/flash_bench.py --device gpu --models smollm2-blocks --rounds "${SMOL_ROUNDS:-2}" \
         --work /root/flash --out "$out/flash_gpu_blocks.json" ;;
-    *) echo "unknown step $step (ops, decode, flash, flashcheck, flash-smollm2, flash-blocks)" >&2; exit 2 ;;
+    *) echo "unknown step $step (ops, decode, flash, flash-relu, flashcheck, flash-smollm2, flash-blocks)" >&2
+       exit 2 ;;
   esac
 done

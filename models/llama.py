@@ -1,4 +1,5 @@
-"""Llama 2/3/3.x (including llama3 RoPE scaling), Mistral and SmolLM: pre-norm decoder with GQA and SwiGLU.
+"""Llama 2/3/3.x (including llama3 RoPE scaling), Mistral and SmolLM: pre-norm decoder with GQA and SwiGLU;
+with `hidden_act: relu`, the ReLU family's gated FFN (ReluLLaMA-style checkpoints).
 
 Parameter names follow Hugging Face's LlamaForCausalLM so checkpoints load with almost no renaming.
 """
@@ -41,7 +42,7 @@ class ModelArgs(BaseModelArgs):
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
-        check_config_value("hidden_act", self.hidden_act, ("silu",))
+        check_config_value("hidden_act", self.hidden_act, ("silu", "relu"))
 
 
 class Attention(nn.Module):
@@ -79,12 +80,11 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+    """Gated feed-forward: down(act(gate(x)) * up(x)), act silu (SwiGLU) or relu."""
 
-    activation = "silu"  # by name (ops.layers.ACTIVATIONS): the fused CPU kernel and flash paging use it
-
-    def __init__(self, dim: int, hidden: int, bias: bool = False):
+    def __init__(self, dim: int, hidden: int, bias: bool = False, activation: str = "silu"):
         super().__init__()
+        self.activation = activation  # by name (ops.layers.ACTIVATIONS): the fused CPU kernel and flash paging use it
         self.gate_proj = nn.Linear(dim, hidden, bias=bias)
         self.up_proj = nn.Linear(dim, hidden, bias=bias)
         self.down_proj = nn.Linear(hidden, dim, bias=bias)
@@ -97,7 +97,7 @@ class TransformerBlock(nn.Module):
     def __init__(self, args: ModelArgs, attention: nn.Module):
         super().__init__()
         self.self_attn = attention
-        self.mlp = MLP(args.hidden_size, args.intermediate_size, args.mlp_bias)
+        self.mlp = MLP(args.hidden_size, args.intermediate_size, args.mlp_bias, args.hidden_act)
         self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 

@@ -28,7 +28,7 @@ SIGNATURES = {"applelm_gguf_matmul": [_VEC, _I64, _I64, _VEC, _I64, _INT, _INT, 
               "applelm_gguf_matmul_many": [_VEC, _I64, _I64, _INT, _VEC, _VEC, _VEC, _INT, _VEC],
               "applelm_gguf_ffn": [_VEC, _I64, _I64, _I64, _VEC, _INT, _VEC, _INT, _VEC, _INT, _INT, _INT, _VEC,
                                    _VEC]}
-ACTIVATIONS = {"silu": 0, "gelu_tanh": 1}  # the gated FFN's activation (ops/cpu_vec.h)
+ACTIVATIONS = {"silu": 0, "gelu_tanh": 1, "relu": 2}  # the gated FFN's activation (ops/cpu_vec.h)
 MAX_PRODUCTS = 8  # weights one applelm_gguf_matmul_many call takes
 AFFINE_SOURCE = Path(__file__).with_name("affine_cpu.c")
 AFFINE_SIGNATURES = {"applelm_affine_matmul": [_VEC, _I64, _I64, _VEC, _VEC, _VEC, _INT, _I64, _INT, _INT, _INT,

@@ -54,11 +54,13 @@ static inline int threads_for(int64_t rows, int threads) {
     return threads > most ? (int)most : threads;
 }
 
-enum { ACT_SILU = 0, ACT_GELU_TANH = 1 };
+enum { ACT_SILU = 0, ACT_GELU_TANH = 1, ACT_RELU = 2 };
 
-/* The gate's activation: silu, or gelu with the tanh approximation (Gemma), as MLX's nn.silu / nn.gelu_approx.
+/* The gate's activation: silu, gelu with the tanh approximation (Gemma) or relu (the ReLU family), as MLX's
+ * nn.silu / nn.gelu_approx / nn.relu.
  * Written so no intermediate overflows (-ffast-math assumes no infinities: expf(88+) would turn into NaN). */
 static inline float activation(float g, int act) {
+    if (act == ACT_RELU) return g > 0.0f ? g : 0.0f;
     if (act == ACT_GELU_TANH) {
         const float k = 0.7978845608028654f; /* sqrt(2 / pi) */
         float t = k * (g + 0.044715f * g * g * g);

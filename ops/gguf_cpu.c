@@ -234,14 +234,16 @@ int applelm_gguf_matmul(const float *x, int64_t m, int64_t k, const uint8_t *w, 
 }
 
 /* The gated FFN of m activation rows in one call: y (m, k) = (act(x @ gate.T) * (x @ up.T)) @ down.T, with
- * gate and up (hidden, k) and down (k, hidden) packed rows of their own types, act 0 = silu, 1 = gelu (tanh).
+ * gate and up (hidden, k) and down (k, hidden) packed rows of their own types, act 0 = silu, 1 = gelu (tanh),
+ * 2 = relu.
  * scratch holds 2 * m * hidden floats. Threads take chunks of gate and up rows (each computing its rows of the
  * gated product), meet at one barrier, then take chunks of down rows: one wake-up per FFN, and no round trip
  * to the caller between the three products. Returns 0, or -1 for arguments it cannot handle. */
 int applelm_gguf_ffn(const float *x, int64_t m, int64_t k, int64_t hidden, const uint8_t *gate, int gate_type,
                      const uint8_t *up, int up_type, const uint8_t *down, int down_type, int act, int threads,
                      float *scratch, float *y) {
-    if (m < 1 || k <= 0 || hidden <= 0 || threads < 1 || (act != ACT_SILU && act != ACT_GELU_TANH)) return -1;
+    if (m < 1 || k <= 0 || hidden <= 0 || threads < 1) return -1;
+    if (act != ACT_SILU && act != ACT_GELU_TANH && act != ACT_RELU) return -1;
     if (!takes(gate_type, k) || !takes(up_type, k) || !takes(down_type, hidden)) return -1;
     float *h = scratch, *u = scratch + m * hidden;
     const int64_t up_chunks = row_chunks(hidden), down_chunks = row_chunks(k);

@@ -121,8 +121,9 @@ class AffineQuantizedEmbedding(nn.QuantizedEmbedding):
         return dispatch.affine_matmul(x, self["weight"], self["scales"], self["biases"], self.bits, self.group_size)
 
 
-# The gated FFNs' activations by name: the fused CPU kernel computes the same function in C.
-ACTIVATIONS = {"silu": nn.silu, "gelu_tanh": nn.gelu_approx}
+# The gated FFNs' activations by name: the fused CPU kernel computes the same function in C. "relu" is the
+# ReLU family's gated FFN (ReluLLaMA-style checkpoints): exact zeros, which neuron-level flash paging skips.
+ACTIVATIONS = {"silu": nn.silu, "gelu_tanh": nn.gelu_approx, "relu": nn.relu}
 
 
 def shared_input(x: mx.array, *layers: nn.Module) -> list[mx.array]:

@@ -51,7 +51,8 @@ def numpy_dequantize(packed: np.ndarray, ggml_type: str) -> np.ndarray:
 
 # The gated FFN's activations in float64, written so that large gates do not overflow.
 FFN_ACTS = {"silu": lambda g: g * np.where(g < 0, np.exp(np.minimum(g, 0)), 1) / (1 + np.exp(-np.abs(g))),
-            "gelu_tanh": lambda g: 0.5 * g * (1 + np.tanh(np.sqrt(2 / np.pi) * (g + 0.044715 * g**3)))}
+            "gelu_tanh": lambda g: 0.5 * g * (1 + np.tanh(np.sqrt(2 / np.pi) * (g + 0.044715 * g**3))),
+            "relu": lambda g: np.maximum(g, 0)}
 
 
 def ffn_reference(x, gate, up, down, act):

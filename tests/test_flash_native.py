@@ -23,7 +23,7 @@ pytestmark = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc
 
 STORES = [(32, "float32", None), (16, "float16", None), (16, "bfloat16", None),
           (8, "affine", 32), (8, "affine", 64), (4, "affine", 32), (4, "affine", 64)]
-MLX_ACT = {"silu": nn.silu, "gelu_tanh": nn.gelu_approx}
+MLX_ACT = {"silu": nn.silu, "gelu_tanh": nn.gelu_approx, "relu": nn.relu}
 
 
 def codec_for(hidden, bits, dtype, group):
@@ -48,7 +48,7 @@ def lib():
 
 
 @pytest.mark.parametrize("bits,dtype,group", STORES, ids=[f"{b}-{d}-{g}" for b, d, g in STORES])
-@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh", "relu"])
 @pytest.mark.parametrize("n,hidden", [(1, 64), (37, 192), (300, 128)])
 def test_kernel_matches_reference(lib, bits, dtype, group, act, n, hidden):
     rng = np.random.default_rng(n + hidden + bits)
@@ -94,8 +94,8 @@ def test_kernel_rejects_what_it_cannot_read(lib):
     with pytest.raises(ValueError, match="bundles"):
         k(np.zeros(64, np.float32), raw[:, :-2], out)
     with pytest.raises(ValueError, match="activation"):
-        native.BundleFFN(lib, codec, "relu", 1)
-    assert native.bundle_ffn(codec, "relu") is None  # the loader then keeps the MLX path
+        native.BundleFFN(lib, codec, "relu2", 1)
+    assert native.bundle_ffn(codec, "relu2") is None  # the loader then keeps the MLX path
 
 
 def sparse_reference(codec, raw, x, act, coef, threshold):
@@ -143,7 +143,7 @@ def test_sparse_kernel_matches_reference(lib, bits, dtype, group, how):
 
 
 @pytest.mark.parametrize("bits,dtype,group", STORES, ids=[f"{b}-{d}-{g}" for b, d, g in STORES])
-@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh", "relu"])
 @pytest.mark.parametrize("n", [5, 700])
 def test_gate_acts_match_reference(lib, bits, dtype, group, act, n):
     """act(gate_i . x) from stored gate parts (threshold sparsity's resident gates in the store's format),

@@ -73,7 +73,7 @@ def run_arm64(driver: Path, x, raw, codec, act: str, threads: int, out0) -> np.n
 
 
 @pytest.mark.parametrize("bits,dtype,group", STORES, ids=[f"{b}-{d}-{g}" for b, d, g in STORES])
-@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh", "relu"])
 @pytest.mark.parametrize("n,hidden", [(1, 64), (37, 192), (300, 128)])
 def test_arm64_kernel_matches_reference(arm64_driver, bits, dtype, group, act, n, hidden):
     driver, flavour = arm64_driver

@@ -160,3 +160,33 @@ def test_pin_layouts_place_pinned_layers_and_both_equal_resident(layouts):
         assert greedy(paged, PROMPT, 10) == want and paged.flash.ring.resyncs <= 1
     with pytest.raises(UserError, match="pin layout"):
         load_model(out, memory_budget=budget, pin_layout="middle")
+
+
+@pytest.mark.parametrize("native", [False, None], ids=["mlx", "native-if-built"])
+def test_relu_sparsity_up_to_its_zeros_is_lossless(tmp_path_factory, native):
+    """A ReLU FFN's inactive neurons contribute exactly 0: at a sparsity below the calibrated share of zeros
+    every threshold is 0, and sparse decoding (window cache with evictions, reads of misses) gives the
+    resident model's logits while reading only the active neurons. Above it, thresholds cut real values."""
+    from applelm.flash.__main__ import summary
+
+    source, _, out = tiny_flash(tmp_path_factory.mktemp("relu"), "llama", hidden_act="relu")
+    from applelm.flash.layout import read_layout
+
+    zeros = read_layout(out).index["sparsity"]["zero_fraction"]
+    assert all(0.35 < z < 0.65 for z in zeros)  # random gates: about half of gate . x is negative
+    assert "exact zeros (natural sparsity)" in summary(out)
+    probe = load_model(out, sparsity=0.3, max_unit_bytes=4096, native=native, memory_budget=10**12)[0].flash.plan
+    small, _, _ = load_model(out, sparsity=0.3, window=2, max_unit_bytes=4096, native=native,
+                             memory_budget=probe.total_bytes - probe.cache_bytes + probe.cache_bytes // 3)
+    assert small.flash.plan.cache_capacity < 96
+    assert np.all(np.asarray(small.flash.thresholds) == 0)
+    from applelm.cache import make_prompt_cache
+
+    cache = make_prompt_cache(small)
+    steps = [np.array(small(X[:, i: i + 1], cache=cache))[0, 0] for i in range(X.shape[1])]
+    np.testing.assert_allclose(np.stack(steps), np.array(source(X))[0], rtol=1e-4, atol=1e-4)
+    r = small.flash.report()
+    assert r["neurons_used_per_token"] < 0.7 * 2 * 96  # the zeros were skipped, not computed
+    lossy, _, _ = load_model(out, sparsity=0.8, native=native)
+    assert np.asarray(lossy.flash.thresholds).min() > 0
+    assert np.abs(np.array(lossy(X)) - np.array(source(X))).max() > 1e-3

@@ -108,3 +108,27 @@ def test_matches_mlx_lm_on_same_weights(arch):
     ref.load_weights(list(ref.sanitize(dict(tree_flatten(model.parameters()))).items()), strict=True)
     x = tokens(11, seed=8)
     close(model(x), ref(x), atol=1e-4, rtol=1e-4)
+
+
+def test_relu_llama_matches_mlx_lm_with_relu_ffn(monkeypatch):
+    """`hidden_act: relu` (ReLU-family checkpoints) computes down(relu(gate x) * up x): mlx-lm's Llama, which
+    always applies SwiGLU, with its activation replaced by the same, gives the same logits; SwiGLU does not."""
+    import mlx.nn as nn
+    import mlx_lm.models.llama as ref_module
+
+    model, config = build_tiny("llama", hidden_act="relu")
+    ref = ref_module.Model(ref_module.ModelArgs.from_dict({"max_position_embeddings": 128, **config}))
+    ref.load_weights(list(ref.sanitize(dict(tree_flatten(model.parameters()))).items()), strict=True)
+    x = tokens(11, seed=8)
+    silu_logits = ref(x)
+    monkeypatch.setattr(ref_module, "swiglu", lambda gate, up: nn.relu(gate) * up)
+    close(model(x), ref(x), atol=1e-4, rtol=1e-4)
+    assert float(mx.abs(model(x) - silu_logits).max()) > 1e-2
+    assert all(block.mlp.activation == "relu" for block in model.model.layers)
+
+
+def test_unknown_hidden_act_is_rejected():
+    from applelm.errors import UnsupportedError
+
+    with pytest.raises(UnsupportedError, match="hidden_act"):
+        build_tiny("llama", hidden_act="gelu")

@@ -29,7 +29,7 @@ def test_many_products_equal_single_ones_exactly(rows):
             np.testing.assert_array_equal(g, cpu_native.matmul_numpy(x, w, t, threads=1))
 
 
-@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh", "relu"])
 @pytest.mark.parametrize("types", [("Q4_1", "Q4_1", "Q4_1"), ("Q4_K", "Q4_K", "Q6_K"), ("Q8_0", "Q5_1", "Q4_0")])
 @pytest.mark.parametrize("rows", [1, 5, 20])
 def test_ffn_equals_float64_reference(act, types, rows):
@@ -62,8 +62,8 @@ def test_argument_checks():
     k, hidden = 64, 96
     gate, up, down = ffn_weights(k, hidden, ("Q8_0", "Q8_0", "Q8_0"))
     x = np.ones((1, k), np.float32)
-    with pytest.raises(ValueError, match="activation 'relu'"):
-        cpu_native.ffn_numpy(x, gate, up, down, "relu")
+    with pytest.raises(ValueError, match="activation 'relu2'"):
+        cpu_native.ffn_numpy(x, gate, up, down, "relu2")
     with pytest.raises(ValueError, match="do not chain"):  # up with fewer rows than gate: never read
         cpu_native.ffn_numpy(x, gate, (up[0][:32], "Q8_0"), down, "silu")
     with pytest.raises(ValueError, match="cannot multiply"):  # down's rows hold 64 values, not hidden
@@ -122,7 +122,7 @@ def test_helpers_fall_back_off_the_kernel(monkeypatch):
     want = dense[2](nn.gelu_approx(dense[0](x)) * dense[1](x))
     np.testing.assert_allclose(np.array(gated_ffn(x, *dense, "gelu_tanh")), np.array(want), rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="unknown FFN activation"):
-        gated_ffn(x, *dense, "relu")
+        gated_ffn(x, *dense, "relu2")
     gate, up, down = ffn_weights(k, hidden, ("Q8_0", "Q8_0", "Q8_0"), seed=4)
     layers = [gguf_linear(gate[0], "Q8_0", k), gguf_linear(up[0], "Q8_0", k, np.ones(hidden, np.float32)),
               gguf_linear(down[0], "Q8_0", hidden)]
@@ -144,7 +144,7 @@ def test_helpers_fall_back_off_the_kernel(monkeypatch):
 @needs_x86_gcc
 def test_portable_build_of_the_fused_ffn_equals_the_vectorized_one(tmp_path):
     """The fused FFN built without AVX2 (the generic vector code, and the activation as other CPUs compile it)
-    gives the AVX2 build's results to float32 rounding, both activations, gates large enough to overflow exp."""
+    gives the AVX2 build's results to float32 rounding, every activation, gates large enough to overflow exp."""
     fn = portable_function(cpu_native.SOURCE, "applelm_gguf_ffn", cpu_native.SIGNATURES["applelm_gguf_ffn"], tmp_path)
     k, hidden, rows = 256, 512, 3
     gate, up, down = ffn_weights(k, hidden, ("Q4_K", "Q4_1", "Q6_K"), seed=11)

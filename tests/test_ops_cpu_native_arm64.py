@@ -91,7 +91,7 @@ int main(void) { /* stdin: m k hidden gate_type up_type down_type act threads an
 arm64_ffn_driver = driver_fixture(SOURCE, FFN_DRIVER, "gguf-ffn-arm64")
 
 
-@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh", "relu"])
 def test_arm64_fused_ffn_matches_numpy(arm64_ffn_driver, act):
     """The fused FFN (gate and up rows, the activation, down rows) as a Mac compiles it, against float64,
     with the K formats' large gates (where a naive exp would overflow)."""

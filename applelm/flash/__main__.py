@@ -83,6 +83,10 @@ def summary(folder) -> str:
              f"  resident: {format_size(idx['resident']['n_bytes'])}"]
     if idx.get("sparsity"):
         lines.append(f"  sparsity thresholds calibrated on {idx['sparsity']['calibration']}")
+        zeros = idx["sparsity"].get("zero_fraction") or [0.0]
+        if max(zeros) > 0:  # a ReLU FFN: sparsity up to its exact zeros skips only neurons that contribute 0
+            lines.append(f"  exact zeros (natural sparsity): {min(zeros):.3f}-{max(zeros):.3f} of neurons by layer, "
+                         f"mean {sum(zeros) / len(zeros):.3f}")
     if idx.get("predictors"):
         pr = idx["predictors"]
         lines.append(f"  predictors: rank {pr['rank']}, target sparsity {pr['target_sparsity']}, held-out recall "

@@ -42,7 +42,7 @@ def activation_of(mlp: nn.Module) -> str:
     compute the same function (the name also selects it in the native CPU kernel)."""
     if "bias" in getattr(mlp, "gate_proj", {}) or "bias" in getattr(mlp, "down_proj", {}):
         raise UnsupportedError("flash paging does not support FFN biases (mlp_bias)")
-    name = getattr(type(mlp), "activation", None)
+    name = getattr(mlp, "activation", None)
     if name not in ACTIVATIONS:
         raise UnsupportedError(f"flash paging does not know the FFN module {type(mlp).__name__}")
     return name

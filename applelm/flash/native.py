@@ -15,10 +15,10 @@ from typing import Optional
 import numpy as np
 
 from ..native_build import build, default_threads
+from ..ops.cpu_native import ACTIVATIONS  # the C activation codes, shared with the GGUF kernel (ops/cpu_vec.h)
 
 SOURCE = Path(__file__).with_name("native_ffn.c")
 FORMATS = {"float32": 0, "float16": 1, "bfloat16": 2, 8: 3, 4: 4}
-ACTIVATIONS = {"silu": 0, "gelu_tanh": 1}
 
 _VEC, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 SIGNATURES = {

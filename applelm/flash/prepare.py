@@ -225,7 +225,9 @@ def run_calibration(out, text_path=None, n_tokens: int = 1024, ids=None, train_p
         raise ModelFormatError(f"calibration recorded no activations for layers {missing[:5]}")
     index = dict(layout.index)
     index["sparsity"] = {"levels": LEVELS, "thresholds": [rec.thresholds[i] for i in range(layout.n_layers)],
-                         "calibration": meta, "measure": "abs(act(gate x))"}
+                         "calibration": meta, "measure": "abs(act(gate x))",
+                         # ReLU FFNs: up to this sparsity a layer's threshold is 0 and paging is lossless
+                         "zero_fraction": [round(rec.zero_fractions[i], 6) for i in range(layout.n_layers)]}
     if train_predictors:
         rank = rank or max(8, min(64, layout.hidden // 8))
         arrays, taus, recalls, fractions, actives, level_taus, level_fractions = {}, [], [], [], [], [], []

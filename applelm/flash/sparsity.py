@@ -1,8 +1,10 @@
-"""Activation sparsity for gated FFNs (SwiGLU, GeGLU): calibrated thresholds and low-rank predictors.
+"""Activation sparsity for gated FFNs (SwiGLU, GeGLU, gated ReLU): calibrated thresholds and low-rank predictors.
 
 (a) Thresholds (TEAL / CATS style, training-free): a neuron is active for a token when
     |act(gate . x)| exceeds its layer's threshold; thresholds are quantiles of |act| measured on
-    calibration text, stored for target sparsities 5%..95% (the runtime interpolates).
+    calibration text, stored for target sparsities 5%..95% (the runtime interpolates). A ReLU FFN's
+    exact zeros make the threshold 0 up to its natural sparsity (each layer's share of zeros, recorded):
+    up to there, skipping neurons changes nothing.
 (b) Predictors (the "LLM in a flash" method): per layer a low-rank map x -> (x A) B + bias, trained on
     the calibration text to predict the thresholded active set from the FFN input, so the gate rows can
     stream with the rest of the bundle. A logit threshold per layer is chosen for a target recall on the
@@ -26,6 +28,8 @@ class LayerRecord:
     x: list = field(default_factory=list)  # (T_chunk, H) FFN inputs per prompt chunk
     act: list = field(default_factory=list)  # (T_chunk, I) |act(gate x)| as float16 per chunk
     filled: int = 0  # columns of the current chunk recorded so far
+    zeros: int = 0  # activations exactly 0 (ReLU), counted before the float16 rounding
+    count: int = 0
 
 
 @dataclass
@@ -41,13 +45,17 @@ class Recorder:
     inputs: dict = field(default_factory=dict)  # layer -> (T, H) float32
     masks: dict = field(default_factory=dict)  # layer -> (T, I) bool at the target sparsity
     acts: dict = field(default_factory=dict)  # layer -> (T, I) float16 |act|: the active sets at every level
+    zero_fractions: dict = field(default_factory=dict)  # layer -> share of activations exactly 0
     layers: dict = field(default_factory=dict)
 
     def record(self, layer: int, start: int, x: mx.array, g: mx.array) -> None:
         """Columns [start, start + g.shape[-1]) of layer `layer`'s gate activations for inputs x."""
         rec = self.layers.setdefault(layer, LayerRecord())
         xs = np.array(x.astype(mx.float32)).reshape(-1, x.shape[-1])
-        a = np.abs(np.array(g.astype(mx.float32)).reshape(xs.shape[0], -1)).astype(np.float16)
+        a32 = np.array(g.astype(mx.float32)).reshape(xs.shape[0], -1)
+        rec.zeros += int(np.count_nonzero(a32 == 0))
+        rec.count += a32.size
+        a = np.abs(a32).astype(np.float16)
         if rec.filled == 0:
             rec.act.append(np.empty((xs.shape[0], self.intermediate), np.float16))
             rec.x.append(xs if self.keep_inputs else None)
@@ -58,6 +66,7 @@ class Recorder:
         for layer, rec in self.layers.items():
             act = np.concatenate(rec.act).astype(np.float32)
             self.thresholds[layer] = np.quantile(act, self.levels).astype(np.float64).tolist()
+            self.zero_fractions[layer] = rec.zeros / max(1, rec.count)
             if self.keep_inputs:
                 self.inputs[layer] = np.concatenate(rec.x)
                 self.masks[layer] = act > float(np.quantile(act, self.target))
