@@ -633,10 +633,10 @@ def bench_model(name: str, budget: int, spec_base: dict, sparse_runs: list[tuple
             ("paged", {"memory_budget": budget})]
     if spec_base["device"] == "cpu" and mlx_variant:
         runs.append(("paged-mlx", {"memory_budget": budget, "native": False}))
-    # Without the native kernel (any GPU run) a "-mlx" variant is the same run again; "-mlx-lookahead" is the
-    # GPU's sparse path with lookahead (off by default there).
+    # Without the native kernel (any GPU run) a "-mlx" variant is its twin without "-mlx" run again.
+    names = {k for k, _ in sparse_runs}
     runs += [(k, {"memory_budget": budget, **o}) for k, o in sparse_runs
-             if spec_base["device"] == "cpu" or not k.endswith("-mlx")]
+             if spec_base["device"] == "cpu" or k.replace("-mlx", "") not in names]
     all_rounds = []
     for rnd in range(rounds):
         rows = {}
@@ -781,7 +781,7 @@ def main() -> int:
             ("sparse-predictor-0.5-mlx", {"sparsity": 0.5, "sparsity_mode": "predictor", "native": False}),
             ("sparse-predictor-0.5-mlx-lookahead", {"sparsity": 0.5, "sparsity_mode": "predictor", "native": False,
                                                     "lookahead": True}),
-            ("sparse-predictor-0.5-no-lookahead", {"sparsity": 0.5, "sparsity_mode": "predictor", "lookahead": False}),
+            ("sparse-predictor-0.5-lookahead", {"sparsity": 0.5, "sparsity_mode": "predictor", "lookahead": True}),
             ("sparse-threshold-0.5", {"sparsity": 0.5}),
             ("sparse-threshold-0.5@60%", {"sparsity": 0.5, "memory_budget": int(full_bytes * 0.6)}),
             ("sparse-threshold-0.5@75%", {"sparsity": 0.5, "memory_budget": big}),
@@ -803,7 +803,7 @@ def main() -> int:
             # With the kernel, resident gates stay as stored 8-bit bytes: threshold sparsity fits this budget.
             rows, rounds = bench_model("smollm2-8bit", budget, {**spec, "model": str(q8)},
                                        [("sparse-threshold-0.5", {"sparsity": 0.5}),
-                                        ("sparse-threshold-0.5-no-lookahead", {"sparsity": 0.5, "lookahead": False}),
+                                        ("sparse-threshold-0.5-lookahead", {"sparsity": 0.5, "lookahead": True}),
                                         ("sparse-threshold-0.7", {"sparsity": 0.7})], args.rounds,
                                        resident_options)
             result["models"]["smollm2-8bit"] = {
@@ -866,7 +866,7 @@ def main() -> int:
             ("sparse-predictor-0.5-mlx", {"sparsity": 0.5, "sparsity_mode": "predictor", "native": False}),
             ("sparse-predictor-0.5-mlx-lookahead", {"sparsity": 0.5, "sparsity_mode": "predictor", "native": False,
                                                     "lookahead": True}),
-            ("sparse-predictor-0.5-no-lookahead", {"sparsity": 0.5, "sparsity_mode": "predictor", "lookahead": False}),
+            ("sparse-predictor-0.5-lookahead", {"sparsity": 0.5, "sparsity_mode": "predictor", "lookahead": True}),
             ("sparse-threshold-0.5", {"sparsity": 0.5})], args.rounds)
         from applelm.flash.layout import read_layout
 
@@ -900,7 +900,7 @@ def main() -> int:
             (f"sparse-predictor-{level}", sparse),
             (f"sparse-predictor-{level}-mlx", {**sparse, "native": False}),
             (f"sparse-predictor-{level}-mlx-lookahead", {**sparse, "native": False, "lookahead": True}),
-            (f"sparse-predictor-{level}-no-lookahead", {**sparse, "lookahead": False})], args.rounds)
+            (f"sparse-predictor-{level}-lookahead", {**sparse, "lookahead": True})], args.rounds)
         pr = lay.index["predictors"]
         result["models"]["synthetic-relu"] = {
             "description": f"random gated-ReLU Llama of the synthetic model's shape ({hidden} hidden, {inter} "

@@ -221,9 +221,8 @@ def load_flash_model(folder, *, dtype: Optional[str] = None, memory_budget=None,
     None = under a budget on the CPU when the kernel builds (dense or sparse), False = always the MLX path,
     True = required (an error without it); without a budget it then pins every FFN layer as stored bundles
     (the smallest fully resident form) instead of as floats.
-    `lookahead` (sparse paging; default on with the native kernel, off on the MLX path): while a layer
-    computes, read the next layer's neurons guessed from this layer's input, into two more layer-sized
-    buffers.
+    `lookahead` (sparse paging; default off): while a layer computes, read the next layer's neurons guessed
+    from this layer's input, into two more layer-sized buffers.
     `pin_layout` (dense paging): "tail" pins the last FFN layers, "spread" places them evenly among the
     streamed ones (budget.pinned_layers); "auto" (default) starts from the tail and, when a few throwaway
     decode steps at load spend a fifth or more of their time waiting on reads, tries the spread layout and
@@ -306,9 +305,9 @@ def load_flash_model(folder, *, dtype: Optional[str] = None, memory_budget=None,
         else:
             predictors, _ = _predictors(layout, dtype_, float(sparsity))
             selector = sum(a.nbytes + b.nbytes + c.nbytes for a, b, c, _ in predictors)
-        # On by default with the kernel: flash_bench (ced107c) measured it faster in both selector modes.
-        # The MLX path (GPU, or native=False) has it too, off unless asked for: not yet measured on a GPU.
-        lookahead = kernel is not None if lookahead is None else bool(lookahead)
+        # Off unless asked for: since ced107c it was within noise on SmolLM2, and on flash_bench's sparse ReLU
+        # model its guesses read 1064 MB a token against 2.6 without it (1.21 against 14.0 tok/s).
+        lookahead = bool(lookahead)
         plan = plan_sparse(geom, resident, budget, selector, 2 if sparsity_mode == "threshold" else 3,
                            lookahead=2 if lookahead else 0)
     else:
