@@ -138,7 +138,8 @@ def relu_gate(rng, f: int, h: int, x0: float):
     from statistics import NormalDist
 
     r = RELU_GATE_RANK
-    w = (rng.standard_normal((f, r), dtype=np.float32) @ rng.standard_normal((r, h), dtype=np.float32)) * (0.02 / r**0.5)
+    w = rng.standard_normal((f, r), dtype=np.float32) @ rng.standard_normal((r, h), dtype=np.float32)
+    w *= 0.02 / r**0.5
     w += rng.standard_normal((f, h), dtype=np.float32) * 0.02 * 0.05**0.5
     w[:, 0] = 0.0
     lo, hi = np.log(RELU_RATES[0]), np.log(RELU_RATES[1])
@@ -177,7 +178,8 @@ def write_synthetic(folder: Path, config: dict, seed: int = 0) -> Path:
                 p + "self_attn.v_proj.weight": rnd(kv, h),
                 p + "self_attn.o_proj.weight": rnd(h, h, scale=0.02 / 4 if relu else 0.02),
                 # (drawn in this order: the dense model's weights stay those of earlier runs)
-                p + "mlp.gate_proj.weight": mx.array(relu_gate(rng, f, h, x0)).astype(mx.bfloat16) if relu else rnd(f, h),
+                p + "mlp.gate_proj.weight": (mx.array(relu_gate(rng, f, h, x0)).astype(mx.bfloat16) if relu
+                                             else rnd(f, h)),
                 p + "mlp.up_proj.weight": rnd(f, h),
                 p + "mlp.down_proj.weight": rnd(h, f, scale=0.02 / 4),
                 p + "input_layernorm.weight": mx.ones((h,), mx.bfloat16),
@@ -582,6 +584,12 @@ def tokens_equal(rounds: list[dict]) -> dict:
     return out
 
 
+def model_entry(rows: dict, rounds: list[dict], **fields) -> dict:
+    """A model's results: `fields` (description, budget, ...), its runs, goal checks and token agreement."""
+    return {**fields, "runs": rows, "goals": goals(rows, rounds), "tokens_equal": tokens_equal(rounds),
+            "all_rounds": rounds}
+
+
 def goals(rows: dict, rounds: list[dict]) -> dict:
     """Goal per paged run: tok/s >= 80% of min(resident tok/s, disk speed / bytes read per token), with the
     disk speed measured inside the same run, just before and just after it decoded (the mean of the two:
@@ -787,14 +795,14 @@ def main() -> int:
             ("sparse-threshold-0.5@75%", {"sparsity": 0.5, "memory_budget": big}),
             ("sparse-threshold-0.3@75%", {"sparsity": 0.3, "memory_budget": big}),
             ("paged@60%", {"memory_budget": int(full_bytes * 0.6)})], args.rounds, resident_options)
-        result["models"]["smollm2"] = {
-            "description": f"SmolLM2-135M-Instruct Q4_1 GGUF prepared as bfloat16 bundles; fully resident "
-                           f"{format_size(full_bytes)} (resident part "
-                           f"{'and FFN as float32' if dequantize else 'as packed GGUF blocks, FFN as stored bundles'}"
-                           f"), budget "
-                           f"{format_size(budget)} ({args.smollm2_budget_fraction:.0%})",
-            "prepare_s": round(prep_s, 1), "resident_bytes": full_bytes, "budget_bytes": budget, "runs": rows,
-            "goals": goals(rows, rounds), "tokens_equal": tokens_equal(rounds), "all_rounds": rounds}
+        result["models"]["smollm2"] = model_entry(
+            rows, rounds,
+            description=f"SmolLM2-135M-Instruct Q4_1 GGUF prepared as bfloat16 bundles; fully resident "
+                        f"{format_size(full_bytes)} (resident part "
+                        f"{'and FFN as float32' if dequantize else 'as packed GGUF blocks, FFN as stored bundles'}"
+                        f"), budget "
+                        f"{format_size(budget)} ({args.smollm2_budget_fraction:.0%})",
+            prepare_s=round(prep_s, 1), resident_bytes=full_bytes, budget_bytes=budget)
         q8 = None
         if "smollm2-8bit" in models:
             # 8-bit bundles read about half the bfloat16 store's bytes per token. A 4-bit store re-quantizes
@@ -806,12 +814,12 @@ def main() -> int:
                                         ("sparse-threshold-0.5-lookahead", {"sparsity": 0.5, "lookahead": True}),
                                         ("sparse-threshold-0.7", {"sparsity": 0.7})], args.rounds,
                                        resident_options)
-            result["models"]["smollm2-8bit"] = {
-                "description": f"the same SmolLM2 prepared as 8-bit affine bundles (groups of 64 along the hidden "
-                               f"axis, float16 scale and bias); same budget {format_size(budget)}; its perplexity "
-                               f"is in the smollm2 entry (resident_8bit_store)",
-                "prepare_s": round(q8_prep_s, 1), "resident_bytes": full_bytes, "budget_bytes": budget,
-                "runs": rows, "goals": goals(rows, rounds), "tokens_equal": tokens_equal(rounds), "all_rounds": rounds}
+            result["models"]["smollm2-8bit"] = model_entry(
+                rows, rounds,
+                description=f"the same SmolLM2 prepared as 8-bit affine bundles (groups of 64 along the hidden "
+                            f"axis, float16 scale and bias); same budget {format_size(budget)}; its perplexity "
+                            f"is in the smollm2 entry (resident_8bit_store)",
+                prepare_s=round(q8_prep_s, 1), resident_bytes=full_bytes, budget_bytes=budget)
         result["models"]["smollm2"]["perplexity"] = None
         if args.ppl_tokens:  # the float16 and 4-bit stores exist for these scores only
             t16, _ = prepared(default_model_path(), work / "smollm2_f16", bits=16, dtype="float16",
@@ -840,15 +848,16 @@ def main() -> int:
             ("paged@smollm2-budget", {"memory_budget": shared}),
             ("plain-gguf", {"model": str(default_model_path()), "memory_budget": None})], args.rounds,
             mlx_variant=False)
-        result["models"]["smollm2-blocks"] = {
-            "description": f"the same SmolLM2 prepared with --gguf-blocks (FFN as the file's Q4_1 blocks, one "
-                           f"chunk per layer); fully resident {format_size(full_bytes)}, budget "
-                           f"{format_size(budget)} ({args.blocks_budget_fraction:.0%}); paged@55%: every layer "
-                           f"streamed; paged@smollm2-budget: "
-                           f"the smollm2 entries' budget {format_size(shared)}; plain-gguf: the GGUF file "
-                           f"without a flash layout",
-            "prepare_s": round(prep_s, 1), "resident_bytes": full_bytes, "resident_part_bytes": minimum,
-            "budget_bytes": budget, "runs": rows, "goals": goals(rows, rounds), "tokens_equal": tokens_equal(rounds), "all_rounds": rounds}
+        result["models"]["smollm2-blocks"] = model_entry(
+            rows, rounds,
+            description=f"the same SmolLM2 prepared with --gguf-blocks (FFN as the file's Q4_1 blocks, one "
+                        f"chunk per layer); fully resident {format_size(full_bytes)}, budget "
+                        f"{format_size(budget)} ({args.blocks_budget_fraction:.0%}); paged@55%: every layer "
+                        f"streamed; paged@smollm2-budget: "
+                        f"the smollm2 entries' budget {format_size(shared)}; plain-gguf: the GGUF file "
+                        f"without a flash layout",
+            prepare_s=round(prep_s, 1), resident_bytes=full_bytes, resident_part_bytes=minimum,
+            budget_bytes=budget)
 
     if "synthetic" in models:
         hidden, inter, layers = (int(v) for v in args.synthetic.split(","))
@@ -871,12 +880,12 @@ def main() -> int:
         from applelm.flash.layout import read_layout
 
         lay = read_layout(layout)
-        result["models"]["synthetic"] = {
-            "description": f"random Llama ({hidden} hidden, {inter} intermediate, {layers} layers, GQA 4:1, vocab "
-                           f"32000), FFN {format_size(lay.ffn_bytes)} in bfloat16 bundles + resident "
-                           f"{format_size(lay.index['resident']['n_bytes'])} on disk; budget {args.synthetic_budget}",
-            "prepare_s": round(prep_s, 1), "budget_bytes": budget, "runs": rows,
-            "goals": goals(rows, rounds), "tokens_equal": tokens_equal(rounds), "all_rounds": rounds}
+        result["models"]["synthetic"] = model_entry(
+            rows, rounds,
+            description=f"random Llama ({hidden} hidden, {inter} intermediate, {layers} layers, GQA 4:1, vocab "
+                        f"32000), FFN {format_size(lay.ffn_bytes)} in bfloat16 bundles + resident "
+                        f"{format_size(lay.index['resident']['n_bytes'])} on disk; budget {args.synthetic_budget}",
+            prepare_s=round(prep_s, 1), budget_bytes=budget)
 
     if "synthetic-relu" in models:
         hidden, inter, layers = (int(v) for v in args.synthetic.split(","))
@@ -902,18 +911,18 @@ def main() -> int:
             (f"sparse-predictor-{level}-mlx-lookahead", {**sparse, "native": False, "lookahead": True}),
             (f"sparse-predictor-{level}-lookahead", {**sparse, "lookahead": True})], args.rounds)
         pr = lay.index["predictors"]
-        result["models"]["synthetic-relu"] = {
-            "description": f"random gated-ReLU Llama of the synthetic model's shape ({hidden} hidden, {inter} "
-                           f"intermediate, {layers} layers), built to have a ReLU LLM's activation statistics "
-                           f"(write_synthetic: ~89% of neurons off, rank-{RELU_GATE_RANK} gates a low-rank "
-                           f"predictor can learn, skewed neuron frequencies); its tokens mean nothing, it "
-                           f"measures the paging. FFN {format_size(lay.ffn_bytes)} in bfloat16 bundles; budget "
-                           f"{args.synthetic_budget}; natural sparsity (exact zeros) {min(zeros):.3f}-"
-                           f"{max(zeros):.3f} by layer; predictors (rank {pr['rank']}, {len(ids)} calibration "
-                           f"tokens): held-out recall {pr['mean_recall']:.3f} reading "
-                           f"{pr['mean_predicted_fraction']:.3f} of neurons; sparse runs at sparsity {level}",
-            "prepare_s": round(prep_s, 1), "budget_bytes": budget, "natural_sparsity": zeros, "runs": rows,
-            "goals": goals(rows, rounds), "tokens_equal": tokens_equal(rounds), "all_rounds": rounds}
+        result["models"]["synthetic-relu"] = model_entry(
+            rows, rounds,
+            description=f"random gated-ReLU Llama of the synthetic model's shape ({hidden} hidden, {inter} "
+                        f"intermediate, {layers} layers), built to have a ReLU LLM's activation statistics "
+                        f"(write_synthetic: ~89% of neurons off, rank-{RELU_GATE_RANK} gates a low-rank "
+                        f"predictor can learn, skewed neuron frequencies); its tokens mean nothing, it "
+                        f"measures the paging. FFN {format_size(lay.ffn_bytes)} in bfloat16 bundles; budget "
+                        f"{args.synthetic_budget}; natural sparsity (exact zeros) {min(zeros):.3f}-"
+                        f"{max(zeros):.3f} by layer; predictors (rank {pr['rank']}, {len(ids)} calibration "
+                        f"tokens): held-out recall {pr['mean_recall']:.3f} reading "
+                        f"{pr['mean_predicted_fraction']:.3f} of neurons; sparse runs at sparsity {level}",
+            prepare_s=round(prep_s, 1), budget_bytes=budget, natural_sparsity=zeros)
 
     result["disk_end"] = disk_speeds(work)
     result["load_end"] = machine_info.load_avg()
