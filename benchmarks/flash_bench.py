@@ -549,6 +549,11 @@ def perplexities(layout16: Path, layout: Path, tokens: int, tbt_tokens: int, lev
 # the benchmark
 
 
+def equal_prefix(a: list, b: list) -> int:
+    """How many leading tokens of `a` and `b` are equal (up to the shorter one's length)."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
 def median(values):
     values = sorted(v for v in values if v is not None)
     return values[len(values) // 2] if values else None
@@ -579,7 +584,7 @@ def tokens_equal(rounds: list[dict]) -> dict:
         for rd in rounds:
             want, got = rd.get("resident", {}).get("tokens"), rd[label].get("tokens")
             if want and got:
-                counts.append(next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), min(len(want), len(got))))
+                counts.append(equal_prefix(want, got))
         out[label] = {"equal_leading": counts, "of": len(rounds[0].get("resident", {}).get("tokens") or [])}
     return out
 
@@ -704,7 +709,8 @@ def markdown(result: dict) -> str:
                          f"({g['disk_measure']}) | {g['target_tok_s']} | {'yes' if g['met'] else 'no'} "
                          f"({g['met_rounds']}) | {g['vs_naive']}x | {g.get('before_bound_tok_s')} | "
                          f"{g.get('probe_bound_tok_s')} |")
-        lines += ["", "tok/s of every round: " + ", ".join(f"{k} {v.get('rounds_tok_s')}" for k, v in model["runs"].items())]
+        lines += ["", "tok/s of every round: " + ", ".join(f"{k} {v.get('rounds_tok_s')}"
+                                                         for k, v in model["runs"].items())]
         probed = {k: v["rounds_layout_probe"] for k, v in model["runs"].items() if v.get("rounds_layout_probe")}
         if probed:
             lines += ["", "Pin layout chosen at load (`--pin-layout auto`), every round: " + "; ".join(

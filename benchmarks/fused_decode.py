@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import machine_info  # benchmarks/machine_info.py
-from flash_bench import median, run_child  # benchmarks/flash_bench.py: the per-run process, medians
+from flash_bench import equal_prefix, median, run_child  # benchmarks/flash_bench.py: per-run process, medians
 from interleaved_decode import decode_in_turn  # benchmarks/interleaved_decode.py: the chunks in turn
 
 HERE = Path(__file__).resolve().parent
@@ -89,11 +89,8 @@ def child(spec: dict) -> dict:
     chunks = decode_in_turn(steps, tokens, spec["cycles"], spec["chunk"], before=before,
                             after=lambda setting: per_token[setting].append(calls["n"] / spec["chunk"]))
     chunks = {s: [round(v, 3) for v in c] for s, c in chunks.items()}
-    same = 0
-    while same < len(tokens["fused"]) and tokens["fused"][same] == tokens["unfused"][same]:
-        same += 1
     return {"chunk_tok_s": chunks, "kernel_calls_per_token": {s: median(v) for s, v in per_token.items()},
-            "tokens": len(tokens["fused"]), "tokens_equal_prefix": same,
+            "tokens": len(tokens["fused"]), "tokens_equal_prefix": equal_prefix(tokens["fused"], tokens["unfused"]),
             "text_fused": tokenizer.decode(tokens["fused"][:48])}
 
 

@@ -243,7 +243,7 @@ int applelm_gguf_ffn(const float *x, int64_t m, int64_t k, int64_t hidden, const
                      const uint8_t *up, int up_type, const uint8_t *down, int down_type, int act, int threads,
                      float *scratch, float *y) {
     if (m < 1 || k <= 0 || hidden <= 0 || threads < 1) return -1;
-    if (act != ACT_SILU && act != ACT_GELU_TANH && act != ACT_RELU) return -1;
+    if (!known_activation(act)) return -1;
     if (!takes(gate_type, k) || !takes(up_type, k) || !takes(down_type, hidden)) return -1;
     float *h = scratch, *u = scratch + m * hidden;
     const int64_t up_chunks = row_chunks(hidden), down_chunks = row_chunks(k);

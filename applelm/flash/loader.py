@@ -214,7 +214,7 @@ def load_flash_model(folder, *, dtype: Optional[str] = None, memory_budget=None,
                      sparsity_mode: str = "threshold", window: int = 4, dequantize: bool = False,
                      naive: bool = False, verify: bool = True, io_threads: int = 4, ring_depth: Optional[int] = None,
                      max_unit_bytes: int = 16 << 20, read_split: int = 8 << 20,
-                     native: Optional[bool] = None, lookahead: Optional[bool] = None,
+                     native: Optional[bool] = None, lookahead: bool = False,
                      pin_layout: str = "auto") -> tuple[nn.Module, dict, FlashLayout]:
     """Build the model of a flash layout (see `applelm.load` for the user-facing options).
     `native`: compute paged FFN neurons of single tokens with the compiled CPU kernel (flash/native.py);
@@ -307,7 +307,6 @@ def load_flash_model(folder, *, dtype: Optional[str] = None, memory_budget=None,
             selector = sum(a.nbytes + b.nbytes + c.nbytes for a, b, c, _ in predictors)
         # Off unless asked for: since ced107c it was within noise on SmolLM2, and on flash_bench's sparse ReLU
         # model its guesses read 1064 MB a token against 2.6 without it (1.21 against 14.0 tok/s).
-        lookahead = bool(lookahead)
         plan = plan_sparse(geom, resident, budget, selector, 2 if sparsity_mode == "threshold" else 3,
                            lookahead=2 if lookahead else 0)
     else:
