@@ -33,6 +33,7 @@ def check(arch: str, root: Path) -> dict:
     import numpy as np
 
     from applelm.cache import make_prompt_cache
+    from applelm.flash.budget import ahead_buffer
     from applelm.loader import load_model
     from flash_fixtures import greedy, streaming_budget, tiny_flash
 
@@ -64,7 +65,7 @@ def check(arch: str, root: Path) -> dict:
     steps = token_by_token(small)
     # With lookahead (off by default on the GPU) and the same cache capacity (its two buffers added to the
     # budget): the same logits, some misses taken from the buffers read ahead.
-    extra = 2 * max(e.file_bytes for e in small.flash.layout.layers)
+    extra = 2 * ahead_buffer(small.flash.geometry, 2)[1]  # threshold mode reads 2 parts a neuron
     ahead, _, _ = load_model(out, dtype="float32", sparsity=0.5, window=2, max_unit_bytes=4096,
                              memory_budget=small_budget + extra, native=False, lookahead=True)
     ahead_steps = token_by_token(ahead)

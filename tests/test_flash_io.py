@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from applelm.errors import UserError
-from applelm.flash.budget import parse_size
+from applelm.flash.budget import GAP_PAGES, Geometry, ahead_buffer, parse_size
 from applelm.flash.io import AlignedBuffer, DirectReader, measure_disk, page_runs, wait_all
 
 
@@ -36,6 +36,26 @@ def test_page_runs_cover_each_request_and_coalesce_neighbours():
     for s, w in zip(starts, where):  # each request's bytes sit inside its run
         run = next(r for r in runs if r[2] <= w < r[2] + r[1])
         assert run[0] + (w - run[2]) == s and w + 2304 <= run[2] + run[1]
+
+
+@pytest.mark.parametrize("hidden,intermediate,n_parts", [(576, 1536, 3), (576, 1536, 2), (1024, 14336, 3),
+                                                        (64, 256, 2), (2048, 64, 3)])
+def test_a_lookahead_buffer_holds_the_reads_of_its_neurons_however_they_fall(hidden, intermediate, n_parts):
+    """ahead_buffer's worst case bounds what page_runs packs for any ahead_neurons neurons of a layer:
+    neurons spaced to straddle page edges and merge gaps, at both ends of the file, and random sets."""
+    part = hidden * 2  # a 16-bit store
+    g = Geometry(4, hidden, intermediate, 3 * part, part, 4, intermediate)
+    neurons, size = ahead_buffer(g, n_parts)
+    assert 0 < neurons <= intermediate and size % 4096 == 0
+    rng = np.random.default_rng(0)
+    n_bytes, bundle = n_parts * part, 3 * part
+    spaced = [np.arange(0, intermediate, step)[:neurons] for step in range(1, 2 + (GAP_PAGES + 2) * 4096 // bundle)]
+    sets = spaced + [np.arange(intermediate - neurons, intermediate)] + \
+        [np.sort(rng.choice(intermediate, neurons, replace=False)) for _ in range(50)]
+    for ids in sets:
+        runs, where = page_runs(ids * bundle, n_bytes, gap_pages=GAP_PAGES)
+        assert sum(n for _, n, _ in runs) <= size
+        assert (where + n_bytes <= size).all()
 
 
 def test_reader_reads_exact_bytes_and_counts(tmp_path):

@@ -365,8 +365,10 @@ def test_lookahead_reads_change_nothing_but_where_bytes_come_from(tmp_path, requ
     _, _, out = tiny_flash(tmp_path, "llama", bits=16, num_hidden_layers=3, intermediate_size=256)
     plans = {flag: load_model(out, sparsity=0.5, sparsity_mode=mode, native=native, lookahead=flag)[0].flash.plan
              for flag in (True, False)}
-    extra = plans[True].buffer_bytes - plans[False].buffer_bytes  # two more buffers of a layer file each
-    assert extra == 2 * ((256 * BundleCodec(64, 16, "bfloat16").bundle_bytes + 4095) // 4096 * 4096)
+    extra = plans[True].buffer_bytes - plans[False].buffer_bytes  # two lookahead buffers
+    layer_file = (256 * BundleCodec(64, 16, "bfloat16").bundle_bytes + 4095) // 4096 * 4096
+    assert extra == 2 * plans[True].ahead_buffer_bytes and 0 < plans[True].ahead_buffer_bytes <= layer_file
+    assert plans[True].ahead_neurons == 256 // 8 and plans[False].ahead_neurons == 0
     budget = plans[True].total_bytes - plans[True].cache_bytes + plans[True].cache_bytes // 6
     runs = {}
     for flag in (True, False):
@@ -384,3 +386,31 @@ def test_lookahead_reads_change_nothing_but_where_bytes_come_from(tmp_path, requ
     report = runs[True][1]
     assert report["ahead_read_per_token"] > 0 and 0 < report["ahead_used_share"] <= 1
     assert "ahead_read_per_token" not in runs[False][1]
+
+
+@pytest.mark.parametrize("recent,want", [(5, 16), (20, 20), (1000, 32)])
+def test_lookahead_reads_the_surest_uncached_guesses_up_to_its_bound(tmp_path, monkeypatch, recent, want):
+    """Of the next layer's guesses, lookahead reads the uncached ones with the highest scores: as many as
+    that layer missed on the last token (AHEAD_MISS_FACTOR 1), at least AHEAD_MIN_NEURONS, at most what
+    its buffer holds (1/8 of 256 neurons)."""
+    from applelm.flash import paged_mlp
+
+    monkeypatch.setattr(paged_mlp, "AHEAD_MISS_FACTOR", 1.0)
+    monkeypatch.setattr(paged_mlp, "AHEAD_MIN_NEURONS", 16)
+    _, _, out = tiny_flash(tmp_path, "llama", bits=16, num_hidden_layers=3, intermediate_size=256)
+    m, _, _ = load_model(out, sparsity=0.5, sparsity_mode="predictor", native=False, lookahead=True)
+    try:
+        first, nxt = m.layers[0].mlp, m.layers[1].mlp
+        assert m.flash.plan.ahead_neurons == 32
+        held = np.arange(0, 256, 3)  # pretend these are cached: they must not be read again
+        nxt._cache.slot_of[held] = np.arange(len(held))
+        score = np.random.default_rng(1).permutation(256).astype(np.float32)
+        monkeypatch.setattr(nxt, "_guess", lambda xn, xf: (np.arange(256), score))
+        nxt._recent_misses = recent
+        first._read_next_ahead(np.zeros(64, np.float32), mx.zeros((1, 64)))
+        layer, ids, _, _ = m.flash.ahead[1]
+        free = np.setdiff1d(np.arange(256), held)
+        expect = np.sort(free[np.argsort(-score[free])[:want]])
+        assert layer == 1 and ids.tolist() == expect.tolist()
+    finally:
+        m.flash.close()

@@ -222,7 +222,8 @@ def load_flash_model(folder, *, dtype: Optional[str] = None, memory_budget=None,
     True = required (an error without it); without a budget it then pins every FFN layer as stored bundles
     (the smallest fully resident form) instead of as floats.
     `lookahead` (sparse paging; default off): while a layer computes, read the next layer's neurons guessed
-    from this layer's input, into two more layer-sized buffers.
+    from this layer's input (at most as many as it missed on the last token), into two more buffers of
+    1/8 of a layer each (budget.ahead_buffer).
     `pin_layout` (dense paging): "tail" pins the last FFN layers, "spread" places them evenly among the
     streamed ones (budget.pinned_layers); "auto" (default) starts from the tail and, when a few throwaway
     decode steps at load spend a fifth or more of their time waiting on reads, tries the spread layout and
@@ -305,10 +306,11 @@ def load_flash_model(folder, *, dtype: Optional[str] = None, memory_budget=None,
         else:
             predictors, _ = _predictors(layout, dtype_, float(sparsity))
             selector = sum(a.nbytes + b.nbytes + c.nbytes for a, b, c, _ in predictors)
-        # Off unless asked for: since ced107c it was within noise on SmolLM2, and on flash_bench's sparse ReLU
-        # model its guesses read 1064 MB a token against 2.6 without it (1.21 against 14.0 tok/s).
+        # Off unless asked for: since ced107c it was within noise on SmolLM2; on flash_bench's sparse ReLU
+        # model, even bounded by the misses, its guesses are mostly wrong and each small read costs this VM
+        # (docs/flash.md, Lookahead).
         plan = plan_sparse(geom, resident, budget, selector, 2 if sparsity_mode == "threshold" else 3,
-                           lookahead=2 if lookahead else 0)
+                           lookahead=lookahead)
     else:
         # The ring's depth (unless given) trades queued reads against pinned layers (budget.plan_dense). The
         # native kernel reads units where they land: no in-flight MLX copies beyond one prompt decode step.

@@ -34,6 +34,11 @@ UP, DOWN, GATE = 0, 1, 2
 # that (benchmarks/sparse_lookahead.py measures what each reads and covers).
 GUESS_THRESHOLD_FACTOR = 0.5
 GUESS_LOGIT_MARGIN = 1.0
+# Lookahead reads at most this many times the misses the next layer had on the previous token (at least
+# AHEAD_MIN_NEURONS), its surest guesses first: a loosened cut alone read 1064 MB a token on the sparse
+# ReLU model (many logits sit near its cut), where the misses themselves were 2.6 MB.
+AHEAD_MISS_FACTOR = 1.0
+AHEAD_MIN_NEURONS = 16
 
 
 def gated_ffn(x: mx.array, up: mx.array, down_t: mx.array, gate: mx.array, act: Callable) -> mx.array:
@@ -68,6 +73,7 @@ class FlashMLP(nn.Module):
         self._predictor_np: Optional[tuple] = None  # float32 numpy copy for lookahead guesses
         self._predictor: Optional[tuple] = None  # (A, B, bias, logit threshold)
         self._cache: Optional[NeuronCache] = None
+        self._recent_misses = 0  # uncached neurons the last token selected (bounds lookahead reads)
         self._units: list[int] = []
         self.bind_units()
 
@@ -227,41 +233,51 @@ class FlashMLP(nn.Module):
         or None when nothing is to be read, the misses that are read)."""
         to_insert, overflow = self._cache.plan(selected)
         misses = np.sort(np.concatenate([to_insert, overflow]))
+        self._recent_misses = len(misses)
         n_bytes = self._n_parts * self._rt.codec.part_bytes
         to_read = misses if ahead is None else misses[~np.isin(misses, ahead, assume_unique=True)]
         pending = self._rt.submit_neurons(self.layer, to_read, n_bytes) if len(to_read) else None
         return to_insert, misses, n_bytes, pending, to_read
 
-    def _guess(self, xn: np.ndarray, xf: mx.array) -> np.ndarray:
+    def _guess(self, xn: np.ndarray, xf: mx.array) -> tuple[np.ndarray, np.ndarray]:
         """Neurons this layer will likely select, from the previous layer's FFN input (`xn` float32 numpy,
-        `xf` the same in MLX): its selector with a looser cut. Measured on SmolLM2
-        (benchmarks/sparse_lookahead.py): the predictor's logit cut lowered by 1 guesses 94.8% of the needed
-        pages with 1.03x their number; half the threshold 97.1% with 1.30x."""
+        `xf` the same in MLX): its selector with a looser cut, as (ids, scores: the surer the higher).
+        Measured on SmolLM2 (benchmarks/sparse_lookahead.py): the predictor's logit cut lowered by 1
+        guesses 94.8% of the needed pages with 1.03x their number; half the threshold 97.1% with 1.30x."""
         rt = self._rt
         cut = GUESS_THRESHOLD_FACTOR * rt.thresholds[self.layer]
         if self._gate_stored is not None:
-            return np.flatnonzero(np.abs(rt.native.gate_acts(xn, self._gate_stored)) > cut)
-        if self._gate is not None:  # resident gate in MLX (no kernel): computed where the gate lives
+            score = np.abs(rt.native.gate_acts(xn, self._gate_stored))
+        elif self._gate is not None:  # resident gate in MLX (no kernel): computed where the gate lives
             g = self._act(xf @ self._gate.T)
             mx.eval(g)
             rt.stats.forced_evals += 1
-            return np.flatnonzero(np.abs(np.array(g, copy=False)[0]) > cut)
-        if self._predictor is None:
-            return np.empty(0, np.int64)
-        if self._predictor_np is None:
-            a, b, bias, tau = self._predictor
-            self._predictor_np = (np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32)),
-                                  np.array(bias.astype(mx.float32)), tau)
-        a, b, bias, tau = self._predictor_np
-        return np.flatnonzero((xn @ a) @ b + bias > tau - GUESS_LOGIT_MARGIN)
+            score = np.abs(np.array(g, copy=False)[0])
+        elif self._predictor is None:
+            return np.empty(0, np.int64), np.empty(0, np.float32)
+        else:
+            if self._predictor_np is None:
+                a, b, bias, tau = self._predictor
+                self._predictor_np = (np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32)),
+                                      np.array(bias.astype(mx.float32)), tau)
+            a, b, bias, tau = self._predictor_np
+            score, cut = (xn @ a) @ b + bias, tau - GUESS_LOGIT_MARGIN
+        ids = np.flatnonzero(score > cut)
+        return ids, score[ids]
 
     def _read_next_ahead(self, xn: np.ndarray, xf: mx.array) -> None:
-        """Queue reads of the next layer's guessed neurons that its cache does not hold."""
+        """Queue reads of the next layer's guessed neurons that its cache does not hold, at most
+        AHEAD_MISS_FACTOR times its misses of the last token and what a lookahead buffer holds (the
+        highest scores)."""
         nxt = self._rt.sparse_layers.get(self.layer + 1)
         if nxt is None or not self._rt.ahead_buffers:
             return
-        guess = nxt._guess(xn, xf)
-        guess = guess[nxt._cache.slot_of[guess] < 0]
+        guess, score = nxt._guess(xn, xf)
+        uncached = nxt._cache.slot_of[guess] < 0
+        guess, score = guess[uncached], score[uncached]
+        limit = min(self._rt.plan.ahead_neurons, max(AHEAD_MIN_NEURONS, int(AHEAD_MISS_FACTOR * nxt._recent_misses)))
+        if len(guess) > limit:
+            guess = np.sort(guess[np.argpartition(-score, limit - 1)[:limit]])
         self._rt.read_ahead(nxt.layer, guess, nxt._n_parts * self._rt.codec.part_bytes)
 
     def _partial(self, xf: mx.array, up, down_t, gate, neurons: np.ndarray, gn) -> mx.array:

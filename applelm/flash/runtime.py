@@ -17,7 +17,7 @@ from typing import Optional
 
 import numpy as np
 
-from .budget import Geometry, Plan
+from .budget import GAP_PAGES, Geometry, Plan
 from .cuda_prefetch import CudaPrefetcher
 from .io import AlignedBuffer, DirectReader, page_runs, wait_all
 from .layout import FlashLayout
@@ -74,9 +74,6 @@ class FlashRuntime:
         self.recorder = None  # sparsity.Recorder during calibration
         self.native = None  # native.BundleFFN: single-token streamed units on the CPU (set by the loader)
         self.prefetch = CudaPrefetcher()  # streamed bytes copied into MLX move to the GPU in bulk (CUDA only)
-        # Sparse reads merge runs separated by at most this many pages. Measured on SmolLM2 at 1/3 of
-        # neurons missing: 0 reads 12% fewer bytes in 74% more requests and was slower on this disk.
-        self.gap_pages = 1
         self.layout_probe: Optional[dict] = None  # what --pin-layout auto measured at load (auto_layout.py)
         self.closed = False
 
@@ -142,14 +139,13 @@ class FlashRuntime:
         """Queue reads of the first `n_bytes` of each neuron's bundle (sorted ids) into `buffer` (default:
         the scratch buffer); returns (futures, where)."""
         bundle = self.codec.bundle_bytes
-        runs, where = page_runs(neurons.astype(np.int64) * bundle, n_bytes, gap_pages=self.gap_pages)
+        runs, where = page_runs(neurons.astype(np.int64) * bundle, n_bytes, gap_pages=GAP_PAGES)
         path = str(self.layout.layers[layer].path)
         return self.reader.read_runs(path, runs, buffer or self.scratch), where
 
     def enable_lookahead(self) -> None:
-        """Sparse mode: allocate the two lookahead buffers (the plan counted them)."""
-        size = max(e.file_bytes for e in self.layout.layers)
-        self.ahead_buffers = [AlignedBuffer(size), AlignedBuffer(size)]
+        """Sparse mode: allocate the two lookahead buffers the plan counted (each for plan.ahead_neurons)."""
+        self.ahead_buffers = [AlignedBuffer(self.plan.ahead_buffer_bytes) for _ in range(2)]
 
     def read_ahead(self, layer: int, neurons: np.ndarray, n_bytes: int) -> None:
         """Queue reads of `neurons` of `layer` into its parity's lookahead buffer (replacing what was there)."""
