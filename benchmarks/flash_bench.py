@@ -130,6 +130,27 @@ RELU_RATES, RELU_GATE_RANK, RELU_CHANNEL = (0.003, 0.6), 16, 8.0
 RELU_CALIBRATION_TOKENS = 4096
 
 
+def relu_store(work: Path, shape: str = SYNTHETIC_SHAPE,
+               calibration_tokens: int = RELU_CALIBRATION_TOKENS) -> tuple[Path, float, list[int]]:
+    """The sparse ReLU model of `shape` ("hidden,intermediate,layers") under `work`, written and prepared
+    (bfloat16 bundles, rank-32 predictors) if missing: (flash folder, seconds preparing took, calibration
+    ids, whose first 16 are its prompt)."""
+    hidden, inter, layers = (int(v) for v in shape.split(","))
+    cfg = synthetic_config(hidden, inter, layers, hidden_act="relu")
+    src = write_synthetic(work / f"synthetic_relu_{hidden}_{inter}_{layers}", cfg)
+    ids = synthetic_prompt(cfg["vocab_size"], calibration_tokens)[0]
+    layout, seconds = prepared(src, work / f"synthetic_relu_{hidden}_{inter}_{layers}_flash", bits=16,
+                               dtype="bfloat16", train_predictors=True, calibration_ids=ids,
+                               calibration_tokens=len(ids), predictor_rank=32)
+    return layout, seconds, ids
+
+
+def relu_level(layout) -> float:
+    """The sparsity the ReLU model's sparse runs use (layout: a read FlashLayout): just below its natural
+    sparsity every threshold is 0, so only the predictor's misses change results (at most 0.85)."""
+    return round(min(0.85, min(layout.index["sparsity"]["zero_fraction"]) - 0.02), 2)
+
+
 def relu_gate(rng, f: int, h: int, x0: float):
     """(f, h) gate rows for the sparse ReLU model: gate . x is a rank-RELU_GATE_RANK function of the hidden
     state (plus 5% noise), so a low-rank predictor can learn it, shifted per neuron through hidden channel 0
@@ -372,7 +393,8 @@ def stub_reads(gbps: float):
 def run_one(spec: dict) -> dict:
     """Load spec["model"] with spec["options"], decode spec["tokens"] tokens after spec["prompt"].
     spec["stub_reads"]: decode with stub_reads at this run's own streamed-unit read speed, measured just
-    before (the prompt's reads are real)."""
+    before (the prompt's reads are real). spec["ahead_limit"]: lookahead reads at most that many neurons a
+    layer, whatever the misses (0: it guesses and reads nothing; what guessing alone costs)."""
     import applelm  # noqa: F401  (BLAS preload before mlx)
     import mlx.core as mx
 
@@ -400,6 +422,10 @@ def run_one(spec: dict) -> dict:
         if rt is not None and (rt.ring is not None or rt.plan.mode == "naive"):
             disk["layout_seq"] = layout_read_speed(rt) / 1e9
     stub_gbps = None
+    if spec.get("ahead_limit") is not None:  # lookahead reads at most this many neurons a layer (0: guesses only)
+        from applelm.flash import paged_mlp
+
+        paged_mlp.AHEAD_MISS_FACTOR, paged_mlp.AHEAD_MIN_NEURONS = 0.0, spec["ahead_limit"]
     if spec.get("stub_reads") and rt is not None and rt.ring:  # the reading above when the probe took one
         stub_gbps = disk.get("layout_seq") or layout_read_speed(rt) / 1e9
     prompt = mx.array(spec["prompt"], dtype=mx.int32)
@@ -895,19 +921,13 @@ def main() -> int:
 
     if "synthetic-relu" in models:
         hidden, inter, layers = (int(v) for v in args.synthetic.split(","))
-        cfg = synthetic_config(hidden, inter, layers, hidden_act="relu")
-        src = write_synthetic(work / f"synthetic_relu_{hidden}_{inter}_{layers}", cfg)
-        ids = synthetic_prompt(cfg["vocab_size"], args.relu_calibration_tokens)[0]
-        layout, prep_s = prepared(src, work / f"synthetic_relu_{hidden}_{inter}_{layers}_flash", bits=16,
-                                  dtype="bfloat16", train_predictors=True, calibration_ids=ids,
-                                  calibration_tokens=len(ids), predictor_rank=32)
+        layout, prep_s, ids = relu_store(work, args.synthetic, args.relu_calibration_tokens)
         budget = parse_size(args.synthetic_budget)
         from applelm.flash.layout import read_layout
 
         lay = read_layout(layout)
         zeros = lay.index["sparsity"]["zero_fraction"]
-        # Just below the natural sparsity every threshold is 0: only the predictor's misses change results.
-        level = round(min(0.85, min(zeros) - 0.02), 2)
+        level = relu_level(lay)
         spec = {**base, "model": str(layout), "tokens": args.tokens or 8, "prompt": ids[:16],
                 "options": dict(base["options"])}
         sparse = {"sparsity": level, "sparsity_mode": "predictor"}
