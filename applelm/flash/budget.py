@@ -225,9 +225,14 @@ def plan_dense(g: Geometry, resident: int, budget: Optional[int], depth: Optiona
 # Sparse reads merge runs of neurons separated by at most this many 4 KiB pages. Measured on SmolLM2 at 1/3
 # of neurons missing: 0 reads 12% fewer bytes in 74% more requests and was slower on this disk.
 GAP_PAGES = 1
-# A lookahead buffer holds the reads of 1/AHEAD_SHARE of a layer's neurons: guesses are bounded by the
-# misses of the last token, which a whole layer file (what it was) far exceeds, at the neuron cache's cost.
+# A lookahead buffer holds the reads of 1/AHEAD_SHARE of a layer's neurons. Reads ahead are bounded by the
+# last token's misses, so a whole layer file (the size before 766d687) mostly sat empty, in the cache's room.
 AHEAD_SHARE = 8
+
+
+def _layer_file(g: Geometry) -> int:
+    """One FFN layer's bundles, rounded up to whole pages: a token's coalesced neuron reads never exceed it."""
+    return (g.intermediate * g.bundle_bytes + 4095) // 4096 * 4096
 
 
 def ahead_buffer(g: Geometry, n_parts: int) -> tuple[int, int]:
@@ -235,8 +240,7 @@ def ahead_buffer(g: Geometry, n_parts: int) -> tuple[int, int]:
     one more where it straddles a page edge, and a merged gap of GAP_PAGES (io.page_runs)."""
     neurons = max(1, g.intermediate // AHEAD_SHARE)
     pages = -(-n_parts * g.part_bytes // 4096) + 1 + GAP_PAGES
-    layer_file = (g.intermediate * g.bundle_bytes + 4095) // 4096 * 4096
-    return neurons, min(layer_file, neurons * pages * 4096)
+    return neurons, min(_layer_file(g), neurons * pages * 4096)
 
 
 def plan_sparse(g: Geometry, resident: int, budget: Optional[int], selector_bytes: int, n_parts: int,
@@ -247,9 +251,8 @@ def plan_sparse(g: Geometry, resident: int, budget: Optional[int], selector_byte
     `lookahead` two buffers (ahead_buffer) for reads of the next layer's guessed neurons. With the native
     kernel (`g.stored_layer` set) the cache holds bundles as stored, not their floats."""
     row = n_parts * (g.part_bytes if g.stored_layer is not None else g.hidden * g.compute_itemsize)
-    layer_file = (g.intermediate * g.bundle_bytes + 4095) // 4096 * 4096
     ahead_neurons, ahead_bytes = ahead_buffer(g, n_parts) if lookahead else (0, 0)
-    buffers = layer_file + 2 * ahead_bytes + g.decode_bytes
+    buffers = _layer_file(g) + 2 * ahead_bytes + g.decode_bytes
     base = resident + selector_bytes + buffers
     if budget is None:
         capacity = g.intermediate

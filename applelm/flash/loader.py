@@ -306,9 +306,8 @@ def load_flash_model(folder, *, dtype: Optional[str] = None, memory_budget=None,
         else:
             predictors, _ = _predictors(layout, dtype_, float(sparsity))
             selector = sum(a.nbytes + b.nbytes + c.nbytes for a, b, c, _ in predictors)
-        # Off unless asked for: since ced107c it was within noise on SmolLM2; on flash_bench's sparse ReLU
-        # model, even bounded by the misses, its guesses are mostly wrong and each small read costs this VM
-        # (docs/flash.md, Lookahead).
+        # Off unless asked for: bounded by the misses, it was still slower than none on the sparse ReLU model
+        # and on SmolLM2 (benchmarks/lookahead_bound.py; docs/flash.md, Lookahead).
         plan = plan_sparse(geom, resident, budget, selector, 2 if sparsity_mode == "threshold" else 3,
                            lookahead=lookahead)
     else:
