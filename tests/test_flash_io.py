@@ -10,7 +10,7 @@ import pytest
 
 from applelm.errors import UserError
 from applelm.flash.budget import GAP_PAGES, Geometry, ahead_buffer, parse_size
-from applelm.flash.io import AlignedBuffer, DirectReader, measure_disk, page_runs, wait_all
+from applelm.flash.io import AlignedBuffer, DirectReader, measure_disk, page_runs, runs_cover, wait_all
 
 
 @pytest.mark.parametrize("text,value", [("2GB", 2 * 10**9), ("512MB", 512 * 10**6), ("1.5GiB", 3 * 2**29),
@@ -56,6 +56,25 @@ def test_a_lookahead_buffer_holds_the_reads_of_its_neurons_however_they_fall(hid
         runs, where = page_runs(ids * bundle, n_bytes, gap_pages=GAP_PAGES)
         assert sum(n for _, n, _ in runs) <= size
         assert (where + n_bytes <= size).all()
+
+
+def test_runs_cover_finds_every_request_inside_pages_read_and_only_those():
+    """Against a byte-by-byte check: a request is covered when all its bytes are in one run, and its
+    buffer offset then holds the same file bytes (the neighbours of what was read share its pages)."""
+    bundle, length = 3456, 2304
+    runs, _ = page_runs(np.array([3, 4, 9, 40]) * bundle, length)
+    runs = np.array(runs, np.int64)
+    file = np.arange(60 * bundle, dtype=np.int64)  # byte i of the file is i
+    buf = np.concatenate([file[f: f + n] for f, n, _ in runs])
+    starts = np.arange(60) * bundle
+    covered, where = runs_cover(runs, starts, length)
+    for s, c, w in zip(starts, covered, where):
+        inside = any(f <= s and s + length <= f + n for f, n, _ in runs)
+        assert c == inside
+        if c:
+            np.testing.assert_array_equal(buf[w: w + length], file[s: s + length])
+    assert covered[[3, 4, 9, 40]].all() and covered.sum() > 4 and not covered[20]
+    assert not runs_cover(np.zeros((0, 3), np.int64), starts, length)[0].any()
 
 
 def test_reader_reads_exact_bytes_and_counts(tmp_path):

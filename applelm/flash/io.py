@@ -277,6 +277,18 @@ def page_runs(starts: np.ndarray, length: int, gap_pages: int = 1, align: int = 
     return runs, where
 
 
+def runs_cover(runs: np.ndarray, starts: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Which reads of `length` bytes at `starts` lie wholly inside one of `runs` ((file_offset, n_bytes,
+    buffer_offset) rows, disjoint, by file offset, as page_runs packs them), and where each covered one
+    sits in their buffer: (covered mask, buffer offsets, meaningful where covered)."""
+    starts = np.asarray(starts, np.int64)
+    if len(runs) == 0:
+        return np.zeros(len(starts), bool), np.zeros(len(starts), np.int64)
+    i = np.maximum(np.searchsorted(runs[:, 0], starts, side="right") - 1, 0)
+    covered = (runs[i, 0] <= starts) & (starts + length <= runs[i, 0] + runs[i, 1])
+    return covered, runs[i, 2] + starts - runs[i, 0]
+
+
 def measure_disk(path: str, size: int, block: int, seconds: float = 1.0, threads: int = 8,
                  sequential: bool = False, seed: int = 0, huge_pages: Optional[bool] = None) -> float:
     """Read speed (bytes/s) of `path` with direct I/O: `block`-sized reads, random or sequential, with

@@ -19,7 +19,7 @@ import numpy as np
 
 from .budget import GAP_PAGES, Geometry, Plan
 from .cuda_prefetch import CudaPrefetcher
-from .io import AlignedBuffer, DirectReader, page_runs, wait_all
+from .io import AlignedBuffer, DirectReader, page_runs, runs_cover, wait_all
 from .layout import FlashLayout
 from .ring import StreamRing, Unit, split_layer
 
@@ -64,7 +64,7 @@ class FlashRuntime:
         elif plan.mode == "sparse":  # coalesced neuron reads of one layer never exceed its file
             self.scratch = AlignedBuffer(max(e.file_bytes for e in layout.layers))
         # Sparse lookahead: two buffers that alternate by layer parity; ahead[k] = (layer, neuron ids
-        # (sorted), buffer offsets, futures) of the reads queued into ahead_buffers[k].
+        # (sorted), page runs, futures) of the reads queued into ahead_buffers[k].
         self.ahead_buffers: list[AlignedBuffer] = []
         self.ahead: dict = {}
         self.sparse_layers: dict = {}  # layer -> its FlashMLP in sparse mode (lookahead reaches the next one)
@@ -138,10 +138,14 @@ class FlashRuntime:
     def submit_neurons(self, layer: int, neurons: np.ndarray, n_bytes: int, buffer: Optional[AlignedBuffer] = None):
         """Queue reads of the first `n_bytes` of each neuron's bundle (sorted ids) into `buffer` (default:
         the scratch buffer); returns (futures, where)."""
-        bundle = self.codec.bundle_bytes
-        runs, where = page_runs(neurons.astype(np.int64) * bundle, n_bytes, gap_pages=GAP_PAGES)
-        path = str(self.layout.layers[layer].path)
-        return self.reader.read_runs(path, runs, buffer or self.scratch), where
+        futures, where, _ = self._submit_runs(layer, neurons, n_bytes, buffer or self.scratch)
+        return futures, where
+
+    def _submit_runs(self, layer: int, neurons: np.ndarray, n_bytes: int, buffer: AlignedBuffer):
+        """submit_neurons into `buffer`, also returning the page runs read, as an (n, 3) array."""
+        runs, where = page_runs(neurons.astype(np.int64) * self.codec.bundle_bytes, n_bytes, gap_pages=GAP_PAGES)
+        futures = self.reader.read_runs(str(self.layout.layers[layer].path), runs, buffer)
+        return futures, where, np.array(runs, np.int64).reshape(-1, 3)
 
     def enable_lookahead(self) -> None:
         """Sparse mode: allocate the two lookahead buffers the plan counted (each for plan.ahead_neurons)."""
@@ -152,19 +156,25 @@ class FlashRuntime:
         k = layer % 2
         self.drop_ahead(k)
         if len(neurons):
-            futures, where = self.submit_neurons(layer, neurons, n_bytes, self.ahead_buffers[k])
-            self.ahead[k] = (layer, neurons, where, futures)
+            futures, _, runs = self._submit_runs(layer, neurons, n_bytes, self.ahead_buffers[k])
+            self.ahead[k] = (layer, neurons, runs, futures)
             self.stats.ahead_read += len(neurons)
 
     def peek_ahead(self, layer: int):
-        """(neuron ids, offsets, buffer, futures) read ahead for `layer`, or None. The entry stays until a
-        later read_ahead into the same buffer replaces it (after waiting for its reads), so the buffer is
-        never refilled under a read still in flight; its bytes are the file's, valid as long as it stays."""
+        """(neuron ids, page runs read, buffer, futures) read ahead for `layer`, or None. The entry stays
+        until a later read_ahead into the same buffer replaces it (after waiting for its reads), so the
+        buffer is never refilled under a read still in flight; its bytes are the file's, valid as long as
+        it stays."""
         entry = self.ahead.get(layer % 2)
         if entry is None or entry[0] != layer:
             return None
-        _, ids, where, futures = entry
-        return ids, where, self.ahead_buffers[layer % 2], futures
+        _, ids, runs, futures = entry
+        return ids, runs, self.ahead_buffers[layer % 2], futures
+
+    def ahead_cover(self, ahead, neurons: np.ndarray, n_bytes: int) -> tuple[np.ndarray, np.ndarray]:
+        """Which of `neurons` (their first n_bytes) the page runs of a peek_ahead entry hold, guessed or
+        not (neighbours share pages), and where in its buffer: io.runs_cover."""
+        return runs_cover(ahead[1], neurons.astype(np.int64) * self.codec.bundle_bytes, n_bytes)
 
     def drop_ahead(self, k: Optional[int] = None) -> None:
         """Forget lookahead reads (of buffer k, or all), after they finish: their buffer may be reused."""
