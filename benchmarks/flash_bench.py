@@ -471,6 +471,7 @@ def run_one(spec: dict) -> dict:
         if "layout_probe" in report:  # what --pin-layout auto measured at load, and chose
             out["layout_probe"] = report["layout_probe"]
         out["io_busy_per_token_s"] = report["io_busy_s"] / max(1, len(times))
+        out["reads_per_token"] = report["reads"] / max(1, len(times))  # read requests (coalesced runs)
         for k in ("neurons_used_per_token", "neurons_read_per_token", "ahead_read_per_token", "ahead_used_share"):
             if k in report:
                 out[k] = report[k]

@@ -23,8 +23,8 @@ import machine_info
 import paired_runs
 
 RUNS = ("off", "bounded", "guesses only")
-KEYS = ("decode_tok_s_median", "bytes_per_token", "io_wait_s", "ahead_read_per_token", "ahead_used_share",
-        "neurons_read_per_token")
+KEYS = ("decode_tok_s_median", "bytes_per_token", "reads_per_token", "io_wait_s", "ahead_read_per_token",
+        "ahead_used_share", "neurons_read_per_token")
 
 
 def main() -> int:
@@ -73,7 +73,7 @@ def summarize(rounds: list[dict], tokens: int) -> dict:
 
         off = f"{name} off"
         out[key] = {"tok_s": med("decode_tok_s_median"), "plan": rows[0].get("plan") or rows[0].get("error"),
-                    "MB_per_token": med("bytes_per_token", 1e-6, 1),
+                    "MB_per_token": med("bytes_per_token", 1e-6, 1), "reads_per_token": med("reads_per_token", 1, 1),
                     "io_wait_ms_per_token": med("io_wait_s", 1000 / tokens, 2),
                     "ahead_read_per_token": med("ahead_read_per_token", 1, 1),
                     "ahead_used_share": med("ahead_used_share"),
@@ -93,14 +93,14 @@ def markdown(result: dict) -> str:
              f"Command: `{result['command']}`  ",
              f"{result['date']}, commit {m.get('commit')}, MLX {m.get('mlx')}, predictor selection ({setting}), "
              f"{result['tokens']} tokens a run, load average at start {result['load_start']}, end {result['load_end']}",
-             "", "| run | plan | tok/s (median) | faster than off (rounds) | MB read/token | I/O wait ms/token | "
-                 "neurons read ahead/token | share of them used | misses/token | tokens equal off |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "", "| run | plan | tok/s (median) | faster than off (rounds) | MB read/token | read requests/token "
+                 "| I/O wait ms/token | neurons read ahead/token | share of them used | misses/token | tokens equal off |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for key, s in result["summary"].items():
         lines.append(f"| {key} | {s['plan']} | {s['tok_s']} | {s['rounds_faster_than_off']}/{n} | "
-                     f"{s['MB_per_token']} | {s['io_wait_ms_per_token']} | {s['ahead_read_per_token']} | "
-                     f"{s['ahead_used_share']} | "
-                     f"{s['neurons_read_per_token']} | {s['tokens_equal_off']} |")
+                     f"{s['MB_per_token']} | {s['reads_per_token']} | {s['io_wait_ms_per_token']} | "
+                     f"{s['ahead_read_per_token']} | {s['ahead_used_share']} | {s['neurons_read_per_token']} | "
+                     f"{s['tokens_equal_off']} |")
     lines += ["", "tok/s of every round:", ""]
     lines += [f"- {key}: {[r[key].get('decode_tok_s_median') for r in result['rounds']]}" for key in result["summary"]]
     return "\n".join(lines) + "\n"
