@@ -94,7 +94,8 @@ def markdown(result: dict) -> str:
              f"{result['date']}, commit {m.get('commit')}, MLX {m.get('mlx')}, predictor selection ({setting}), "
              f"{result['tokens']} tokens a run, load average at start {result['load_start']}, end {result['load_end']}",
              "", "| run | plan | tok/s (median) | faster than off (rounds) | MB read/token | read requests/token "
-                 "| I/O wait ms/token | neurons read ahead/token | share of them used | misses/token | tokens equal off |",
+                 "| I/O wait ms/token | neurons read ahead/token | share of them used | misses/token "
+                 "| tokens equal off |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for key, s in result["summary"].items():
         lines.append(f"| {key} | {s['plan']} | {s['tok_s']} | {s['rounds_faster_than_off']}/{n} | "
