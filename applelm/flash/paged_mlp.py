@@ -230,14 +230,18 @@ class FlashMLP(nn.Module):
     def _plan_reads(self, selected: np.ndarray, ahead=None):
         """Plan this token's cache and queue the reads of its misses, except those that the pages read
         ahead hold (`ahead`: peek_ahead's entry): (to_insert, misses (sorted), bytes read per neuron,
-        (futures, buffer offsets) or None when nothing is to be read, the misses that are read)."""
+        (futures, buffer offsets) or None when nothing is to be read, the misses that are read, and
+        (ids, offsets in the lookahead buffer) of those the pages read ahead hold, or None)."""
         to_insert, overflow = self._cache.plan(selected)
         misses = np.sort(np.concatenate([to_insert, overflow]))
         self._recent_misses = len(misses)
         n_bytes = self._n_parts * self._rt.codec.part_bytes
-        to_read = misses if ahead is None else misses[~self._rt.ahead_cover(ahead, misses, n_bytes)[0]]
+        to_read, in_ahead = misses, None
+        if ahead is not None:
+            covered, where = self._rt.ahead_cover(ahead, misses, n_bytes)
+            to_read, in_ahead = misses[~covered], (misses[covered], where[covered])
         pending = self._rt.submit_neurons(self.layer, to_read, n_bytes) if len(to_read) else None
-        return to_insert, misses, n_bytes, pending, to_read
+        return to_insert, misses, n_bytes, pending, to_read, in_ahead
 
     def _guess(self, xn: np.ndarray, xf: mx.array) -> tuple[np.ndarray, np.ndarray]:
         """Neurons this layer will likely select, from the previous layer's FFN input (`xn` float32 numpy,
@@ -302,19 +306,19 @@ class FlashMLP(nn.Module):
             self._read_next_ahead(xn, xf)  # they run while this layer and the next one compute
         return plan, ahead
 
-    def _ahead_sources(self, ahead, misses: np.ndarray, to_read: np.ndarray) -> list:
-        """[(ids, offsets, buffer)] of this layer's misses in the pages read ahead (none: []), after those
-        reads finish (queued before this layer's own, so normally done by now). Besides the guessed
-        neurons, their neighbours on the same pages: reading those again split the runs of a layer's own
-        reads and fetched shared pages twice (SmolLM2's 3456-byte bundles: 155.6 against 122.6 MB a token)."""
+    def _ahead_sources(self, ahead, in_ahead) -> list:
+        """[(ids, offsets, buffer)] of this layer's misses in the pages read ahead (`in_ahead` from
+        _plan_reads; none: []), after those reads finish (queued before this layer's own, so normally done
+        by now). Besides the guessed neurons, their neighbours on the same pages: reading those again split
+        the runs of a layer's own reads and fetched shared pages twice (SmolLM2's 3456-byte bundles: 155.6
+        against 122.6 MB a token)."""
         if ahead is None:
             return []
         self._rt.wait(ahead[3])
-        if len(to_read) == len(misses):
+        got, where = in_ahead
+        if not len(got):
             return []
-        got = misses[~np.isin(misses, to_read, assume_unique=True)]
         self._rt.stats.ahead_used += int(np.isin(got, ahead[0], assume_unique=True).sum())
-        _, where = self._rt.ahead_cover(ahead, got, self._n_parts * self._rt.codec.part_bytes)
         return [(got, where, ahead[2])]
 
     def _sparse_token(self, x: mx.array) -> mx.array:
@@ -322,7 +326,7 @@ class FlashMLP(nn.Module):
         xf = x.reshape(1, -1)
         x32 = xf.reshape(-1).astype(mx.float32) if rt.ahead_buffers else None
         selected, gn = self._select(xf, x32)
-        (to_insert, misses, n_bytes, pending, to_read), ahead = self._plan_token(
+        (to_insert, misses, n_bytes, pending, to_read, in_ahead), ahead = self._plan_token(
             selected, None if x32 is None else np.array(x32), xf)
         y, n0 = None, cache.count
         if n0:
@@ -330,7 +334,7 @@ class FlashMLP(nn.Module):
             y = self._partial(xf, cache.parts[UP][:n0], cache.parts[DOWN][:n0],
                               cache.parts[GATE][:n0] if self._gate is None else None, cache.cached(), gn)
             mx.async_eval(y)
-        sources = self._ahead_sources(ahead, misses, to_read)
+        sources = self._ahead_sources(ahead, in_ahead)
         if pending:
             futures, where = pending
             rt.wait(futures)
@@ -380,7 +384,7 @@ class FlashMLP(nn.Module):
         xn, out = np.array(x32), np.zeros(x.shape[-1], np.float32)
         thr = float(rt.thresholds[self.layer])
         # The previous layer may have read some of this layer's neurons ahead (guessed from its input).
-        (to_insert, misses, n_bytes, pending, to_read), ahead = self._plan_token(selected, xn, xf)
+        (to_insert, misses, n_bytes, pending, to_read, in_ahead), ahead = self._plan_token(selected, xn, xf)
 
         def coef(ids):  # resident gate: its masked activations; predictor: the kernel computes the gate
             return None if gn is None else self._masked(gn, ids)
@@ -390,7 +394,7 @@ class FlashMLP(nn.Module):
             # No host view (native=True forced on a GPU): a host copy of the occupied slots.
             rows = cache.rows[0][:n0] if cache.rows is not None else np.array(cache.parts[0][:n0])
             kernel.sparse(xn, rows, out, coef=coef(cache.cached()), threshold=thr)
-        sources = self._ahead_sources(ahead, misses, to_read)  # (ids, offsets, buffer) of the misses
+        sources = self._ahead_sources(ahead, in_ahead)  # (ids, offsets, buffer) of the misses
         if pending:
             futures, where = pending
             rt.wait(futures)

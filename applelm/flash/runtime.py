@@ -142,10 +142,9 @@ class FlashRuntime:
         return futures, where
 
     def _submit_runs(self, layer: int, neurons: np.ndarray, n_bytes: int, buffer: AlignedBuffer):
-        """submit_neurons into `buffer`, also returning the page runs read, as an (n, 3) array."""
+        """submit_neurons into `buffer`, also returning the page runs read (page_runs' list)."""
         runs, where = page_runs(neurons.astype(np.int64) * self.codec.bundle_bytes, n_bytes, gap_pages=GAP_PAGES)
-        futures = self.reader.read_runs(str(self.layout.layers[layer].path), runs, buffer)
-        return futures, where, np.array(runs, np.int64).reshape(-1, 3)
+        return self.reader.read_runs(str(self.layout.layers[layer].path), runs, buffer), where, runs
 
     def enable_lookahead(self) -> None:
         """Sparse mode: allocate the two lookahead buffers the plan counted (each for plan.ahead_neurons)."""
@@ -157,7 +156,7 @@ class FlashRuntime:
         self.drop_ahead(k)
         if len(neurons):
             futures, _, runs = self._submit_runs(layer, neurons, n_bytes, self.ahead_buffers[k])
-            self.ahead[k] = (layer, neurons, runs, futures)
+            self.ahead[k] = (layer, neurons, np.array(runs, np.int64).reshape(-1, 3), futures)
             self.stats.ahead_read += len(neurons)
 
     def peek_ahead(self, layer: int):
