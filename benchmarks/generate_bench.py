@@ -3,7 +3,11 @@
 The weights are SmolLM2-135M-Instruct's Q4_1 GGUF (the embedded default model). Q4_1 blocks are exactly MLX
 affine 4-bit groups of 32, so mlx-lm gets the very same quantized tensors, written as an MLX folder:
   - applelm      : the GGUF file itself, blocks kept packed (float32 compute on CPU), products through our
-                   compiled CPU kernel (ops/gguf_cpu.c)
+                   compiled CPU kernel (ops/gguf_cpu.c) as MLX graph nodes (ops/host_call.cpp), decode steps
+                   compiled (the default)
+  - applelm, steps not compiled: the same with generate_step(compile=False)
+  - applelm eager kernels: APPLELM_GRAPH_KERNELS=off, each kernel evaluating its input first, steps not
+                   compiled (the default before graph nodes)
   - applelm MLX paths: the same with APPLELM_NATIVE=off (the kernel unused: MLX's quantized matmul)
   - applelm --dequantize: the GGUF's weights held dense in float32 (more memory, faster on CPU)
   - mlx-lm q4    : the same tensors with float16 scales, as an MLX checkpoint stores them (mlx-lm default)
@@ -24,6 +28,7 @@ the wheel's reference BLAS, much slower for prefill).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -102,6 +107,8 @@ def run_engine(engine: str, path: str, prompt_ids: list[int], gen_tokens: int) -
         from applelm.loader import load_model
 
         model, _, _ = load_model(Path(path), dequantize=engine == "applelm-dense")
+        if engine == "applelm-plain":
+            generate_step = functools.partial(generate_step, compile=False)
     else:
         import importlib
 
@@ -184,6 +191,8 @@ def markdown(report: dict) -> str:
         mlx_peak = f"{r['peak_memory_gb']:.3f}" if "peak_memory_gb" in r else "(not MLX)"
         lines.append(f"| {r['label']} | {r['load_s']:.2f} | {r['prompt_tps']:.1f} | {r['decode_tps']:.2f} | "
                      f"{mlx_peak} | {rss} | {same} |")
+    if report.get("skipped"):
+        lines += ["", f"Left out of this run (--skip): {', '.join(report['skipped'])}."]
     if "note" in report:
         lines += ["", report["note"]]
     return "\n".join(lines) + "\n"
@@ -196,6 +205,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(HERE / "results" / "generate_cpu.json"))
     ap.add_argument("--llama-cpp-python", metavar="PYTHON", default=None,
                     help="an interpreter with llama-cpp-python installed: adds llama.cpp on the same GGUF file")
+    ap.add_argument("--skip", action="append", default=[], metavar="LABEL",
+                    help="leave out the engine of this label (repeatable), e.g. the slow 'mlx-lm q4 (f16 scales)'")
     ap.add_argument("--worker", nargs=2, metavar=("ENGINE", "PATH"), help=argparse.SUPPRESS)
     ap.add_argument("--prompt-ids", help=argparse.SUPPRESS)
     ap.add_argument("--render", metavar="JSON", help="only rewrite the markdown summary of a results file")
@@ -216,36 +227,44 @@ def main() -> None:
         sys.exit(f"--llama-cpp-python {args.llama_cpp_python}: not an interpreter that can import llama_cpp")
     from applelm.loader import default_model_path, load
 
+    # (label, engine, weights: "gguf" or one of export_folders' folders, environment)
+    runs = [("applelm", "applelm", "gguf", {}),
+            ("applelm, steps not compiled", "applelm-plain", "gguf", {}),
+            ("applelm eager kernels (APPLELM_GRAPH_KERNELS=off)", "applelm-plain", "gguf",
+             {"APPLELM_GRAPH_KERNELS": "off"}),
+            ("applelm MLX paths (APPLELM_NATIVE=off)", "applelm", "gguf", {"APPLELM_NATIVE": "off"}),
+            ("applelm --dequantize", "applelm-dense", "gguf", {}),
+            ("mlx-lm q4 (f16 scales)", "mlx-lm", "q4_f16", {}),
+            ("mlx-lm q4 (f32 scales)", "mlx-lm", "q4_f32", {}),
+            ("mlx-lm dense f32", "mlx-lm", "dense_f32", {})]
+    if args.llama_cpp_python:
+        runs.append(("llama.cpp (llama-cpp-python)", "llama.cpp", "gguf", {}))
+    unknown = set(args.skip) - {label for label, *_ in runs}
+    if unknown:
+        sys.exit(f"--skip: no engine labelled {sorted(unknown)[0]!r}")
+    runs = [r for r in runs if r[0] not in args.skip]
     gguf = Path(args.model) if args.model else default_model_path()
     _, tokenizer = load(gguf)
     prompt_ids = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": PROMPT_TEXT}]),
                                   add_special_tokens=False)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        folders = export_folders(gguf, Path(tmp))
-        runs = [("applelm", "applelm", gguf, {}), ("applelm MLX paths (APPLELM_NATIVE=off)", "applelm", gguf,
-                                                    {"APPLELM_NATIVE": "off"}),
-                ("applelm --dequantize", "applelm-dense", gguf, {}),
-                ("mlx-lm q4 (f16 scales)", "mlx-lm", folders["q4_f16"], {}),
-                ("mlx-lm q4 (f32 scales)", "mlx-lm", folders["q4_f32"], {}),
-                ("mlx-lm dense f32", "mlx-lm", folders["dense_f32"], {})]
-        if args.llama_cpp_python:
-            runs.append(("llama.cpp (llama-cpp-python)", "llama.cpp", gguf, {}))
-        for label, engine, path, env in runs:
+        folders = {**export_folders(gguf, Path(tmp)), "gguf": gguf}
+        for label, engine, weights, env in runs:
             python = args.llama_cpp_python if engine == "llama.cpp" else sys.executable
-            cmd = [python, __file__, "--worker", engine, str(path), "--prompt-ids", json.dumps(prompt_ids),
+            cmd = [python, __file__, "--worker", engine, str(folders[weights]), "--prompt-ids", json.dumps(prompt_ids),
                    "--gen-tokens", str(args.gen_tokens)]
             proc = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ, **env})
             result = json.loads(proc.stdout.split("RESULT ", 1)[1].splitlines()[0])
             result["label"] = label
             rows.append(result)
-            print(f"{label:24s} load {result['load_s']:6.2f} s  prompt {result['prompt_tps']:8.1f} tok/s  "
+            print(f"{label:50s} load {result['load_s']:6.2f} s  prompt {result['prompt_tps']:8.1f} tok/s  "
                   f"decode {result['decode_tps']:6.1f} tok/s  peak RSS {result['peak_rss_gb']:.3f} GB", flush=True)
     same = all(r["tokens"] == rows[0]["tokens"] for r in rows)
     report = {"benchmark": "generate_bench", "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(),
               "commit": machine_info.commit() or None, "command": "python " + " ".join(["benchmarks/" + Path(__file__).name] + sys.argv[1:]),
               "model": str(gguf.name), "prompt_tokens": len(prompt_ids), "gen_tokens": args.gen_tokens,
-              "all_engines_same_tokens": same, "rows": rows}
+              "all_engines_same_tokens": same, "rows": rows, "skipped": args.skip}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1))
     Path(args.out).with_suffix(".md").write_text(markdown(report))

@@ -134,3 +134,12 @@ int applelm_affine_matmul(const float *x, int64_t m, int64_t k, const uint8_t *w
     free(sums);
     return 0;
 }
+
+/* Entry point of the MLX primitive (ops/host_call.cpp; see gguf_cpu.c): a = {m, k, n, sfmt, bits, group,
+ * threads}; in = {x, w, scales, biases}; out = {y}. */
+int applelm_affine_matmul_entry(const void *const *in, void *const *out, const int64_t *a) {
+    const int rc = applelm_affine_matmul((const float *)in[0], a[0], a[1], (const uint8_t *)in[1], in[2], in[3],
+                                         (int)a[3], a[2], (int)a[4], (int)a[5], (int)a[6], (float *)out[0]);
+    if (rc) fill_nan((float *)out[0], a[0] * a[2]);
+    return rc;
+}

@@ -59,6 +59,11 @@ enum { ACT_SILU = 0, ACT_GELU_TANH = 1, ACT_RELU = 2 };
 /* Whether `act` is one of the activation codes above (ops/cpu_native.py's ACTIVATIONS). */
 static inline int known_activation(int act) { return act >= ACT_SILU && act <= ACT_RELU; }
 
+/* An entry point's refusal (ops/host_call.cpp): outputs of NaN, which cannot pass for a result. */
+static inline void fill_nan(float *y, int64_t count) {
+    for (int64_t i = 0; i < count; i++) y[i] = NAN;
+}
+
 /* The gate's activation: silu, gelu with the tanh approximation (Gemma) or relu (the ReLU family), as MLX's
  * nn.silu / nn.gelu_approx / nn.relu.
  * Written so no intermediate overflows (-ffast-math assumes no infinities: expf(88+) would turn into NaN). */

@@ -270,3 +270,30 @@ int applelm_gguf_ffn(const float *x, int64_t m, int64_t k, int64_t hidden, const
     }
     return 0;
 }
+
+/* Entry points of the MLX primitive (ops/host_call.cpp), which runs them on MLX's CPU stream inside the graph:
+ * in = the inputs' data, out = the outputs', a = the integer arguments. A primitive cannot raise, and the
+ * caller checked every argument, so a refusal only fills the outputs with NaN, where it cannot go unseen. */
+/* a = {m, k, count, threads, n[count], types[count]}; in = {x, w[count]}; out = {y[count]}. */
+int applelm_gguf_matmul_many_entry(const void *const *in, void *const *out, const int64_t *a) {
+    enum { MAX_PRODUCTS = 8 };
+    const int count = (int)a[2];
+    int types[MAX_PRODUCTS];
+    if (count < 1 || count > MAX_PRODUCTS) return -1;
+    for (int p = 0; p < count; p++) types[p] = (int)a[4 + count + p];
+    const int rc = applelm_gguf_matmul_many((const float *)in[0], a[0], a[1], count, (const uint8_t *const *)(in + 1),
+                                            a + 4, types, (int)a[3], (float *const *)out);
+    if (rc)
+        for (int p = 0; p < count; p++) fill_nan((float *)out[p], a[0] * a[4 + p]);
+    return rc;
+}
+
+/* a = {m, k, hidden, gate_type, up_type, down_type, act, threads}; in = {x, gate, up, down};
+ * out = {y (m, k), scratch (2 * m * hidden)}. */
+int applelm_gguf_ffn_entry(const void *const *in, void *const *out, const int64_t *a) {
+    const int rc = applelm_gguf_ffn((const float *)in[0], a[0], a[1], a[2], (const uint8_t *)in[1], (int)a[3],
+                                    (const uint8_t *)in[2], (int)a[4], (const uint8_t *)in[3], (int)a[5], (int)a[6],
+                                    (int)a[7], (float *)out[1], (float *)out[0]);
+    if (rc) fill_nan((float *)out[0], a[0] * a[1]);
+    return rc;
+}

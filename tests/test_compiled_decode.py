@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import mlx.core as mx
 import pytest
+from gguf import GGMLQuantizationType as Q
+
+from gguf_fixtures import write_tiny_llama_gguf
+from kernel_calls import GRAPH_MODES, record_calls
 
 from applelm.cache import StaticKVCache
-from applelm.generation import generate_step
+from applelm.generation import compile_by_default, generate_step
+from applelm.loader import load
+from applelm.ops import cpu_native
 from applelm.sample import make_sampler
 from conftest import ARCHS, build_tiny
 
@@ -61,3 +67,37 @@ def test_static_cache_state_and_trim():
     assert all(c.trim(1) == 1 for c in cache)
     out = model(x[:, 2:4], cache=cache)
     assert float(mx.abs(out[:, -1] - full[:, -1]).max()) < 1e-4
+
+
+@pytest.mark.parametrize("graph", GRAPH_MODES)
+def test_gguf_model_compiled_equals_plain(tmp_path, monkeypatch, graph):
+    """Packed GGUF layers through the CPU kernels: the compiled step (which traces graph-node kernels, and
+    swaps eager ones for MLX ops) gives the plain path's tokens, and traces the kernels in graph mode."""
+    write_tiny_llama_gguf(tmp_path / "tiny.gguf", {"attn_output": Q.Q8_0, "ffn_down": Q.Q5_1}, seed=5)
+    model, _ = load(tmp_path / "tiny.gguf")
+    calls = record_calls(monkeypatch, graph)
+    prompt = mx.array([5, 9, 14, 3])
+    plain = [t for t, _ in generate_step(prompt, model, max_tokens=12, compile=False)]
+    assert "matmuls" in calls and "ffn" in calls  # q, k, v in one call; the whole FFN in another
+    calls.clear()
+    list(generate_step(prompt, model, max_tokens=1, compile=False))
+    prefill_and_first = calls.count("ffn")
+    calls.clear()
+    compiled = [t for t, _ in generate_step(prompt, model, max_tokens=12, compile=True)]
+    assert compiled == plain
+    # The plain prefill and first step, then, in graph mode, once more for the trace of both layers.
+    assert calls.count("ffn") == prefill_and_first + (2 if graph else 0)
+
+
+def test_compile_by_default(monkeypatch):
+    """On the CPU: where the kernels are graph nodes or absent, not where they run only eagerly; never for a
+    flash model (its paging reads between layers)."""
+    model, _ = build_tiny("llama")
+    monkeypatch.setattr(cpu_native, "graph_ready", lambda: True)
+    assert compile_by_default(model)
+    monkeypatch.setattr(cpu_native, "graph_ready", lambda: False)
+    assert compile_by_default(model) == (cpu_native.load() is None)
+    monkeypatch.setattr(cpu_native, "load", lambda: None)
+    assert compile_by_default(model)
+    model.flash = object()
+    assert not compile_by_default(model)

@@ -6,6 +6,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from kernel_calls import GRAPH_MODES, record_calls
 from portable_build import needs_x86_gcc, portable_function
 
 from applelm import native_build
@@ -120,12 +121,16 @@ def test_quantized_linear_and_tied_head_use_it(monkeypatch):
         emb.weight[ids], emb.scales[ids], emb.biases[ids], 64, 4)))
 
 
-def test_inside_compile_mlx_ops_run():
+@pytest.mark.parametrize("graph", GRAPH_MODES)
+def test_inside_compile(monkeypatch, graph):
+    """mx.compile traces the kernel as a graph node, or runs MLX's quantized matmul when it is eager."""
+    calls = record_calls(monkeypatch, graph)
     wq, s, b = quantized(16, 128, 4, 64)
     x = mx.random.normal((1, 128))
     fn = mx.compile(lambda a: dispatch.affine_matmul(a, wq, s, b, 4, 64))
     want = mx.quantized_matmul(x, wq, s, b, transpose=True, group_size=64, bits=4)
     np.testing.assert_allclose(np.array(fn(x)), np.array(want), rtol=1e-5, atol=1e-5)
+    assert calls == (["affine"] if graph else [])
 
 
 def test_unavailable_kernel_falls_back_to_mlx(monkeypatch):

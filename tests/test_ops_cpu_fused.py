@@ -7,6 +7,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from gguf_blocks import ffn_reference, ffn_weights, make_blocks
+from kernel_calls import GRAPH_MODES, record_calls
 from portable_build import needs_x86_gcc, portable_function
 
 from applelm.ops import GGUFLinear, cpu_native, dispatch, gated_ffn, shared_input
@@ -86,36 +87,36 @@ def gguf_linear(packed, ggml_type, k, bias=None):
     return layer
 
 
-def test_helpers_take_one_call_and_match_the_layers(monkeypatch):
+@pytest.mark.parametrize("graph", GRAPH_MODES)
+def test_helpers_take_one_call_and_match_the_layers(monkeypatch, graph):
     k, hidden = 64, 160
     gate, up, down = ffn_weights(k, hidden, ("Q4_1", "Q4_1", "Q4_1"), seed=9)
     layers = [gguf_linear(p, t, k) for p, t in (gate, up)] + [gguf_linear(down[0], down[1], hidden)]
     bias = np.linspace(-1, 1, hidden).astype(np.float32)
     biased = gguf_linear(up[0], up[1], k, bias)
     x = mx.random.normal((2, 3, k), key=mx.random.key(1))
-    calls = []
-    for name in ("matmul_numpy", "matmuls_numpy", "ffn_numpy"):
-        real = getattr(cpu_native, name)
-        monkeypatch.setattr(cpu_native, name, lambda *a, _n=name, _f=real, **kw: calls.append(_n) or _f(*a, **kw))
+    calls = record_calls(monkeypatch, graph)
 
     fused = gated_ffn(x, *layers, "silu")
-    assert calls == ["ffn_numpy"] and fused.shape == (2, 3, k)
+    assert calls == ["ffn"] and fused.shape == (2, 3, k)
     calls.clear()
     both = shared_input(x, layers[0], biased)
-    assert calls == ["matmuls_numpy"]
+    assert calls == ["matmuls"]
     calls.clear()
     monkeypatch.setenv("APPLELM_FUSE", "off")
     unfused = gated_ffn(x, *layers, "silu")
-    assert calls == ["matmul_numpy"] * 3
+    assert calls == ["matmul"] * 3
     np.testing.assert_allclose(np.array(fused), np.array(unfused), rtol=2e-5, atol=2e-6)
     np.testing.assert_array_equal(np.array(both[0]), np.array(layers[0](x)))
     np.testing.assert_array_equal(np.array(both[1]), np.array(biased(x)))
     calls.clear()
-    assert len(shared_input(x, layers[0], biased)) == 2 and calls == ["matmul_numpy"] * 2
+    assert len(shared_input(x, layers[0], biased)) == 2 and calls == ["matmul"] * 2
 
 
-def test_helpers_fall_back_off_the_kernel(monkeypatch):
-    """Dense layers, a biased FFN, mx.compile and a missing kernel all compute the plain composition."""
+@pytest.mark.parametrize("graph", GRAPH_MODES)
+def test_helpers_fall_back_off_the_kernel(monkeypatch, graph):
+    """Dense layers, a biased FFN, mx.compile and a missing kernel all compute the plain composition (inside
+    mx.compile, eager kernels give way to MLX ops; graph nodes are traced like any op)."""
     k, hidden = 32, 64
     dense = [nn.Linear(k, hidden), nn.Linear(k, hidden), nn.Linear(hidden, k)]
     x = mx.random.normal((1, 2, k), key=mx.random.key(3))
@@ -126,15 +127,15 @@ def test_helpers_fall_back_off_the_kernel(monkeypatch):
     gate, up, down = ffn_weights(k, hidden, ("Q8_0", "Q8_0", "Q8_0"), seed=4)
     layers = [gguf_linear(gate[0], "Q8_0", k), gguf_linear(up[0], "Q8_0", k, np.ones(hidden, np.float32)),
               gguf_linear(down[0], "Q8_0", hidden)]
-    calls = []
-    real = cpu_native.ffn_numpy
-    monkeypatch.setattr(cpu_native, "ffn_numpy", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    calls = record_calls(monkeypatch, graph)
     with_bias = gated_ffn(x, *layers, "silu")  # an up bias: the three layers, each adding its bias
     want = layers[2](nn.silu(layers[0](x)) * layers[1](x))
     np.testing.assert_array_equal(np.array(with_bias), np.array(want))
-    assert calls == []
+    assert "ffn" not in calls
     layers[1] = gguf_linear(up[0], "Q8_0", k)
-    compiled = mx.compile(lambda v: gated_ffn(v, *layers, "silu"))(x)  # tracing: MLX ops only
+    calls.clear()
+    compiled = mx.compile(lambda v: gated_ffn(v, *layers, "silu"))(x)
+    assert calls == (["ffn"] if graph else [])
     np.testing.assert_allclose(np.array(compiled), np.array(gated_ffn(x, *layers, "silu")), rtol=1e-4, atol=1e-5)
     monkeypatch.setattr(cpu_native, "load", lambda: None)
     assert dispatch.gguf_ffn_fused(x, *((w, t) for w, t in (gate, up, down)), "silu") is None

@@ -11,6 +11,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from gguf_blocks import make_blocks, numpy_dequantize, random_blocks
+from kernel_calls import GRAPH_MODES, record_calls
 from portable_build import needs_x86_gcc, portable_function
 
 from applelm import native_build
@@ -88,14 +89,13 @@ def test_argument_checks():
         cpu_native.matmul_numpy(x, packed, "Q2_K")
 
 
-def test_dispatch_takes_the_kernel_on_cpu(monkeypatch):
-    calls = []
-    real = cpu_native.matmul_numpy
-    monkeypatch.setattr(cpu_native, "matmul_numpy", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+@pytest.mark.parametrize("graph", GRAPH_MODES)
+def test_dispatch_takes_the_kernel_on_cpu(monkeypatch, graph):
+    calls = record_calls(monkeypatch, graph)
     packed = make_blocks("Q4_1", 64, 128, seed=4)
     x = mx.random.normal((2, 5, 128), key=mx.random.key(0))
     got = gguf_matmul(x, mx.array(packed), "Q4_1", 128)
-    assert calls == ["Q4_1"] and got.shape == (2, 5, 64) and got.dtype == mx.float32
+    assert calls == ["matmul"] and got.shape == (2, 5, 64) and got.dtype == mx.float32
     want = expected(np.array(x).reshape(10, 128), packed, "Q4_1").reshape(2, 5, 64)
     np.testing.assert_allclose(np.array(got), want, rtol=1e-5, atol=1e-5)
     assert gguf_matmul(x.astype(mx.bfloat16), mx.array(packed), "Q4_1", 128).dtype == mx.bfloat16
@@ -125,14 +125,19 @@ def test_host_rows_multiply_in_place_like_mlx_rows(monkeypatch, rows):
     assert dispatch.gguf_matmul_host(x.astype(mx.bfloat16), buffer, "Q5_1", 64).dtype == mx.bfloat16
 
 
-def test_inside_mx_compile_the_mlx_path_runs():
+@pytest.mark.parametrize("graph", GRAPH_MODES)
+def test_inside_mx_compile(monkeypatch, graph):
+    """mx.compile traces a graph-node kernel like any op; an eager one gives way to MLX ops there."""
+    calls = record_calls(monkeypatch, graph)
     packed = mx.array(make_blocks("Q8_0", 32, 64, seed=6))
     layer = GGUFLinear(64, 32, "Q8_0")
     layer.weight = packed
     x = mx.random.normal((1, 64), key=mx.random.key(1))
     eager = layer(x)
+    calls.clear()
     compiled = mx.compile(lambda v: layer(v))(x)
     np.testing.assert_allclose(np.array(compiled), np.array(eager), rtol=1e-5, atol=1e-5)
+    assert calls == (["matmul"] if graph else [])
 
 
 def test_unavailable_kernel_falls_back_to_mlx(monkeypatch):

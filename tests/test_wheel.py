@@ -23,7 +23,8 @@ def test_wheel_imports_in_clean_venv(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "applelm/models/llama.py" in names and "applelm/ops/dispatch.py" in names
     assert "applelm/flash/native_ffn.c" in names  # the CPU kernels' sources, compiled on first use
-    assert {"applelm/ops/gguf_cpu.c", "applelm/ops/affine_cpu.c", "applelm/ops/cpu_vec.h"} <= set(names)
+    assert {"applelm/ops/gguf_cpu.c", "applelm/ops/affine_cpu.c", "applelm/ops/cpu_vec.h",
+            "applelm/ops/host_call.cpp"} <= set(names)
     assert not any(n.startswith(("models/", "ops/", "tests/", "benchmarks/")) for n in names)
 
     env_dir = tmp_path / "clean"
@@ -38,6 +39,8 @@ def test_wheel_imports_in_clean_venv(tmp_path):
             "from applelm.ops import cpu_native;"
             "has_cc = shutil.which('cc') or shutil.which('gcc');"
             "assert all(f() is not None for f in (native.load, cpu_native.load, cpu_native.load_affine)) or not has_cc;"
+            # the kernels as MLX graph nodes: built against the installed MLX and nanobind, and checked
+            "assert cpu_native.graph_ready() or not shutil.which('c++');"
             "print(applelm.models.__file__)")
     env = dict(os.environ, APPLELM_CACHE=str(tmp_path / "cache"))
     out = subprocess.run([str(py), "-c", code], check=True, capture_output=True, text=True, cwd=tmp_path, timeout=300,
