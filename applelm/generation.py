@@ -109,7 +109,7 @@ def generate_step(
     """Yield (token id, log-probabilities) for a 1-D prompt, one generated token at a time.
 
     The next step is built and queued (mx.async_eval) before the current token is handed out, so graph
-    construction overlaps with computation. `compile` (default: compile_by_default) runs decode steps as one compiled
+    construction overlaps with computation (a compiled step's first, which traces, after the first token). `compile` (default: compile_by_default) runs decode steps as one compiled
     graph over pre-allocated caches of prompt + max_tokens positions; it needs no prompt_cache and no
     max_kv_size, and falls back to the plain path where those are given or compilation fails.
     """
@@ -143,10 +143,15 @@ def generate_step(
     mx.async_eval(token, logprobs)
     n = 0
     while n < max_tokens:
-        if n + 1 < max_tokens:
+        # The first compiled step traces the graph (tens of ms): only after the first token is out.
+        ahead = n + 1 < max_tokens and not (n == 0 and compiled)
+        if ahead:
             next_token, next_logprobs = step(token[:, None], decode)
             mx.async_eval(next_token, next_logprobs)
         yield int(token.item()), logprobs
+        if n + 1 < max_tokens and not ahead:
+            next_token, next_logprobs = step(token[:, None], decode)
+            mx.async_eval(next_token, next_logprobs)
         n += 1
         if n < max_tokens:
             token, logprobs = next_token, next_logprobs

@@ -31,6 +31,7 @@ import argparse
 import functools
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -262,7 +263,7 @@ def main() -> None:
                   f"decode {result['decode_tps']:6.1f} tok/s  peak RSS {result['peak_rss_gb']:.3f} GB", flush=True)
     same = all(r["tokens"] == rows[0]["tokens"] for r in rows)
     report = {"benchmark": "generate_bench", "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(),
-              "commit": machine_info.commit() or None, "command": "python " + " ".join(["benchmarks/" + Path(__file__).name] + sys.argv[1:]),
+              "commit": machine_info.commit() or None, "command": "python " + shlex.join(["benchmarks/" + Path(__file__).name] + sys.argv[1:]),
               "model": str(gguf.name), "prompt_tokens": len(prompt_ids), "gen_tokens": args.gen_tokens,
               "all_engines_same_tokens": same, "rows": rows, "skipped": args.skip}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
