@@ -83,10 +83,10 @@ def _compiled(forward, cache: list):
 
 
 def compile_by_default(model: Optional[nn.Module] = None) -> bool:
-    """Compile decode steps (fewer, fused kernels and no per-token graph building: 40 against 31 tok/s for
-    SmolLM2 on two CPU cores) unless weights stream from disk (flash paging reads between layers, which a
-    replayed graph cannot), or the CPU kernels run only eagerly (a trace would swap them for MLX's much slower
-    ops; ops/cpu_native.graph_ready)."""
+    """Compile decode steps (fewer, fused kernels and no per-token graph building: 38.2 against 31.2 tok/s
+    for SmolLM2 on two CPU cores, benchmarks/generate_bench.py) unless weights stream from disk (flash paging
+    reads between layers, which a replayed graph cannot), or the CPU kernels run only eagerly (a trace would
+    swap them for MLX's much slower ops; ops/cpu_native.graph_ready)."""
     if getattr(model, "flash", None) is not None:
         return False
     if mx.default_device().type == mx.gpu:
