@@ -494,9 +494,15 @@ def spawn(spec: dict) -> dict:
     return {"label": spec["label"], **r} if "error" in r else r
 
 
+def command_line(script) -> str:
+    """How `script` was run, with the APPLELM_* switches set in the environment before it."""
+    switches = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("APPLELM_")]
+    return " ".join(switches + ["python", os.path.relpath(script, ROOT)] + sys.argv[1:])
+
+
 def study_header(script) -> dict:
     """What every focused study's results start with: its command line, the machine, load and date."""
-    return {"command": "python " + " ".join([os.path.relpath(script, ROOT)] + sys.argv[1:]),
+    return {"command": command_line(script),
             "machine": machine("cpu"), "load_start": machine_info.load_avg(),
             "date": time.strftime("%Y-%m-%d %H:%M")}
 
@@ -792,8 +798,7 @@ def main() -> int:
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    result = {"command": "python " + " ".join([os.path.relpath(__file__, ROOT)] + sys.argv[1:]),
-              "machine": machine(args.device), "load_start": machine_info.load_avg(), "models": {}}
+    result = {"command": command_line(__file__), "machine": machine(args.device), "load_start": machine_info.load_avg(), "models": {}}
     print("disk ...", file=sys.stderr, flush=True)
     result["disk_start"] = disk_speeds(work)
     base = {"device": args.device, "options": {"dtype": "float16"} if args.device == "gpu" else {},
