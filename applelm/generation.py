@@ -109,15 +109,17 @@ def generate_step(
     """Yield (token id, log-probabilities) for a 1-D prompt, one generated token at a time.
 
     The next step is built and queued (mx.async_eval) before the current token is handed out, so graph
-    construction overlaps with computation (a compiled step's first, which traces, after the first token). `compile` (default: compile_by_default) runs decode steps as one compiled
-    graph over pre-allocated caches of prompt + max_tokens positions; it needs no prompt_cache and no
-    max_kv_size, and falls back to the plain path where those are given or compilation fails.
+    construction overlaps with computation (the first compiled step, which traces, after the first token).
+    `compile` (default: compile_by_default) runs decode steps as one compiled graph over pre-allocated caches
+    of prompt + max_tokens positions; it needs no prompt_cache and no max_kv_size, and falls back to the plain
+    path where those are given or compilation fails.
     """
     if prompt.ndim != 1 or prompt.size == 0:
         raise ValueError("prompt must be a non-empty 1-D array of token ids")
     sampler = sampler or greedy
     processors = list(logits_processors or [])
-    compiled = (compile_by_default(model) if compile is None else compile) and prompt_cache is None and max_kv_size is None
+    compiled = ((compile_by_default(model) if compile is None else compile)
+                and prompt_cache is None and max_kv_size is None)
     if compiled:
         cache = [StaticKVCache(prompt.size + max_tokens) for _ in model.layers]
     else:
@@ -138,22 +140,23 @@ def generate_step(
             history = mx.concatenate([history, token[:, None].astype(history.dtype)], axis=1)
         return token, logprobs[0]
 
+    def queued(tokens: mx.array, forward):
+        out = step(tokens, forward)
+        mx.async_eval(*out)
+        return out
+
     rest = prefill(model, prompt[None], cache, prefill_step_size)
-    token, logprobs = step(rest, plain)  # the caches' buffers exist from here on, so the trace sees them
-    mx.async_eval(token, logprobs)
-    n = 0
-    while n < max_tokens:
-        # The first compiled step traces the graph (tens of ms): only after the first token is out.
-        ahead = n + 1 < max_tokens and not (n == 0 and compiled)
-        if ahead:
-            next_token, next_logprobs = step(token[:, None], decode)
-            mx.async_eval(next_token, next_logprobs)
+    token, logprobs = queued(rest, plain)  # the caches' buffers exist from here on, so the trace sees them
+    for n in range(max_tokens):
+        more = n + 1 < max_tokens
+        # The first compiled step traces the graph (tens of ms): queue it only after the first token is out.
+        late = compiled and n == 0
+        if more and not late:
+            next_token, next_logprobs = queued(token[:, None], decode)
         yield int(token.item()), logprobs
-        if n + 1 < max_tokens and not ahead:
-            next_token, next_logprobs = step(token[:, None], decode)
-            mx.async_eval(next_token, next_logprobs)
-        n += 1
-        if n < max_tokens:
+        if more and late:
+            next_token, next_logprobs = queued(token[:, None], decode)
+        if more:
             token, logprobs = next_token, next_logprobs
 
 

@@ -1,6 +1,7 @@
 """Compile the CPU kernels written in C (ops/gguf_cpu.c, ops/affine_cpu.c, flash/native_ffn.c) on first use
-and load them; and the one C++ module, ops/host_call.cpp, that runs them as MLX graph nodes (build_module). Every kernel is compiled with the ops package's folder on the include path, for the helpers
-they share (ops/cpu_vec.h); those headers are part of each build's cache key.
+and load them; and the one C++ module, ops/host_call.cpp, that runs them as MLX graph nodes (build_module).
+Every kernel is compiled with the ops package's folder on the include path, for the helpers they share
+(ops/cpu_vec.h); those headers are part of each build's cache key.
 
 Each is optional: without a C compiler, or with APPLELM_NATIVE=off, callers take their MLX path. The shared
 library is cached per source, compiler and CPU under ~/.cache/applelm/native (or $APPLELM_CACHE/native),
@@ -18,8 +19,8 @@ import platform
 import shutil
 import subprocess
 import sys
-import tempfile
 import sysconfig
+import tempfile
 import threading
 import warnings
 from pathlib import Path
