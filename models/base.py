@@ -11,6 +11,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..errors import ModelFormatError, UnsupportedError
+from ..ops import cpu_attention
 
 
 @dataclass
@@ -114,14 +115,17 @@ def grouped_decode_attention(q: mx.array, k: mx.array, v: mx.array, *, scale: fl
 
 
 def scaled_dot_product_attention(q: mx.array, k: mx.array, v: mx.array, *, scale: float, mask) -> mx.array:
-    """The one attention call every model uses; q is (B, heads, L, D), k/v are (B, kv_heads, T, D). One
-    query per row with grouped kv heads, on the CPU, takes grouped_decode_attention; all else MLX's fused
-    call."""
-    # CPU, one query, GQA: the grouped products were faster in 149 of 150 cells measured (five shapes, 1-16
-    # rows, 32-2048 keys; the other within 1%), 3-9x from 128 keys (SmolLM2, 16 rows, 128 keys: 0.54 against
-    # 4.34 ms a layer). Without GQA both are the same products: benchmarks/results/cpu_decode_attention_*.md.
-    if q.shape[2] == 1 and k.shape[1] < q.shape[1] and mx.default_device().type == mx.DeviceType.cpu:
-        return grouped_decode_attention(q, k, v, scale=scale, mask=mask)
+    """The one attention call every model uses; q is (B, heads, L, D), k/v are (B, kv_heads, T, D). On the CPU,
+    one query per row takes the C kernel (ops/cpu_attention.py) where it runs and takes the arguments, else
+    grouped_decode_attention with grouped kv heads; all else MLX's fused call."""
+    if q.shape[2] == 1 and mx.default_device().type == mx.DeviceType.cpu:
+        # The kernel reads each kv head once, in place: 0.42 against 3.5 ms a SmolLM2 layer at 16 rows and 315
+        # keys. Else, with GQA, the grouped products beat the fused call in 149 of 150 cells (3-9x from 128
+        # keys; without GQA both are the same products). benchmarks/results/cpu_decode_attention_*.md.
+        if cpu_attention.available() and cpu_attention.takes(q, k, v, mask):
+            return cpu_attention.decode_attention(q, k, v, scale=scale, mask=mask)
+        if k.shape[1] < q.shape[1]:
+            return grouped_decode_attention(q, k, v, scale=scale, mask=mask)
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
 
 

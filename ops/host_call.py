@@ -31,11 +31,14 @@ def address(lib: ctypes.CDLL, name: str) -> int:
     return ctypes.cast(getattr(lib, name), ctypes.c_void_p).value
 
 
-def call(fn: int, inputs: Sequence[mx.array], shapes: Sequence[Sequence[int]], args: Sequence[int]) -> list[mx.array]:
+def call(fn: int, inputs: Sequence[mx.array], shapes: Sequence[Sequence[int]], args: Sequence[int],
+         strided: Sequence[int] = ()) -> list[mx.array]:
     """float32 arrays of `shapes`, computed lazily on the CPU stream by the entry point at address `fn` from
-    `inputs` (made row-contiguous) and the integer `args`. The caller checks every argument: a kernel that
-    refuses them fills its outputs with NaN."""
+    `inputs` and the integer `args`. Inputs are made row-contiguous, except those at the indices `strided`: the
+    entry point gets them as they are, each one's element strides appended to `args` (in order). The caller
+    checks every argument: a kernel that refuses them fills its outputs with NaN."""
     mod = module()
     if mod is None:
         raise RuntimeError("the host_call module is unavailable")
-    return mod.host_call(fn, list(inputs), [list(s) for s in shapes], [int(a) for a in args])
+    return mod.host_call(fn, list(inputs), [list(s) for s in shapes], [int(a) for a in args],
+                         [int(i) for i in strided])

@@ -1,4 +1,5 @@
-"""The CPU's decode attention (grouped products) against MLX's fused call, and which one the models use."""
+"""The CPU's decode attention (the C kernel and the grouped products) against MLX's fused call, and which one
+the models use."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 from applelm.batch_cache import make_batch_cache
 from applelm.cache import make_prompt_cache
 from applelm.models import base
+from applelm.ops import cpu_attention
 from conftest import ARCHS, build_tiny
 
 SHAPES = [(1, 9, 3, 64, 175), (4, 4, 1, 256, 40), (16, 14, 2, 64, 130), (2, 8, 8, 32, 7), (3, 6, 2, 16, 1)]
@@ -60,23 +62,33 @@ def test_half_precision_close():
 
 @pytest.fixture
 def calls(monkeypatch):
+    """The CPU paths the dispatcher takes, by name ("kernel" or "grouped"), in call order."""
     seen = []
-    real = base.grouped_decode_attention
-
-    def spy(*a, **kw):
-        seen.append(a[0].shape)
-        return real(*a, **kw)
-
-    monkeypatch.setattr(base, "grouped_decode_attention", spy)
+    for name, module, attr in [("grouped", base, "grouped_decode_attention"),
+                               ("kernel", cpu_attention, "decode_attention")]:
+        real = getattr(module, attr)
+        monkeypatch.setattr(module, attr,
+                            lambda *a, _real=real, _name=name, **kw: seen.append(_name) or _real(*a, **kw))
     return seen
 
 
-@pytest.mark.parametrize("heads, kv_heads, queries, takes", [(9, 3, 1, True), (8, 8, 1, False), (9, 3, 4, False)])
-def test_dispatch(calls, heads, kv_heads, queries, takes):
-    q, k, v = qkv(1, heads, kv_heads, 16, 20)
+KERNEL = pytest.param(True, id="kernel", marks=pytest.mark.skipif(not cpu_attention.available(),
+                                                                  reason="the C kernel does not build here"))
+
+
+@pytest.mark.parametrize("kernel", [KERNEL, pytest.param(False, id="no kernel")])
+@pytest.mark.parametrize("heads, kv_heads, queries, dtype, with_kernel, without", [
+    (9, 3, 1, mx.float32, "kernel", "grouped"), (8, 8, 1, mx.float32, "kernel", None),
+    (9, 3, 4, mx.float32, None, None), (9, 3, 1, mx.bfloat16, "grouped", "grouped")])
+def test_dispatch(calls, monkeypatch, kernel, heads, kv_heads, queries, dtype, with_kernel, without):
+    """One float32 query a row takes the kernel where it runs; else grouped heads take the grouped products;
+    the rest (None) MLX's fused call."""
+    monkeypatch.setattr(cpu_attention, "available", lambda: kernel)
+    q, k, v = qkv(1, heads, kv_heads, 16, 20, dtype=dtype)
     q = mx.repeat(q, queries, axis=2)
     base.scaled_dot_product_attention(q, k, v, scale=0.25, mask=None if queries == 1 else "causal")
-    assert bool(calls) == takes
+    want = with_kernel if kernel else without
+    assert calls == ([want] if want else [])
 
 
 def test_dispatch_leaves_gpu_to_fused(calls, monkeypatch):
@@ -94,9 +106,9 @@ def fused_only(monkeypatch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_models_decode_alike_both_ways(arch, calls, monkeypatch):
-    """Every architecture's cached decode (single and batched caches) gives the same logits through the
-    grouped products as through MLX's fused call."""
+def test_models_decode_alike_every_way(arch, calls, monkeypatch):
+    """Every architecture's cached decode (single and batched caches) gives the same logits through the C
+    kernel (where it runs), the grouped products and MLX's fused call."""
     model, _ = build_tiny(arch)
     x = mx.array(np.random.default_rng(3).integers(0, 100, (2, 9)))
 
@@ -104,10 +116,20 @@ def test_models_decode_alike_both_ways(arch, calls, monkeypatch):
         model(x[:, :6], cache=cache)
         return mx.concatenate([model(x[:, i:i + 1], cache=cache) for i in range(6, 9)], axis=1)
 
-    grouped = [decode(make_prompt_cache(model)), decode(make_batch_cache(model, [0, 2]))]
-    assert calls, "the decode steps did not take the grouped products"
+    def both():
+        return [decode(make_prompt_cache(model)), decode(make_batch_cache(model, [0, 2]))]
+
+    ways = {}
+    if cpu_attention.available():
+        ways["kernel"] = both()
+        assert set(calls) == {"kernel"}, "the decode steps did not take the kernel"
+        calls.clear()
     with monkeypatch.context() as m:
+        m.setattr(cpu_attention, "available", lambda: False)
+        ways["grouped"] = both()
+        assert set(calls) == {"grouped"}, "the decode steps did not take the grouped products"
         fused_only(m)
-        fused = [decode(make_prompt_cache(model)), decode(make_batch_cache(model, [0, 2]))]
-    for a, b in zip(grouped, fused):
-        np.testing.assert_allclose(np.array(a), np.array(b), atol=1e-5, rtol=1e-5)
+        ways["fused"] = both()
+    for name, got in ways.items():
+        for a, b in zip(got, ways["fused"]):
+            np.testing.assert_allclose(np.array(a), np.array(b), atol=1e-5, rtol=1e-5, err_msg=name)
