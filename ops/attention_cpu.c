@@ -21,39 +21,44 @@ static inline float dot(const float *a, const float *b, int64_t n, int64_t strid
     return s;
 }
 
-/* One task: the rep query heads of kv head g in row b. scores holds rep * T floats. */
+/* One task: query heads r0..r1-1 of the rep sharing kv head g in row b. scores holds rep * (T + 1) floats.
+ * Each key and value is read once for all of the task's heads (t is the outer loop). */
 static void task(const float *q, const float *k, const float *v, const uint8_t *mask, int64_t H, int64_t rep,
                  int64_t D, int64_t T, float scale, const int64_t *ks, const int64_t *vs, int64_t b, int64_t g,
-                 float *scores, float *out) {
+                 int64_t r0, int64_t r1, float *scores, float *out) {
     const float *kb = k + b * ks[0] + g * ks[1], *vb = v + b * vs[0] + g * vs[1];
+    const int64_t nr = r1 - r0;
+    float *inv = scores + nr * T;
     int64_t attended = 0;
     for (int64_t t = 0; t < T; t++)
         attended += !mask || mask[t];
-    for (int64_t r = 0; r < rep; r++) {
-        const int64_t h = g * rep + r;
-        const float *qh = q + (b * H + h) * D;
-        float *s = scores + r * T, best = -FLT_MAX, total = 0.0f;
+    for (int64_t t = 0; t < T; t++) {
         if (!attended) { /* no key to attend: all weigh the same, as in MLX's softmax of a fully masked row */
-            for (int64_t t = 0; t < T; t++) s[t] = 1.0f;
-            total = (float)T;
-        } else {
-            for (int64_t t = 0; t < T; t++)
-                if (!mask || mask[t]) {
-                    s[t] = scale * dot(qh, kb + t * ks[2], D, ks[3]);
-                    best = s[t] > best ? s[t] : best;
-                }
-            for (int64_t t = 0; t < T; t++) {
-                s[t] = !mask || mask[t] ? expf(s[t] - best) : 0.0f;
-                total += s[t];
-            }
+            for (int64_t r = 0; r < nr; r++) scores[r * T + t] = 0.0f;
+        } else if (!mask || mask[t]) {
+            const float *kt = kb + t * ks[2];
+            for (int64_t r = 0; r < nr; r++)
+                scores[r * T + t] = scale * dot(q + (b * H + g * rep + r0 + r) * D, kt, D, ks[3]);
         }
-        const float inv = 1.0f / total;
-        float *o = out + (b * H + h) * D;
-        for (int64_t d = 0; d < D; d++) o[d] = 0.0f;
+    }
+    for (int64_t r = 0; r < nr; r++) {
+        float *s = scores + r * T, best = -FLT_MAX, total = 0.0f;
+        for (int64_t t = 0; t < T; t++)
+            if (!attended || !mask || mask[t]) best = s[t] > best ? s[t] : best;
         for (int64_t t = 0; t < T; t++) {
-            const float w = s[t] * inv;
-            const float *vt = vb + t * vs[2];
-            if (w == 0.0f) continue;
+            s[t] = !attended || !mask || mask[t] ? expf(s[t] - best) : 0.0f;
+            total += s[t];
+        }
+        inv[r] = 1.0f / total;
+        float *o = out + (b * H + g * rep + r0 + r) * D;
+        for (int64_t d = 0; d < D; d++) o[d] = 0.0f;
+    }
+    for (int64_t t = 0; t < T; t++) {
+        if (attended && mask && !mask[t]) continue;
+        const float *vt = vb + t * vs[2];
+        for (int64_t r = 0; r < nr; r++) {
+            const float w = scores[r * T + t] * inv[r];
+            float *o = out + (b * H + g * rep + r0 + r) * D;
             if (vs[3] == 1)
                 for (int64_t d = 0; d < D; d++) o[d] += w * vt[d];
             else
@@ -70,7 +75,9 @@ int applelm_decode_attention(const float *q, const float *k, const float *v, con
                              const int64_t *ks, const int64_t *vs, int threads, float *out) {
     if (B < 1 || H < 1 || Hkv < 1 || H % Hkv || D < 1 || T < 1 || threads < 1) return -1;
     if (mask && mask_rows != 1 && mask_rows != B) return -1;
-    const int64_t rep = H / Hkv, tasks = B * Hkv;
+    /* A task per (row, kv head); per query head when those are fewer than the threads (one row of Gemma 3's
+     * single kv head): each then reads the keys and values again, from the cache the first one warmed. */
+    const int64_t rep = H / Hkv, per_head = B * Hkv < threads, tasks = per_head ? B * H : B * Hkv;
     /* ~32K multiply-adds per thread at least: below that waking a worker costs more than it saves */
     int64_t most = B * H * T * D / 32768;
     if (most < 1) most = 1;
@@ -81,7 +88,7 @@ int applelm_decode_attention(const float *q, const float *k, const float *v, con
 #pragma omp parallel num_threads(threads) if (threads > 1)
 #endif
     {
-        float *scores = malloc(sizeof(float) * rep * T);
+        float *scores = malloc(sizeof(float) * rep * (T + 1));
         if (!scores) {
 #ifdef _OPENMP
 #pragma omp atomic write
@@ -92,10 +99,11 @@ int applelm_decode_attention(const float *q, const float *k, const float *v, con
 #pragma omp for schedule(static)
 #endif
         for (int64_t c = 0; c < tasks; c++) {
-            const int64_t b = c / Hkv, g = c % Hkv;
+            const int64_t b = per_head ? c / H : c / Hkv, g = per_head ? c % H / rep : c % Hkv;
+            const int64_t r0 = per_head ? c % H % rep : 0, r1 = per_head ? r0 + 1 : rep;
             if (scores)
                 task(q, k, v, mask ? mask + (mask_rows == 1 ? 0 : b) * T : NULL, H, rep, D, T, scale, ks, vs,
-                     b, g, scores, out);
+                     b, g, r0, r1, scores, out);
         }
         free(scores);
     }

@@ -44,8 +44,10 @@ def test_views_of_a_cache_buffer_read_in_place():
         np.testing.assert_allclose(np.array(got), np.array(want), atol=2e-6, rtol=1e-5, err_msg=name)
 
 
-def test_same_result_whatever_the_thread_count(monkeypatch):
-    q, k, v = qkv(16, 9, 3, 64, 300, seed=2)
+@pytest.mark.parametrize("shape", [(16, 9, 3, 64, 300), (1, 4, 1, 256, 700)], ids=["by kv head", "by head"])
+def test_same_result_whatever_the_thread_count(monkeypatch, shape):
+    """Tasks per (row, kv head), or per query head when those are fewer than the threads: the same bits."""
+    q, k, v = qkv(*shape, seed=2)
     outs = []
     for threads in ("1", "2", "3"):
         monkeypatch.setenv("APPLELM_NATIVE_THREADS", threads)
