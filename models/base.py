@@ -119,10 +119,10 @@ def scaled_dot_product_attention(q: mx.array, k: mx.array, v: mx.array, *, scale
     one query per row takes the C kernel (ops/cpu_attention.py) where it runs and takes the arguments, else
     grouped_decode_attention with grouped kv heads; all else MLX's fused call."""
     if q.shape[2] == 1 and mx.default_device().type == mx.DeviceType.cpu:
-        # The kernel reads each kv head once, in place: 0.42 against 3.5 ms a SmolLM2 layer at 16 rows and 315
-        # keys. Else, with GQA, the grouped products beat the fused call in 149 of 150 cells (3-9x from 128
-        # keys; without GQA both are the same products). benchmarks/results/cpu_decode_attention_*.md.
-        if cpu_attention.available() and cpu_attention.takes(q, k, v, mask):
+        # The kernel reads each kv head once, in place: a SmolLM2 layer at 16 rows and 256 keys 0.38 ms against
+        # 0.89 (grouped products) and 3.74 (fused call). Else, with GQA, the grouped products beat the fused call
+        # (150 of 150 cells; without GQA both are the same products). benchmarks/results/cpu_decode_attention_*.md.
+        if cpu_attention.chosen(q, k, v, mask):
             return cpu_attention.decode_attention(q, k, v, scale=scale, mask=mask)
         if k.shape[1] < q.shape[1]:
             return grouped_decode_attention(q, k, v, scale=scale, mask=mask)

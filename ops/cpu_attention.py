@@ -62,6 +62,13 @@ def takes(q: mx.array, k: mx.array, v: mx.array, mask) -> bool:
     return True
 
 
+def chosen(q: mx.array, k: mx.array, v: mx.array, mask) -> bool:
+    """Whether the models' attention takes the kernel: it runs here and takes the arguments, and the (row, kv head)
+    pairs are at least the threads. With fewer (one row of Gemma 3's single kv head) each thread takes a query
+    head and reads the keys again: slower than MLX's products there (benchmarks/cpu_decode_attention.py)."""
+    return available() and takes(q, k, v, mask) and q.shape[0] * k.shape[1] >= default_threads()
+
+
 def decode_attention(q: mx.array, k: mx.array, v: mx.array, *, scale: float, mask) -> mx.array:
     """softmax(scale * q k^T, mask) v for q (B, heads, 1, D) and k, v (B, kv_heads, T, D), float32: the kernel
     as a lazy graph node. Check `available()` and `takes(...)` first."""

@@ -79,11 +79,13 @@ KERNEL = pytest.param(True, id="kernel", marks=pytest.mark.skipif(not cpu_attent
 @pytest.mark.parametrize("kernel", [KERNEL, pytest.param(False, id="no kernel")])
 @pytest.mark.parametrize("heads, kv_heads, queries, dtype, with_kernel, without", [
     (9, 3, 1, mx.float32, "kernel", "grouped"), (8, 8, 1, mx.float32, "kernel", None),
-    (9, 3, 4, mx.float32, None, None), (9, 3, 1, mx.bfloat16, "grouped", "grouped")])
+    (9, 3, 4, mx.float32, None, None), (9, 3, 1, mx.bfloat16, "grouped", "grouped"),
+    (4, 1, 1, mx.float32, "grouped", "grouped")])
 def test_dispatch(calls, monkeypatch, kernel, heads, kv_heads, queries, dtype, with_kernel, without):
-    """One float32 query a row takes the kernel where it runs; else grouped heads take the grouped products;
-    the rest (None) MLX's fused call."""
+    """One float32 query a row takes the kernel where it runs and the (row, kv head) pairs are at least the
+    threads (2 here); else grouped heads take the grouped products; the rest (None) MLX's fused call."""
     monkeypatch.setattr(cpu_attention, "available", lambda: kernel)
+    monkeypatch.setenv("APPLELM_NATIVE_THREADS", "2")
     q, k, v = qkv(1, heads, kv_heads, 16, 20, dtype=dtype)
     q = mx.repeat(q, queries, axis=2)
     base.scaled_dot_product_attention(q, k, v, scale=0.25, mask=None if queries == 1 else "causal")
@@ -109,6 +111,7 @@ def fused_only(monkeypatch):
 def test_models_decode_alike_every_way(arch, calls, monkeypatch):
     """Every architecture's cached decode (single and batched caches) gives the same logits through the C
     kernel (where it runs), the grouped products and MLX's fused call."""
+    monkeypatch.setenv("APPLELM_NATIVE_THREADS", "2")  # the kernel's share of work, whatever the machine
     model, _ = build_tiny(arch)
     x = mx.array(np.random.default_rng(3).integers(0, 100, (2, 9)))
 
