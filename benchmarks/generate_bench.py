@@ -6,6 +6,8 @@ affine 4-bit groups of 32, so mlx-lm gets the very same quantized tensors, writt
                    compiled CPU kernel (ops/gguf_cpu.c) as MLX graph nodes (ops/host_call.cpp), decode steps
                    compiled (the default)
   - applelm, steps not compiled: the same with generate_step(compile=False)
+  - applelm, attention by MLX's products: APPLELM_CPU_ATTENTION=off, decode attention by the grouped products
+                   instead of the C kernel (ops/attention_cpu.c), steps compiled
   - applelm eager kernels: APPLELM_GRAPH_KERNELS=off, each kernel evaluating its input first, steps not
                    compiled (the default before graph nodes)
   - applelm MLX paths: the same with APPLELM_NATIVE=off (the kernel unused: MLX's quantized matmul)
@@ -231,6 +233,8 @@ def main() -> None:
     # (label, engine, weights: "gguf" or one of export_folders' folders, environment)
     runs = [("applelm", "applelm", "gguf", {}),
             ("applelm, steps not compiled", "applelm-plain", "gguf", {}),
+            ("applelm, attention by MLX's products (APPLELM_CPU_ATTENTION=off)", "applelm", "gguf",
+             {"APPLELM_CPU_ATTENTION": "off"}),
             ("applelm eager kernels (APPLELM_GRAPH_KERNELS=off)", "applelm-plain", "gguf",
              {"APPLELM_GRAPH_KERNELS": "off"}),
             ("applelm MLX paths (APPLELM_NATIVE=off)", "applelm", "gguf", {"APPLELM_NATIVE": "off"}),
