@@ -76,6 +76,8 @@ def test_a_refused_call_gives_nan():
     assert np.isnan(np.array(y)).all()
     with pytest.raises(ValueError, match="no entry point"):
         host_call.call(0, [mx.ones((1, 32))], [(1, 2)], [])
+    with pytest.raises(ValueError, match="no such input"):  # a view passed as is must name one of the inputs
+        host_call.call(fn, [mx.ones((1, 32))], [(1, 2)], [], strided=(1,))
 
 
 def test_without_the_module_the_kernels_run_eagerly(monkeypatch):
