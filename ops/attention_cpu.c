@@ -32,21 +32,21 @@ static void task(const float *q, const float *k, const float *v, const uint8_t *
     int64_t attended = 0;
     for (int64_t t = 0; t < T; t++)
         attended += !mask || mask[t];
+    /* no key to attend: every key weighs the same (scores of 0), as in MLX's softmax of a fully masked row */
+    const int uniform = !attended;
+    if (uniform) mask = NULL;
     for (int64_t t = 0; t < T; t++) {
-        if (!attended) { /* no key to attend: all weigh the same, as in MLX's softmax of a fully masked row */
-            for (int64_t r = 0; r < nr; r++) scores[r * T + t] = 0.0f;
-        } else if (!mask || mask[t]) {
-            const float *kt = kb + t * ks[2];
-            for (int64_t r = 0; r < nr; r++)
-                scores[r * T + t] = scale * dot(q + (b * H + g * rep + r0 + r) * D, kt, D, ks[3]);
-        }
+        if (mask && !mask[t]) continue;
+        const float *kt = kb + t * ks[2];
+        for (int64_t r = 0; r < nr; r++)
+            scores[r * T + t] = uniform ? 0.0f : scale * dot(q + (b * H + g * rep + r0 + r) * D, kt, D, ks[3]);
     }
     for (int64_t r = 0; r < nr; r++) {
         float *s = scores + r * T, best = -FLT_MAX, total = 0.0f;
         for (int64_t t = 0; t < T; t++)
-            if (!attended || !mask || mask[t]) best = s[t] > best ? s[t] : best;
+            if (!mask || mask[t]) best = s[t] > best ? s[t] : best;
         for (int64_t t = 0; t < T; t++) {
-            s[t] = !attended || !mask || mask[t] ? expf(s[t] - best) : 0.0f;
+            s[t] = !mask || mask[t] ? expf(s[t] - best) : 0.0f;
             total += s[t];
         }
         inv[r] = 1.0f / total;
@@ -54,7 +54,7 @@ static void task(const float *q, const float *k, const float *v, const uint8_t *
         for (int64_t d = 0; d < D; d++) o[d] = 0.0f;
     }
     for (int64_t t = 0; t < T; t++) {
-        if (attended && mask && !mask[t]) continue;
+        if (mask && !mask[t]) continue;
         const float *vt = vb + t * vs[2];
         for (int64_t r = 0; r < nr; r++) {
             const float w = scores[r * T + t] * inv[r];

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import struct
 from pathlib import Path
-from typing import Optional
 
 import mlx.core as mx
 
@@ -36,17 +35,17 @@ def entry() -> int:
     return cpu_native._entry(_lib(), "applelm_decode_attention_entry")
 
 
-def _mask_rows(mask, batch: int, keys: int) -> Optional[mx.array]:
-    """The mask as (1 or batch, keys) booleans, None for no mask; raises ValueError for a mask the kernel does
-    not take (an additive one, or one that differs between heads or queries)."""
+def _mask_rows(mask, batch: int, keys: int) -> int:
+    """How many rows of keys booleans the mask holds (1 or batch), 0 for no mask; raises ValueError for a mask
+    the kernel does not take (an additive one, or one that differs between heads or queries)."""
     if mask is None or (isinstance(mask, str) and mask == "causal"):  # one query sees every key
-        return None
+        return 0
     if not isinstance(mask, mx.array) or mask.dtype != mx.bool_:
         raise ValueError("only boolean masks")
     shape = (1,) * (4 - mask.ndim) + tuple(mask.shape)
     if len(shape) != 4 or shape[0] not in (1, batch) or shape[1] != 1 or shape[2] != 1 or shape[3] != keys:
         raise ValueError(f"a mask of shape {tuple(mask.shape)}")
-    return mask.reshape(shape[0], keys)
+    return shape[0]
 
 
 def takes(q: mx.array, k: mx.array, v: mx.array, mask) -> bool:
@@ -77,8 +76,8 @@ def decode_attention(q: mx.array, k: mx.array, v: mx.array, *, scale: float, mas
     B, heads, _, D = q.shape
     kv_heads, T = k.shape[1], k.shape[2]
     rows = _mask_rows(mask, B, T)
-    inputs = [q, k, v] + ([rows] if rows is not None else [])
+    inputs = [q, k, v] + ([mask.reshape(rows, T)] if rows else [])
     scale_bits = struct.unpack("<I", struct.pack("<f", scale))[0]
-    args = [B, heads, kv_heads, D, T, 0 if rows is None else rows.shape[0], scale_bits, default_threads()]
+    args = [B, heads, kv_heads, D, T, rows, scale_bits, default_threads()]
     (out,) = host_call.call(entry(), inputs, [(B, heads, 1, D)], args, strided=(1, 2))
     return out
